@@ -1,0 +1,1 @@
+"""Helpers shared by every kernel family: launch configurations and dtype rules."""
