@@ -5,23 +5,33 @@ import torch
 from .mask import BlockSparseMask
 
 
-def to_flex_block_mask(mask: BlockSparseMask, causal: bool = False):
+def to_flex_block_mask(mask: BlockSparseMask, causal: bool = False, num_heads=None):
     """The FlexAttention ``BlockMask`` that computes exactly what ``sparse_attention(..., mask, causal)`` does.
 
-    Kept blocks become FlexAttention "full" blocks (no ``mask_mod`` call). With ``causal``
-    the predicate ``kv <= q + (Lk - Lq)`` is the ``mask_mod``; blocks crossing the diagonal
-    become partial blocks and blocks entirely above it are dropped.
+    Kept blocks become FlexAttention "full" blocks (compiled FlexAttention calls no ``mask_mod``
+    on them). The ``mask_mod`` still states the whole predicate (block membership, and with
+    ``causal`` also ``kv <= q + (Lk - Lq)``), because eager FlexAttention evaluates only the
+    ``mask_mod`` and ignores the block lists. With ``causal``, blocks crossing the diagonal are
+    partial and blocks entirely above it are dropped. ``num_heads`` (query heads) expands a
+    mask given per key/value head, since FlexAttention wants 1 or Hq heads.
 
     Returns:
         ``BlockMask`` with ``BLOCK_SIZE = mask.block_size`` and ``seq_lengths = mask.seq_lens``.
     """
-    from torch.nn.attention.flex_attention import BlockMask, noop_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     bm, bn = mask.block_size
     q_len, kv_len = mask.seq_lens
     n_qb, n_kb = mask.num_blocks
     keep = mask.to_block_dense()  # [Bm, Hm, NQB, NKB]
+    if num_heads is not None and keep.shape[1] not in (1, num_heads):
+        keep = keep.repeat_interleave(num_heads // keep.shape[1], dim=1)
     shift = kv_len - q_len
+    n_b, n_h = keep.shape[:2]
+
+    def in_block(b, h, q_idx, kv_idx):
+        return keep[b % n_b, h % n_h, q_idx // bm, kv_idx // bn]
+
     if causal:
         q_first = torch.arange(n_qb, device=mask.device)[:, None] * bm
         q_last = torch.clamp(q_first + bm, max=q_len) - 1
@@ -32,9 +42,9 @@ def to_flex_block_mask(mask: BlockSparseMask, causal: bool = False):
         full, part = keep & below, keep & touches & ~below
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + shift
+            return in_block(b, h, q_idx, kv_idx) & (kv_idx <= q_idx + shift)
     else:
-        full, part, mask_mod = keep, torch.zeros_like(keep), noop_mask
+        full, part, mask_mod = keep, torch.zeros_like(keep), in_block
 
     def lists(block_bool):
         counts = block_bool.sum(-1, dtype=torch.int32)
