@@ -19,31 +19,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _attn_tile(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, kv_len, causal_shift,
-    qk_scale, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step over a [TILE_N] slice of keys."""
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    kv_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)  # [TILE_N, D]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [TILE_N, D]
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # [TILE_N, D]
-    # -- compute qk (log2 domain) ----
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
-    if MASKED:
-        keep = offs_n[None, :] < kv_len  # [1, TILE_N]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)  # [BLOCK_M, TILE_N]
-        qk = tl.where(keep, qk, float("-inf"))
-    # -- online softmax update; rows that have seen nothing keep m = -inf ----
-    m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE_N]
-    alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+def _visible_prefix(idx_row, count, last_key, BLOCK_N: tl.constexpr):
+    """Number of leading entries of a sorted key-block list that start at or before ``last_key``."""
+    n_vis = 0
+    for c in range(0, count, 128):
+        offs = c + tl.arange(0, 128)
+        kb = tl.load(idx_row + offs, mask=offs < count, other=0)
+        n_vis += tl.sum(((offs < count) & (kb.to(tl.int64) * BLOCK_N <= last_key)).to(tl.int32), 0)
+    return n_vis
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width"])
@@ -81,35 +64,40 @@ def _block_sparse_fwd_kernel(
 
     # bottom-right causal alignment: query i sees key j iff j <= i + (kv_len - q_len)
     causal_shift = kv_len - q_len
-    last_q = pid_m * BLOCK_M + BLOCK_M - 1
+    last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
     row = pid_m.to(tl.int64)
     count = tl.load(counts_ptr + b * stride_cb + h_mask * stride_ch + row)
     idx_row = indices_ptr + b * stride_ib + h_mask * stride_ih + row * width
+    if IS_CAUSAL:
+        # sorted lists: the blocks that lie entirely above the diagonal form a suffix; skip it
+        count = _visible_prefix(idx_row, count, last_q + causal_shift, BLOCK_N)
     for it in range(0, count):
         kb = tl.load(idx_row + it).to(tl.int64)
         for sub in tl.static_range(BLOCK_N // TILE_N):
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + offs_t  # [TILE_N]
-            k_ptrs = k_base + offs_n[:, None] * stride_kn
-            v_ptrs = v_base + offs_n[:, None] * stride_vn
+            kv_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)  # [TILE_N, D]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            # -- compute qk (log2 domain) ----
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+            # -- mask only the ragged key tail and tiles that cross the causal diagonal ----
             needs_mask = start_n + TILE_N > kv_len
             if IS_CAUSAL:
                 needs_mask = needs_mask | (start_n + TILE_N - 1 > pid_m * BLOCK_M + causal_shift)
             if needs_mask:
+                keep = offs_n[None, :] < kv_len  # [1, TILE_N]
                 if IS_CAUSAL:
-                    # the whole tile lies above the diagonal for every query of the block
-                    if start_n <= last_q + causal_shift:
-                        acc, l_i, m_i = _attn_tile(
-                            acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, kv_len, causal_shift,
-                            qk_scale, True, IS_CAUSAL, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-                else:
-                    acc, l_i, m_i = _attn_tile(
-                        acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, kv_len, causal_shift,
-                        qk_scale, True, IS_CAUSAL, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
-            else:
-                acc, l_i, m_i = _attn_tile(
-                    acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, kv_len, causal_shift,
-                    qk_scale, False, IS_CAUSAL, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)  # [BLOCK_M, TILE_N]
+                qk = tl.where(keep, qk, float("-inf"))
+            # -- online softmax; rows that have seen nothing keep m = -inf ----
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE_N]
+            alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+            m_i = m_new
 
     # -- epilogue: rows that saw no key give o = 0 and lse = -inf ----
     seen = l_i > 0.0
