@@ -21,7 +21,7 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _visible_prefix(idx_row, count, last_key, BLOCK_N: tl.constexpr):
     """Number of leading entries of a sorted key-block list that start at or before ``last_key``."""
-    n_vis = 0
+    n_vis = count * 0  # int32 scalar tensor, loop-carried
     for c in range(0, count, 128):
         offs = c + tl.arange(0, 128)
         kb = tl.load(idx_row + offs, mask=offs < count, other=0)
