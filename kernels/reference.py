@@ -3,12 +3,20 @@
 They are the CPU path of ``sparse_attn`` and the readable statement of what each
 kernel computes. They never build more than a bounded chunk of the Lq x Lk score
 matrix: query blocks are processed in chunks, and only the kept key blocks are
-gathered. They are differentiable through autograd.
+gathered. The backward (:func:`block_sparse_bwd_ref`) recomputes the scores chunk by
+chunk from the forward's LSE, as the kernels do, instead of keeping them.
+
+:func:`block_sparse_attn_ref` is the differentiable entry point: the forward and the
+backward are ``torch.library`` custom ops (``sparse_attn::block_sparse_attn_fwd_ref`` /
+``_bwd_ref``) with fake implementations, so ``torch.compile`` traces them whole.
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
+
+Tensor = torch.Tensor
 
 # Upper bound, in bytes, on the score chunk and on the gathered K/V chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -26,6 +34,80 @@ def _pad_blocks(x, block, n_blocks):
     return x.reshape(x.shape[0], x.shape[1], n_blocks, block, x.shape[3])
 
 
+class _Units:
+    """The work split shared by the forward and backward references.
+
+    A "unit" is one query block of one mask head together with every query head that
+    uses that head's K/V and mask: the G heads of a GQA group share one gather.
+    Rows of a unit: ``G * BLOCK_M`` queries; columns: the ``W * BLOCK_N`` keys of its list.
+    """
+
+    def __init__(self, q, k, counts, indices, block_m, block_n, causal, scale):
+        self.batch, self.n_q_heads, self.q_len, self.head_dim = q.shape
+        self.n_kv_heads, self.kv_len = k.shape[1], k.shape[2]
+        self.group = self.n_q_heads // self.n_kv_heads
+        self.n_qb, self.width = indices.shape[2], indices.shape[3]
+        self.n_kb = max(1, math.ceil(self.kv_len / block_n))
+        self.block_m, self.block_n, self.causal, self.scale = block_m, block_n, causal, scale
+        self.cdt = _compute_dtype(q.dtype)
+        self.shared = not (counts.shape[1] == self.n_q_heads and self.group > 1)
+        self.g_u = self.group if self.shared else 1
+        self.n_units_h = self.n_kv_heads if self.shared else self.n_q_heads
+        dev = q.device
+        cnt = counts.expand(self.batch, self.n_units_h, self.n_qb).reshape(-1).long()  # [R]
+        idx = indices.expand(self.batch, self.n_units_h, self.n_qb, self.width).reshape(-1, self.width).long()
+        self.slot_ok = torch.arange(self.width, device=dev)[None, :] < cnt[:, None]  # [R, W]
+        self.idx = torch.where(self.slot_ok, idx, 0)  # [R, W]
+        b_of = torch.arange(self.batch, device=dev).repeat_interleave(self.n_units_h * self.n_qb)
+        h_of = torch.arange(self.n_units_h, device=dev).repeat_interleave(self.n_qb).repeat(self.batch)
+        self.m_of = torch.arange(self.n_qb, device=dev).repeat(self.batch * self.n_units_h)  # [R]
+        kv_head = h_of if self.shared else h_of // self.group
+        self.flat = (b_of * self.n_kv_heads + kv_head)[:, None] * self.n_kb + self.idx  # [R, W]
+        self.tok_n = torch.arange(block_n, device=dev)
+        self.tok_m = torch.arange(block_m, device=dev).repeat(self.g_u)  # [G*bm]
+        self.n_rows = self.batch * self.n_units_h * self.n_qb
+
+    def rows(self, x, value=0.0):
+        """[B, Hq, Lq, D] -> [R, G*bm, D] in the compute dtype, padded with ``value``."""
+        pad = self.n_qb * self.block_m - x.shape[2]
+        x = x.to(self.cdt)
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=value)
+        d = x.shape[3]
+        xb = x.reshape(self.batch, self.n_q_heads, self.n_qb, self.block_m, d)
+        if self.shared:
+            xb = xb.reshape(self.batch, self.n_kv_heads, self.group, self.n_qb, self.block_m, d).transpose(2, 3)
+        return xb.reshape(self.n_rows, self.g_u * self.block_m, d)
+
+    def unrows(self, x):
+        """[R, G*bm, D] -> [B, Hq, Lq, D] (inverse of :meth:`rows`)."""
+        x = x.reshape(self.batch, self.n_units_h, self.n_qb, self.g_u, self.block_m, x.shape[-1])
+        if self.shared:
+            x = x.transpose(2, 3)
+        return x.reshape(self.batch, self.n_q_heads, self.n_qb * self.block_m, x.shape[-1])[:, :, :self.q_len]
+
+    def keys(self, x):
+        """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn, D] in the compute dtype, zero padded."""
+        return _pad_blocks(x.to(self.cdt), self.block_n, self.n_kb).reshape(-1, self.block_n, self.head_dim)
+
+    def step(self, per_row_elems, chunk_bytes):
+        """Units per chunk so that ``per_row_elems`` fp32/fp64 values per unit fit in ``chunk_bytes``."""
+        return max(1, chunk_bytes // (max(1, per_row_elems) * torch.finfo(self.cdt).bits // 8))
+
+    def scores(self, qu, kf, vf, r0, r1):
+        """Scaled scores of units [r0, r1) with -inf outside the mask: ``[C, G*bm, W*bn]``, and gathered K, V."""
+        c = r1 - r0
+        kg = kf[self.flat[r0:r1]].reshape(c, self.width * self.block_n, self.head_dim)  # [C, W*bn, D]
+        vg = vf[self.flat[r0:r1]].reshape(c, self.width * self.block_n, self.head_dim)
+        s = torch.bmm(qu[r0:r1], kg.transpose(1, 2)) * self.scale  # [C, G*bm, W*bn]
+        key_pos = (self.idx[r0:r1, :, None] * self.block_n + self.tok_n).reshape(c, 1, -1)  # [C, 1, W*bn]
+        keep = self.slot_ok[r0:r1, :, None].expand(-1, -1, self.block_n).reshape(c, 1, -1) & (key_pos < self.kv_len)
+        if self.causal:
+            q_pos = (self.m_of[r0:r1, None] * self.block_m + self.tok_m)[:, :, None]  # [C, G*bm, 1]
+            keep = keep & (key_pos <= q_pos + (self.kv_len - self.q_len))
+        return s.masked_fill(~keep, float("-inf")), kg, vg
+
+
 def block_sparse_fwd_ref(q, k, v, counts, indices, block_m, block_n, causal, scale, chunk_bytes=CHUNK_BYTES):
     """Reference of :func:`block_sparse_fwd` (same arguments, same ``(o, lse)``).
 
@@ -39,54 +121,14 @@ def block_sparse_fwd_ref(q, k, v, counts, indices, block_m, block_n, causal, sca
     Returns:
         o ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` float32 (float64 for float64 inputs).
     """
-    batch, n_q_heads, q_len, head_dim = q.shape
-    n_kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = n_q_heads // n_kv_heads
-    n_qb, width = indices.shape[2], indices.shape[3]
-    n_kb = max(1, math.ceil(kv_len / block_n))
-    mask_heads = counts.shape[1]
-    cdt = _compute_dtype(q.dtype)
+    u = _Units(q, k, counts, indices, block_m, block_n, causal, scale)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-
-    # A "unit" is one query block of one mask head together with every query head
-    # that uses that head's K/V and mask: the G heads of a GQA group share one gather.
-    shared = not (mask_heads == n_q_heads and group > 1)
-    g_u = group if shared else 1
-    n_units_h = n_kv_heads if shared else n_q_heads
-    qb = _pad_blocks(q.to(cdt), block_m, n_qb)  # [B, Hq, NQB, bm, D]
-    if shared:
-        qb = qb.reshape(batch, n_kv_heads, group, n_qb, block_m, head_dim).transpose(2, 3)
-    qu = qb.reshape(batch * n_units_h * n_qb, g_u * block_m, head_dim)  # [R, G*bm, D]
-    kf = _pad_blocks(k.to(cdt), block_n, n_kb).reshape(-1, block_n, head_dim)  # [B*Hkv*NKB, bn, D]
-    vf = _pad_blocks(v.to(cdt), block_n, n_kb).reshape(-1, block_n, head_dim)
-
-    cnt = counts.expand(batch, n_units_h, n_qb).reshape(-1).long()  # [R]
-    idx = indices.expand(batch, n_units_h, n_qb, width).reshape(-1, width).long()  # [R, W]
-    slot_ok = torch.arange(width, device=q.device)[None, :] < cnt[:, None]  # [R, W]
-    idx = torch.where(slot_ok, idx, 0)
-    b_of = torch.arange(batch, device=q.device).repeat_interleave(n_units_h * n_qb)
-    h_of = torch.arange(n_units_h, device=q.device).repeat_interleave(n_qb).repeat(batch)
-    m_of = torch.arange(n_qb, device=q.device).repeat(batch * n_units_h)
-    kv_head = h_of if shared else h_of // group
-    flat = (b_of * n_kv_heads + kv_head)[:, None] * n_kb + idx  # [R, W]
-
-    tok_n = torch.arange(block_n, device=q.device)
-    tok_m = torch.arange(block_m, device=q.device).repeat(g_u)  # [G*bm]
-    n_rows = qu.shape[0]
-    per_row = max(1, g_u * block_m * width * block_n + 2 * width * block_n * head_dim) * 4
-    step = max(1, chunk_bytes // per_row)
+    qu = u.rows(q)  # [R, G*bm, D]
+    kf, vf = u.keys(k), u.keys(v)  # [B*Hkv*NKB, bn, D]
+    step = u.step(u.g_u * block_m * u.width * block_n + 2 * u.width * block_n * u.head_dim, chunk_bytes)
     outs, lses = [], []
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        kg = kf[flat[r0:r1]].reshape(r1 - r0, width * block_n, head_dim)  # [C, W*bn, D]
-        vg = vf[flat[r0:r1]].reshape(r1 - r0, width * block_n, head_dim)
-        s = torch.bmm(qu[r0:r1], kg.transpose(1, 2)) * scale  # [C, G*bm, W*bn]
-        key_pos = (idx[r0:r1, :, None] * block_n + tok_n).reshape(r1 - r0, 1, -1)  # [C, 1, W*bn]
-        keep = (slot_ok[r0:r1, :, None].expand(-1, -1, block_n).reshape(r1 - r0, 1, -1)) & (key_pos < kv_len)
-        if causal:
-            q_pos = (m_of[r0:r1, None] * block_m + tok_m)[:, :, None]  # [C, G*bm, 1]
-            keep = keep & (key_pos <= q_pos + (kv_len - q_len))
-        s = s.masked_fill(~keep, float("-inf"))
+    for r0 in range(0, u.n_rows, step):
+        s, _, vg = u.scores(qu, kf, vf, r0, min(u.n_rows, r0 + step))
         m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1], float("-inf"))
         m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m_ref)
@@ -94,13 +136,118 @@ def block_sparse_fwd_ref(q, k, v, counts, indices, block_m, block_n, causal, sca
         seen = l_sum > 0
         l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
         outs.append(torch.bmm(p, vg) / l_safe)
-        lses.append(torch.where(seen, m_ref + torch.log(l_safe), torch.full_like(l_safe, float("-inf"))).squeeze(-1))
+        lses.append(torch.where(seen, m_ref + torch.log(l_safe), torch.full_like(l_safe, float("-inf"))))
     o = torch.cat(outs) if outs else qu.new_zeros(qu.shape)
-    lse = torch.cat(lses) if lses else qu.new_zeros(qu.shape[:2])
-    o = o.reshape(batch, n_units_h, n_qb, g_u, block_m, head_dim)
-    lse = lse.reshape(batch, n_units_h, n_qb, g_u, block_m)
-    if shared:
-        o, lse = o.transpose(2, 3), lse.transpose(2, 3)
-    o = o.reshape(batch, n_q_heads, n_qb * block_m, head_dim)[:, :, :q_len]
-    lse = lse.reshape(batch, n_q_heads, n_qb * block_m)[:, :, :q_len]
-    return o.to(q.dtype), lse.to(lse_dtype)
+    lse = torch.cat(lses) if lses else qu.new_zeros((*qu.shape[:2], 1))
+    return u.unrows(o).to(q.dtype), u.unrows(lse)[..., 0].to(lse_dtype)
+
+
+def block_sparse_bwd_ref(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale, dlse=None,
+                         chunk_bytes=CHUNK_BYTES):
+    """Reference of :func:`block_sparse_bwd`: chunked and recompute-based, like the kernels.
+
+    P is recomputed per chunk of units from ``lse``; ``dS = P * (dO V^T - delta)`` with
+    ``delta = rowsum(dO * O) - dlse``. dK/dV of the gathered keys are scattered back with
+    ``index_add_`` (deterministic on CPU; CUDA's ``index_add_`` on floats is not).
+
+    Args:
+        do: ``[B, Hq, Lq, D]``; q, k, v, counts, indices, block_m, block_n, causal, scale: as in the forward.
+        o, lse: the forward's outputs. dlse: optional gradient of lse ``[B, Hq, Lq]``.
+
+    Returns:
+        ``(dq, dk, dv)``, contiguous, in the dtypes of q, k, v. Rows that saw no key get zero dq.
+    """
+    u = _Units(q, k, counts, indices, block_m, block_n, causal, scale)
+    delta = (do.to(u.cdt) * o.to(u.cdt)).sum(-1)  # [B, Hq, Lq]
+    if dlse is not None:
+        delta = delta - dlse.to(u.cdt)
+    lse_c = torch.where(torch.isneginf(lse), float("inf"), lse).to(u.cdt)  # P = exp(s - inf) = 0 on empty rows
+    qu, dou = u.rows(q), u.rows(do)  # [R, G*bm, D]
+    lse_u = u.rows(lse_c[..., None], value=float("inf"))  # [R, G*bm, 1]
+    delta_u = u.rows(delta[..., None])  # [R, G*bm, 1]
+    kf, vf = u.keys(k), u.keys(v)
+    dkf = torch.zeros((kf.shape[0], block_n * u.head_dim), dtype=u.cdt, device=q.device)  # [B*Hkv*NKB, bn*D]
+    dvf = torch.zeros_like(dkf)
+    step = u.step(4 * u.g_u * block_m * u.width * block_n + 4 * u.width * block_n * u.head_dim, chunk_bytes)
+    dqs = []
+    for r0 in range(0, u.n_rows, step):
+        r1 = min(u.n_rows, r0 + step)
+        s, kg, vg = u.scores(qu, kf, vf, r0, r1)  # [C, G*bm, W*bn]
+        p = torch.exp(s - lse_u[r0:r1])
+        dp = torch.bmm(dou[r0:r1], vg.transpose(1, 2))  # [C, G*bm, W*bn]
+        ds = p * (dp - delta_u[r0:r1])
+        dqs.append(torch.bmm(ds, kg) * scale)  # [C, G*bm, D]
+        # scatter whole key blocks (rows of bn*D values): far faster than per-token rows
+        blocks = u.flat[r0:r1].reshape(-1)  # [C*W]
+        dkf.index_add_(0, blocks, (torch.bmm(ds.transpose(1, 2), qu[r0:r1]) * scale).reshape(blocks.shape[0], -1))
+        dvf.index_add_(0, blocks, torch.bmm(p.transpose(1, 2), dou[r0:r1]).reshape(blocks.shape[0], -1))
+    dq = u.unrows(torch.cat(dqs) if dqs else qu.new_zeros(qu.shape))
+    kv_shape = (u.batch, u.n_kv_heads, u.n_kb * block_n, u.head_dim)
+    dk = dkf.reshape(kv_shape)[:, :, :u.kv_len]
+    dv = dvf.reshape(kv_shape)[:, :, :u.kv_len]
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+# ---- differentiable entry point: custom ops so torch.compile sees one node per pass ----
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sparse_attn::block_sparse_attn_fwd_ref", mutates_args=())
+def _fwd_ref_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_m: int, block_n: int,
+                causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    o, lse = block_sparse_fwd_ref(q, k, v, counts, indices, block_m, block_n, causal, scale)
+    return o.contiguous(), lse.contiguous()
+
+
+@_fwd_ref_op.register_fake
+def _fwd_ref_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:3], dtype=_lse_dtype(q.dtype), device=q.device))
+
+
+@torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_ref", mutates_args=())
+def _bwd_ref_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                counts: Tensor, indices: Tensor, block_m: int, block_n: int, causal: bool,
+                scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return block_sparse_bwd_ref(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale, dlse=dlse)
+
+
+@_bwd_ref_op.register_fake
+def _bwd_ref_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+
+
+def _ref_setup_context(ctx, inputs, output):
+    q, k, v, counts, indices, block_m, block_n, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, counts, indices)
+    ctx.config = (block_m, block_n, causal, scale)
+
+
+def _ref_backward(ctx, do, dlse):
+    q, k, v, o, lse, counts, indices = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_ref(
+        do, q, k, v, o, lse, dlse, counts, indices, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd_ref", _ref_backward,
+                                setup_context=_ref_setup_context)
+
+
+def block_sparse_attn_ref(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None):
+    """Differentiable block-sparse attention in plain PyTorch (any device; fp64 allowed).
+
+    First-order gradients only (the backward is itself not differentiable).
+
+    Returns:
+        ``(o, lse)`` as :func:`block_sparse_fwd_ref`; lse is differentiable too.
+
+    Example:
+        >>> o, lse = block_sparse_attn_ref(q, k, v, mask.counts, mask.indices, 64, 64, causal=True)
+        >>> o.sum().backward()
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.sparse_attn.block_sparse_attn_fwd_ref(
+        q, k, v, counts, indices, int(block_m), int(block_n), bool(causal), float(scale))

@@ -4,7 +4,9 @@ import os
 
 import torch
 
-from sparse_attn_kernels.reference import block_sparse_fwd_ref
+from sparse_attn_kernels.block_sparse.cpu import available as cpu_path_available
+from sparse_attn_kernels.block_sparse.cpu import block_sparse_attn_cpu
+from sparse_attn_kernels.reference import block_sparse_attn_ref
 
 from ._checks import check_tensor
 from .mask import BlockSparseMask
@@ -107,18 +109,65 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
     batch, n_q_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     if batch == 0 or q_len == 0 or kv_len == 0:
-        o = q.new_zeros(q.shape)
+        # zeros that stay attached to q, k, v (a sum over an empty slice is exactly 0), so that a
+        # backward through an empty attention gives zero gradients instead of an autograd error
+        attach = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum()
+        o = q.new_zeros(q.shape) + attach
         lse = torch.full((batch, n_q_heads, q_len), float("-inf"), dtype=torch.float32, device=q.device)
         return (o, lse) if return_lse else o
+    causal, scale = bool(causal), float(scale)
     if mask is None:
-        mask = BlockSparseMask.full(q_len, kv_len, DENSE_BLOCK, device=q.device)
-    bm, bn = mask.block_size
+        bm = bn = DENSE_BLOCK
+        counts, indices, counts_t, indices_t = _dense_lists(q_len, kv_len, DENSE_BLOCK, q.device)
+    else:
+        bm, bn = mask.block_size
+        counts, indices, counts_t, indices_t = mask.counts, mask.indices, None, None
     if backend == "triton":
         from sparse_attn_kernels.block_sparse.op import block_sparse_attn
 
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        o, lse = block_sparse_attn(q, k, v, mask.counts, mask.indices, bm, bn, bool(causal), float(scale))
+        if mask is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            counts_t, indices_t = _kv_major(mask)
+        o, lse = block_sparse_attn(q, k, v, counts, indices, bm, bn, causal, scale,
+                                   counts_t=counts_t, indices_t=indices_t)
+    elif _use_cpu_path(q, k, v, return_lse):
+        o, lse = block_sparse_attn_cpu(q, k, v, counts, indices, bm, bn, causal, scale)
+        lse = lse.float()
     else:
-        o, lse = block_sparse_fwd_ref(q, k, v, mask.counts, mask.indices, bm, bn, bool(causal), float(scale))
+        o, lse = block_sparse_attn_ref(q, k, v, counts, indices, bm, bn, causal, scale)
         lse = lse.float()
     return (o, lse) if return_lse else o
+
+
+def _use_cpu_path(q, k, v, return_lse):
+    """The fused CPU path runs CPU tensors; gradients through lse need the reference path."""
+    if q.device.type != "cpu" or not cpu_path_available():
+        return False
+    lse_grad = return_lse and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return not lse_grad
+
+
+def _dense_lists(q_len, kv_len, block, device):
+    """Query- and key-major lists of the all-kept mask, built without data-dependent Python (traceable)."""
+    n_qb, n_kb = -(-q_len // block), -(-kv_len // block)
+    counts = torch.full((1, 1, n_qb), n_kb, dtype=torch.int32, device=device)
+    indices = torch.arange(n_kb, dtype=torch.int32, device=device).expand(1, 1, n_qb, n_kb).contiguous()
+    counts_t = torch.full((1, 1, n_kb), n_qb, dtype=torch.int32, device=device)
+    indices_t = torch.arange(n_qb, dtype=torch.int32, device=device).expand(1, 1, n_kb, n_qb).contiguous()
+    return counts, indices, counts_t, indices_t
+
+
+def _kv_major(mask):
+    """The mask's key-major lists for the backward.
+
+    Eagerly (or when already cached) this is ``mask.kv_major()``. Inside ``torch.compile`` an
+    uncached mask would need ``.item()`` for the list width, a graph break; there the lists are
+    derived with the static width NQB instead (the kernels read only the first ``counts_t`` entries).
+    """
+    if torch.compiler.is_compiling() and getattr(mask, "_kv_major", None) is None:
+        keep_t = mask.to_block_dense().transpose(-1, -2)  # [Bm, Hm, NKB, NQB]
+        counts_t = keep_t.sum(-1, dtype=torch.int32)
+        # stable sort of "not kept" puts the kept query blocks first, in increasing order
+        indices_t = torch.sort((~keep_t).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+        return counts_t.contiguous(), indices_t.contiguous()
+    return mask.kv_major()

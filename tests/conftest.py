@@ -10,6 +10,10 @@ os.environ.setdefault("SPARSE_ATTN_NO_AUTOTUNE", "1")  # tests pin one launch co
 
 import pytest  # noqa: E402
 
+# Test shapes are small: one thread avoids OpenMP contention, which made small ops up to
+# 70x slower when the 2-core machine was busy.
+torch.set_num_threads(1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")

@@ -11,6 +11,7 @@ Same signature and outputs as :func:`sparse_attn_kernels.block_sparse.fwd.block_
 """
 
 import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,14 +52,14 @@ class _Rows:
         self.n_rows = self.count.numel()
 
     def gather_queries(self, q):
-        """[B, Hq, Lq, D] -> [R, G*bm, D] (zero padded to whole blocks)."""
+        """[B, Hq, Lq, X] -> [R, G*bm, X] (zero padded to whole blocks)."""
         pad = self.n_qb * self.block_m - self.q_len
         x = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q
-        x = x.reshape(self.batch, self.n_q_heads, self.n_qb, self.block_m, self.head_dim)
+        dim = x.shape[-1]
+        x = x.reshape(self.batch, self.n_q_heads, self.n_qb, self.block_m, dim)
         if self.shared:
-            x = x.reshape(self.batch, self.n_kv_heads, self.group, self.n_qb, self.block_m, self.head_dim)
-            x = x.transpose(2, 3)
-        return x.reshape(self.n_rows, self.g_u * self.block_m, self.head_dim)
+            x = x.reshape(self.batch, self.n_kv_heads, self.group, self.n_qb, self.block_m, dim).transpose(2, 3)
+        return x.reshape(self.n_rows, self.g_u * self.block_m, dim)
 
     def scatter_rows(self, x):
         """[R, G*bm, ...] -> [B, Hq, Lq, ...] (inverse of :meth:`gather_queries`)."""
@@ -97,8 +98,44 @@ class _Rows:
         return add.unsqueeze(1), ~keep.any(-1).expand(len(rows), self.g_u * self.block_m)
 
 
+    def plan(self, causal, cap):
+        """Chunks of rows: ``(rows, n_blocks, masked)``; rows of a chunk share their exact count.
+
+        Rows are ordered by (needs a mask, count), so each chunk gathers ``n_blocks`` key blocks
+        per row with no padding, and at most ``max(cap, W)`` blocks in all.
+        """
+        need = self.needs_mask(causal)
+        key = need.long() * (self.width + 1) + self.count
+        order = torch.argsort(key, stable=True)
+        runs, run_len = torch.unique_consecutive(key[order], return_counts=True)
+        chunks, start = [], 0
+        for run, n_run in zip(runs.tolist(), run_len.tolist()):
+            masked, n_blk = run // (self.width + 1), run % (self.width + 1)
+            step = n_run if n_blk == 0 else max(1, cap // n_blk)
+            for a in range(start, start + n_run, step):
+                chunks.append((order[a:min(start + n_run, a + step)], n_blk, bool(masked)))
+            start += n_run
+        return order, chunks
+
+    def gather(self, blocks, rows, n_blk, out=None):
+        """Kept key blocks of ``rows``: ``[C, 1, n*bn, D]`` (into ``out`` when given)."""
+        flat = (self.kv_base[rows, None] + self.idx[rows, :n_blk]).reshape(-1)  # [C*n]
+        if out is None:
+            g = blocks.index_select(0, flat)
+        else:
+            g = torch.index_select(blocks, 0, flat, out=out[: flat.numel()])
+        return g.view(len(rows), 1, n_blk * self.block_n, self.head_dim), flat
+
+
+def _cap(block_n, head_dim, dtype, chunk_bytes):
+    """K+V blocks gathered per chunk."""
+    return max(1, chunk_bytes // (2 * block_n * head_dim * torch.empty((), dtype=dtype).element_size()))
+
+
+@torch.no_grad()
 def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale, chunk_bytes=CHUNK_BYTES):
-    """Block-sparse attention on CPU tensors; differentiable through autograd.
+    """Block-sparse attention forward on CPU tensors (not differentiable by itself: see
+    :func:`block_sparse_attn_cpu`).
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
@@ -115,49 +152,133 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
     qr = r.gather_queries(q)  # [R, G*bm, D]
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-
-    # rows ordered by (needs a mask, count): each run of equal keys is one unpadded batch
-    need = r.needs_mask(causal)
-    order = torch.argsort(need.long() * (r.width + 1) + r.count, stable=True)
-    keys = (need.long() * (r.width + 1) + r.count)[order]
-    runs, run_len = torch.unique_consecutive(keys, return_counts=True)
-    cap = max(1, chunk_bytes // (2 * block_n * r.head_dim * q.element_size()))  # K+V blocks per chunk
-    buf_k = buf_v = None
+    cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
+    n_buf = max(cap, r.width)  # one reused gather buffer: no page faults for every chunk
+    buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
+    order, chunks = r.plan(causal, cap)
     outs, lses = [], []
-    start = 0
-    for key, n_run in zip(runs.tolist(), run_len.tolist()):
-        masked, n_blk = key // (r.width + 1), key % (r.width + 1)
+    for rows, n_blk, masked in chunks:
         if n_blk == 0:  # rows that see no key
-            outs.append(qr.new_zeros((n_run, r.g_u * block_m, r.head_dim)))
-            lses.append(torch.full((n_run, r.g_u * block_m), float("-inf"), dtype=lse_dtype, device=q.device))
-            start += n_run
+            outs.append(qr.new_zeros((len(rows), r.g_u * block_m, r.head_dim)))
+            lses.append(torch.full((len(rows), r.g_u * block_m), float("-inf"), dtype=lse_dtype, device=q.device))
             continue
-        step = max(1, cap // n_blk)  # rows per chunk; step * n_blk <= max(cap, W) blocks
-        for a in range(start, start + n_run, step):
-            rows = order[a:min(start + n_run, a + step)]
-            flat = (r.kv_base[rows, None] + r.idx[rows, :n_blk]).reshape(-1)  # [C*n]
-            shape = (len(rows), 1, n_blk * block_n, r.head_dim)
-            if grad:
-                kg, vg = kb.index_select(0, flat), vb.index_select(0, flat)
-            else:  # reuse one buffer: no page faults for every chunk
-                if buf_k is None:
-                    n_buf = max(cap, r.width)
-                    buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
-                kg = torch.index_select(kb, 0, flat, out=buf_k[: flat.numel()])
-                vg = torch.index_select(vb, 0, flat, out=buf_v[: flat.numel()])
-            qg = qr.index_select(0, rows).unsqueeze(1)  # [C, 1, G*bm, D]
-            if masked:
-                add, empty = r.additive_mask(rows, n_blk, causal, q.dtype)
-                o, lse = flash(qg, kg.view(shape), vg.view(shape), attn_mask=add, scale=scale)
-                lse = lse.squeeze(1).masked_fill(empty, float("-inf"))
-            else:
-                o, lse = flash(qg, kg.view(shape), vg.view(shape), scale=scale)
-                lse = lse.squeeze(1)
-            outs.append(o.squeeze(1))
-            lses.append(lse.to(lse_dtype))
-        start += n_run
+        kg, _ = r.gather(kb, rows, n_blk, buf_k)  # [C, 1, n*bn, D]
+        vg, _ = r.gather(vb, rows, n_blk, buf_v)
+        qg = qr.index_select(0, rows).unsqueeze(1)  # [C, 1, G*bm, D]
+        if masked:
+            add, empty = r.additive_mask(rows, n_blk, causal, q.dtype)
+            o, lse = flash(qg, kg, vg, attn_mask=add, scale=scale)
+            lse = lse.squeeze(1).masked_fill(empty, float("-inf"))
+        else:
+            o, lse = flash(qg, kg, vg, scale=scale)
+            lse = lse.squeeze(1)
+        outs.append(o.squeeze(1))
+        lses.append(lse.to(lse_dtype))
     inverse = torch.argsort(order)
     o = torch.cat(outs).index_select(0, inverse)
     lse = torch.cat(lses).index_select(0, inverse)
     return r.scatter_rows(o), r.scatter_rows(lse)
+
+
+@torch.no_grad()
+def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale,
+                         chunk_bytes=CHUNK_BYTES):
+    """Gradients of :func:`block_sparse_fwd_cpu` (through ``o``; not through ``lse``).
+
+    Each chunk of rows runs PyTorch's fused CPU attention backward on its gathered blocks;
+    dK/dV of the gathered blocks are summed back with ``index_add_`` (deterministic on CPU).
+
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes and shapes of q, k, v; rows that saw no key get dq = 0.
+    """
+    flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    r = _Rows(q, k, counts, indices, block_m, block_n)
+    qr, dor, orr = r.gather_queries(q), r.gather_queries(do), r.gather_queries(o)  # [R, G*bm, D]
+    lser = r.gather_queries(lse.unsqueeze(-1)).squeeze(-1)  # [R, G*bm]
+    kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dkb = torch.zeros(kb.shape, dtype=acc, device=q.device)
+    dvb = torch.zeros(vb.shape, dtype=acc, device=q.device)
+    dqr = torch.zeros(qr.shape, dtype=q.dtype, device=q.device)
+    order, chunks = r.plan(causal, _cap(block_n, r.head_dim, q.dtype, chunk_bytes))
+    for rows, n_blk, masked in chunks:
+        if n_blk == 0:
+            continue
+        kg, flat = r.gather(kb, rows, n_blk)
+        vg, _ = r.gather(vb, rows, n_blk)
+        pick = lambda x: x.index_select(0, rows).unsqueeze(1)  # noqa: E731  [C, 1, G*bm, ...]
+        lse_c = pick(lser).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        add = None
+        if masked:
+            add, _ = r.additive_mask(rows, n_blk, causal, q.dtype)
+            lse_c = lse_c.masked_fill(torch.isneginf(lse_c), 0.0)  # empty rows: exp(-inf - 0) = 0
+        dq_c, dk_c, dv_c = flash_bwd(pick(dor), pick(qr), kg, vg, pick(orr), lse_c, 0.0, False,
+                                     attn_mask=add, scale=scale)
+        dqr.index_copy_(0, rows, dq_c.squeeze(1))
+        dkb.index_add_(0, flat, dk_c.reshape(len(flat), -1).to(acc))
+        dvb.index_add_(0, flat, dv_c.reshape(len(flat), -1).to(acc))
+    dq = r.scatter_rows(dqr).contiguous()
+    kv_shape = (r.batch, r.n_kv_heads, r.n_kb * block_n, r.head_dim)
+    dk = dkb.reshape(kv_shape)[:, :, : r.kv_len].to(k.dtype).contiguous()
+    dv = dvb.reshape(kv_shape)[:, :, : r.kv_len].to(v.dtype).contiguous()
+    return dq, dk, dv
+
+
+# ---- differentiable entry point: custom ops, so torch.compile sees one node per pass ----
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("sparse_attn::block_sparse_attn_fwd_cpu", mutates_args=())
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_m: int, block_n: int,
+            causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    o, lse = block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale)
+    return o.contiguous(), lse.contiguous()
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_cpu", mutates_args=())
+def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Optional[Tensor],
+            counts: Tensor, indices: Tensor, block_m: int, block_n: int, causal: bool,
+            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if dlse is not None and bool((dlse != 0).any()):
+        raise ValueError("the CPU path does not differentiate through lse; sparse_attention routes "
+                         "return_lse=True with gradients to the reference path instead")
+    return block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, counts, indices, block_m, block_n, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, counts, indices)
+    ctx.config = (block_m, block_n, causal, scale)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, counts, indices = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_cpu(do.contiguous(), q, k, v, o, lse, dlse, counts,
+                                                                 indices, *ctx.config)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd_cpu", _backward, setup_context=_setup_context)
+
+
+def block_sparse_attn_cpu(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None):
+    """Differentiable block-sparse attention on CPU tensors (gradients through ``o``).
+
+    Returns:
+        ``(o, lse)`` as :func:`block_sparse_fwd_cpu`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.sparse_attn.block_sparse_attn_fwd_cpu(
+        q, k, v, counts, indices, int(block_m), int(block_n), bool(causal), float(scale))
