@@ -5,6 +5,8 @@ Dataflow: pattern -> mask (:class:`BlockSparseMask`) -> :func:`sparse_attention`
 
 from .mask import BlockSparseMask
 from .ops import sparse_attention
+from .stripe_mask import StripeSparseMask
+from .stripe_ops import stripe_attention
 
 __version__ = "0.1.0"
-__all__ = ["BlockSparseMask", "sparse_attention", "__version__"]
+__all__ = ["BlockSparseMask", "StripeSparseMask", "sparse_attention", "stripe_attention", "__version__"]

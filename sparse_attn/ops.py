@@ -10,6 +10,8 @@ from sparse_attn_kernels.reference import block_sparse_attn_ref
 
 from ._checks import check_tensor
 from .mask import BlockSparseMask
+from .stripe_mask import StripeSparseMask
+from .stripe_ops import stripe_attention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_BLOCKS = (16, 32, 64, 128)
@@ -97,6 +99,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
         >>> sparse_attention(q, k, v, mask).shape
         torch.Size([1, 2, 100, 32])
     """
+    if isinstance(mask, StripeSparseMask):
+        return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     backend_in = backend
     _check_qkv(q, k, v, backend_in)
     if mask is not None:

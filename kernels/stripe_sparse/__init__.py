@@ -1,0 +1,1 @@
+"""Stripe-sparse (vertical + slash) attention: forward kernel (``fwd``), autograd op (``op``)."""
