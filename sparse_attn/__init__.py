@@ -7,6 +7,13 @@ from .mask import BlockSparseMask
 from .ops import sparse_attention
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
+from .layout import TokenLayout
+from .quality import attention_quality
+from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
 
 __version__ = "0.1.0"
-__all__ = ["BlockSparseMask", "StripeSparseMask", "sparse_attention", "stripe_attention", "__version__"]
+__all__ = [
+    "BlockSparseMask", "StripeSparseMask", "sparse_attention", "stripe_attention",
+    "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
+    "__version__",
+]

@@ -1,0 +1,27 @@
+"""Patterns: small configured objects that decide which tiles attention computes.
+
+Every pattern is a frozen dataclass with ``build(q, k, *, causal=False, layout=None) -> mask``;
+structural ones (positions only) also give ``mask_mod(b, h, q_idx, kv_idx)`` and ``build_for(Lq, Lk)``.
+Registry names (the same in docs/patterns.md) come from :func:`list_patterns`.
+
+Example:
+    >>> pat = get_pattern("block_topk", k=8)
+    >>> pattern_from_json(pat.to_json()) == pat
+    True
+"""
+
+from .base import (Pattern, StructuralPattern, get_pattern, list_patterns, pattern_from_dict, pattern_from_json,
+                   register)
+from .static import Dense, SinkLocal, Skip, SlidingWindow, VerticalStripes
+from .video import MultiDiagonal, Window3D
+from .dynamic import BlockTopK, BlockTopP
+from .estimate import ExactImportance, LSEMass, VerticalSlash
+from .combine import PerHead, Union
+from .synthetic import build_cost_table, pattern_table, planted_qkv
+
+__all__ = [
+    "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
+    "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
+    "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
+    "pattern_table", "build_cost_table", "planted_qkv",
+]

@@ -1,0 +1,137 @@
+"""Combining patterns into one mask: unions (always-kept regions) and per-head choices.
+
+Both produce one block map and one :class:`~sparse_attn.BlockSparseMask`, so the mixed mask
+runs as a single kernel launch.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+from ..mask import BlockSparseMask
+from .base import Pattern, as_pattern, register
+
+
+def _same_blocks(patterns, name):
+    sizes = {p.block_pair for p in patterns}
+    if len(sizes) != 1:
+        raise ValueError(f"{name} members must share one block_size, got {sorted(sizes)}.")
+    return sizes.pop()
+
+
+def _as_patterns(value, name):
+    if not isinstance(value, (tuple, list)) or not value:
+        raise TypeError(f"{name} must be a non-empty sequence of patterns, got {value!r}.")
+    return tuple(as_pattern(p, f"{name}[{i}]") for i, p in enumerate(value))
+
+
+@register("union")
+@dataclass(frozen=True)
+class Union(Pattern):
+    """Tiles kept by any member. Structural members are built first and passed to the content-based ones
+    as forced tiles, so a top-k budget is spent on the remaining tiles (always-kept sinks, text tokens or the
+    diagonal come on top of the budget).
+
+    Example:
+        >>> pat = Union(patterns=(SinkLocal(sink=64, window=64), BlockTopK(k=4)))
+        >>> pat = SinkLocal(sink=64, window=64) | BlockTopK(k=4)  # the same
+    """
+
+    patterns: Tuple = ()
+
+    def __post_init__(self):
+        pats = _as_patterns(self.patterns, "patterns")
+        flat = []
+        for p in pats:  # (a | b) | c -> one flat union
+            flat.extend(p.patterns if isinstance(p, Union) else (p,))
+        object.__setattr__(self, "patterns", tuple(flat))
+        _same_blocks(self.patterns, "union")
+
+    @property
+    def block_size(self):
+        return self.patterns[0].block_size
+
+    @property
+    def structural(self):
+        return all(p.structural for p in self.patterns)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "patterns": [p.to_dict() for p in self.patterns]}
+
+    def mask_mod_for(self, q_len=None, kv_len=None, layout=None):
+        """OR of the members' predicates (structural unions only)."""
+        if not self.structural:
+            raise TypeError("mask_mod exists only for unions of structural patterns.")
+        mods = [p.mask_mod_for(q_len, kv_len, layout) for p in self.patterns]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            out = mods[0](b, h, q_idx, kv_idx)
+            for m in mods[1:]:
+                out = out | m(b, h, q_idx, kv_idx)
+            return out
+        return mask_mod
+
+    @property
+    def mask_mod(self):
+        return self.mask_mod_for()
+
+    def block_map_for(self, q_len, kv_len, *, causal=False, layout=None, device=None):
+        """bool ``[1, 1, NQB, NKB]`` from lengths alone (structural unions only)."""
+        if not self.structural:
+            raise TypeError("block_map_for/build_for exist only for unions of structural patterns.")
+        keep = None
+        for p in self.patterns:
+            m = p.block_map_for(q_len, kv_len, causal=causal, layout=layout, device=device)
+            keep = m if keep is None else keep | m
+        return keep
+
+    def build_for(self, q_len, kv_len, *, causal=False, layout=None, device=None):
+        """The mask from lengths alone (structural unions only)."""
+        keep = self.block_map_for(q_len, kv_len, causal=causal, layout=layout, device=device)
+        return BlockSparseMask.from_dense(keep, self.block_pair, (q_len, kv_len))
+
+    def block_map(self, q, k, *, causal=False, layout=None, forced=None):
+        keep = forced
+        for p in sorted(self.patterns, key=lambda p: not p.structural):
+            keep = p.block_map(q, k, causal=causal, layout=layout, forced=keep)
+        return keep
+
+
+@register("per_head")
+@dataclass(frozen=True)
+class PerHead(Pattern):
+    """A pattern per query head (Sparse-vDiT-style head modes: e.g. ``Dense()``, ``Skip()``, a window, a
+    top-k with its own budget), merged into one mask with ``Hq`` heads.
+
+    Example:
+        >>> pat = PerHead(patterns=(Dense(), SlidingWindow(left=64, right=64), BlockTopK(k=4), Skip()))
+    """
+
+    patterns: Tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "patterns", _as_patterns(self.patterns, "patterns"))
+        _same_blocks(self.patterns, "per_head")
+
+    @property
+    def block_size(self):
+        return self.patterns[0].block_size
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "patterns": [p.to_dict() for p in self.patterns]}
+
+    def block_map(self, q, k, *, causal=False, layout=None, forced=None):
+        n_heads = q.shape[1]
+        if len(self.patterns) != n_heads:
+            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
+        maps = {}
+        for p in self.patterns:  # each distinct pattern is built once, over all heads
+            key = p.to_json()
+            if key not in maps:
+                maps[key] = p.block_map(q, k, causal=causal, layout=layout, forced=forced)
+        batch = max(m.shape[0] for m in maps.values())
+        heads = [maps[p.to_json()][:, min(h, maps[p.to_json()].shape[1] - 1)] for h, p in enumerate(self.patterns)]
+        return torch.stack([x.expand(batch, *x.shape[1:]) for x in heads], dim=1)
+
+
