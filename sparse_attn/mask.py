@@ -197,7 +197,7 @@ class BlockSparseMask:
 
     def density(self, causal: bool = False) -> float:
         """Share of the (query, key) token pairs that attention computes, averaged over (Bm, Hm)."""
-        if self.q_len == 0 or self.kv_len == 0:
+        if self.q_len == 0 or self.kv_len == 0 or self.counts.numel() == 0:
             return 0.0
         bm, bn = self.block_size
         rows = torch.clamp(self.q_len - torch.arange(self.num_blocks[0], device=self.device) * bm, max=bm)
@@ -253,7 +253,7 @@ class BlockSparseMask:
         head = (f"BlockSparseMask(batch_heads={self.batch_heads}, seq_lens={self.seq_lens}, "
                 f"block_size={self.block_size}, blocks={n_qb}x{n_kb}, width={self.indices.shape[-1]}, "
                 f"density={self.density():.3f}, device={self.device})")
-        if n_qb == 0 or n_kb == 0 or n_qb > _ASCII_LIMIT or n_kb > _ASCII_LIMIT:
+        if self.counts.numel() == 0 or n_qb > _ASCII_LIMIT or n_kb > _ASCII_LIMIT:
             return head
         rows = self.to_block_dense()[0, 0].cpu()
         art = "\n".join("  " + "".join("#" if x else "." for x in r.tolist()) for r in rows)

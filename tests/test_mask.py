@@ -73,6 +73,13 @@ def test_full_mask_and_repr():
     assert len(repr(BlockSparseMask.full(64 * 100, 64, 64)).splitlines()) == 1  # large maps: no picture
 
 
+def test_empty_masks_print_and_measure():
+    mask = BlockSparseMask.from_dense(torch.ones(0, 1, 2, 2, dtype=torch.bool), 16, seq_lens=(32, 32))
+    assert mask.density() == 0.0 and "batch_heads=(0, 1)" in repr(mask)
+    mask = BlockSparseMask.from_dense(torch.ones(1, 1, 0, 2, dtype=torch.bool), 16, seq_lens=(0, 32))
+    assert mask.density() == 0.0 and "blocks=0x2" in repr(mask)
+
+
 def test_to_device_is_a_noop_on_same_device():
     mask = BlockSparseMask.full(10, 10, 16)
     assert mask.to("cpu") is mask
