@@ -21,8 +21,11 @@ setup(
     package_dir={"sparse_attn_kernels": "kernels"},
     install_requires=["torch>=2.5", "triton>=3.0", "einops"],
     extras_require={
-        "test": ["pytest>=7", "numpy"],
+        # the integration tests run real model classes; versions pinned to the ones tested
+        "test": ["pytest>=7", "numpy", "matplotlib", "tqdm",
+                 "transformers==5.24.0", "diffusers==0.42.1", "gguf==0.19.0"],
         "bench": ["matplotlib", "tqdm", "numpy"],
+        "integrations": ["transformers>=5.0", "diffusers>=0.42"],
     },
     entry_points={"console_scripts": ["sparse-attn=sparse_attn.cli:main"]},
     license="Apache-2.0",

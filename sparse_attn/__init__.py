@@ -5,6 +5,7 @@ Dataflow: pattern -> mask (:class:`BlockSparseMask`) -> :func:`sparse_attention`
 
 from .mask import BlockSparseMask
 from .ops import sparse_attention
+from .integrations.sdpa import patch_sdpa, sparse_sdpa
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
 from .layout import TokenLayout
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseMask", "StripeSparseMask", "sparse_attention", "stripe_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
-    "__version__",
+    "patch_sdpa", "sparse_sdpa", "__version__",
 ]

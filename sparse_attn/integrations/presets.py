@@ -1,0 +1,195 @@
+"""Presets: named configurations that reproduce published recipes as closely as this package can.
+
+Each preset returns a :class:`~sparse_attn.integrations.sdpa.SparseConfig` (patterns from
+:mod:`sparse_attn.patterns`, a :class:`~sparse_attn.cache.StepCache` with the method's
+schedule) that every integration accepts. :data:`PRESETS` says, for each, what differs from
+the paper. Patterns are imported when a preset is made, so this module loads without them.
+
+Example:
+    >>> cfg = get_preset("adaspa", num_steps=50)
+    >>> cfg.cache.policy.warmup_steps, cfg.cache.policy.rebuild_steps
+    (10, (10, 30))
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+from .._checks import check_positive_int
+from ..cache import CachePolicy, StepCache
+from .sdpa import SparseConfig, is_pattern
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: ``make(**kw) -> SparseConfig``, with its source and its differences from it."""
+
+    name: str
+    target: str
+    source: str
+    differs: str
+    make: Callable[..., SparseConfig]
+
+
+class LSEWarmStart:
+    """Carries the row LSE of the first build to later builds (AdaSpa: step 30 reuses step 10's LSE).
+
+    Wraps a pattern whose ``build`` accepts ``lse=`` (``LSEMass``, ``ExactImportance``). The first
+    build computes the LSE with one dense pass (:func:`~sparse_attn.sparse_attention` with
+    ``return_lse``) and keeps it as the cache's warm-start state; later builds of the same entry
+    reuse it and skip that pass.
+    """
+
+    def __init__(self, pattern):
+        if not is_pattern(pattern):
+            raise TypeError(f"pattern must have a build method, got {type(pattern).__name__}.")
+        self.pattern = pattern
+
+    def build(self, q, k, *, causal=False, layout=None):
+        return self.build_stateful(q, k, causal=causal, layout=layout, state=None)[0]
+
+    def build_stateful(self, q, k, *, causal=False, layout=None, state=None):
+        from ..ops import sparse_attention
+
+        if state is None:
+            scale = getattr(self.pattern, "scale", None)
+            _, state = sparse_attention(q, k, k, None, causal=bool(causal), scale=scale, return_lse=True)
+        return self.pattern.build(q, k, causal=causal, layout=layout, lse=state), state
+
+    def __repr__(self):
+        return f"LSEWarmStart({self.pattern!r})"
+
+
+def _steps_share(num_steps, share):
+    return int(round(num_steps * share))
+
+
+def sparsed(num_steps: int, *, skip: float = 0.2, select: float = 0.3, block_size: int = 128, gen_len: int = 0,
+            short_prompt: bool = False, min_seq_len: int = 128, backend: str = "auto") -> SparseConfig:
+    """SparseD for diffusion LMs: dense for ``int(T * skip) + 1`` steps, exact block importance once, reused.
+
+    ``short_prompt`` takes the paper's short-context setting (block 32, select 0.5).
+    """
+    from ..patterns import ExactImportance
+    from .dllm import sparsed_policy
+
+    if short_prompt:
+        select, block_size = 0.5, 32
+    pattern = ExactImportance(select=select, gen_len=gen_len, block_size=block_size)
+    return SparseConfig(pattern, cache=StepCache(sparsed_policy(num_steps, skip), num_steps=num_steps),
+                        min_seq_len=min_seq_len, backend=backend)
+
+
+def adaspa(num_steps: int = 50, *, sparsity: float = 0.8, block_size: int = 64, min_seq_len: int = 256,
+           backend: str = "auto") -> SparseConfig:
+    """AdaSpa for video DiTs: dense for the first 20% of steps, LSE-mass search at 20% and 60% (10, 30 of 50)."""
+    from ..patterns import LSEMass
+
+    check_positive_int(num_steps, "num_steps")
+    first, second = _steps_share(num_steps, 0.2), _steps_share(num_steps, 0.6)
+    policy = CachePolicy(warmup_steps=first, rebuild_steps=(first, second))
+    high, low = round(min(1.0, sparsity + 0.1), 6), round(max(0.0, sparsity - 0.1), 6)  # 0.9 / 0.7 around 0.8
+    pattern = LSEWarmStart(LSEMass(sparsity=sparsity, high=high, low=low, block_size=block_size))
+    return SparseConfig(pattern, cache=StepCache(policy, num_steps=num_steps), min_seq_len=min_seq_len,
+                        backend=backend)
+
+
+def sparse_vdit(plan, *, warmup_steps: int = 0, min_seq_len: int = 256, backend: str = "auto") -> SparseConfig:
+    """Sparse-vDiT: a searched per-(layer, head) table of modes, applied at every step.
+
+    Args:
+        plan: the search result: a mapping ``layer -> pattern`` (e.g. ``PerHead`` of ``Dense``, ``Skip``,
+            ``SlidingWindow``, ``MultiDiagonal``, ``VerticalStripes``) or an object with ``pattern_for(layer)``.
+    """
+    from collections.abc import Mapping
+
+    if not (isinstance(plan, Mapping) or hasattr(plan, "pattern_for")):
+        raise TypeError(f"plan must be a mapping layer -> pattern or have pattern_for(layer), got "
+                        f"{type(plan).__name__}.")
+    return SparseConfig(plan, cache=StepCache(CachePolicy(warmup_steps=warmup_steps)), min_seq_len=min_seq_len,
+                        backend=backend)
+
+
+_ROUTING_NAMES = ("kmeans_routing", "kmeans", "routing", "svg2")
+
+
+def svg2(num_steps: int = 50, *, min_seq_len: int = 256, backend: str = "auto", **pattern_kw) -> SparseConfig:
+    """Sparse VideoGen 2-style routing: k-means clusters of q and k (centroids carried between builds),
+    dense for the first 20% of steps, rebuilt every step after (2 k-means iterations per step)."""
+    from ..patterns import get_pattern, list_patterns
+
+    names = [n for n in _ROUTING_NAMES if n in list_patterns()]
+    if not names:
+        raise ValueError(f"svg2 needs a k-means routing pattern registered as one of {_ROUTING_NAMES}; "
+                         f"registered patterns: {list_patterns()}.")
+    pattern = get_pattern(names[0], **pattern_kw)
+    policy = CachePolicy(warmup_steps=_steps_share(num_steps, 0.2), refresh_every=1)
+    return SparseConfig(pattern, cache=StepCache(policy, num_steps=num_steps), min_seq_len=min_seq_len,
+                        backend=backend)
+
+
+def minference(*, vertical=1000, slash=6096, last_q: int = 64, block_size: int = 64, min_seq_len: int = 1024,
+               backend: str = "auto") -> SparseConfig:
+    """MInference vertical+slash for LLM prefill: estimated from the last 64 queries at every prefill."""
+    from ..patterns import VerticalSlash
+
+    pattern = VerticalSlash(vertical=vertical, slash=slash, last_q=last_q, block_size=block_size)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
+def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, min_seq_len: int = 1024,
+         backend: str = "auto") -> SparseConfig:
+    """MoBA-style chunk gating for LLM prefill: per query block the ``k`` key blocks with the largest
+    ``mean(q_blk) . mean(k_blk)``, plus the own (causal) block, a local window and sink keys."""
+    from ..patterns import BlockTopK, SinkLocal
+
+    pattern = BlockTopK(k=k, block_size=block_size) | SinkLocal(sink=sink, window=window, block_size=block_size)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
+def streamingllm(*, sink: int = 128, window: int = 1024, block_size: int = 64, min_seq_len: int = 1024,
+                 backend: str = "auto") -> SparseConfig:
+    """StreamingLLM A-shape: attention sinks (first keys) plus a local window, at prefill."""
+    from ..patterns import SinkLocal
+
+    pattern = SinkLocal(sink=sink, window=window, block_size=block_size)
+    return SparseConfig(pattern, cache=StepCache(CachePolicy()), min_seq_len=min_seq_len, backend=backend)
+
+
+PRESETS: Dict[str, Preset] = {p.name: p for p in (
+    Preset("sparsed", "diffusion LMs (LLaDA, Dream)", "SparseD (INV-WZQ/SparseD)",
+           "the mask is built at the first sparse step from that step's q/k (SparseD keeps the softmax of its last "
+           "dense step); steps count from 0", sparsed),
+    Preset("adaspa", "video DiTs (HunyuanVideo, CogVideoX, Wan)", "AdaSpa, arXiv 2502.21079 sec. 4",
+           "the first search runs its own LSE pass (AdaSpa takes it from that step's attention); search steps scale "
+           "as 20% and 60% of num_steps; text blocks kept when the layout has text", adaspa),
+    Preset("sparse_vdit", "video DiTs", "Sparse-vDiT, arXiv 2506.03065 Alg. 1",
+           "needs the searched plan (per-layer, per-head modes) as input; window and column budgets are the "
+           "plan's (the paper does not publish them)", sparse_vdit),
+    Preset("svg2", "video DiTs", "Sparse VideoGen 2",
+           "needs a registered k-means routing pattern; cluster pairs chosen by the pattern", svg2),
+    Preset("minference", "LLM prefill (transformers)", "MInference vertical+slash (microsoft/MInference)",
+           "one vertical+slash budget for every head (MInference searches a per-head type offline)", minference),
+    Preset("moba", "LLM prefill (transformers)", "MoBA (MoonshotAI/MoBA) chunk gating",
+           "gates per 64-query block with the mean query (MoBA gates each query token); adds sink keys and a "
+           "local window", moba),
+    Preset("streamingllm", "LLM prefill (transformers)", "StreamingLLM A-shape",
+           "applied at prefill only (decode runs dense over the whole cache; no KV eviction)", streamingllm),
+)}
+
+
+def list_presets() -> list:
+    """Preset names, sorted."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **kw) -> SparseConfig:
+    """The :class:`SparseConfig` of preset ``name`` (keyword arguments as in its maker)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}.")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {list_presets()}.")
+    return PRESETS[name].make(**kw)
+
+
+__all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "minference", "moba",
+           "sparse_vdit", "sparsed", "streamingllm", "svg2"]

