@@ -1,6 +1,6 @@
 """Stripe-sparse mask: vertical key columns plus diagonal slashes, at token granularity.
 
-Semantics (normative description: docs/stripe.md): query ``i`` sees key ``j`` iff ``j`` is one
+Semantics (normative description: docs/masks.md, StripeSparseMask): query ``i`` sees key ``j`` iff ``j`` is one
 of the vertical columns, or ``i - j`` is one of the slash offsets; ANDed with the bottom-right
 causal predicate ``j <= i + (Lk - Lq)`` when attention runs with ``causal=True``.
 

@@ -1,7 +1,7 @@
 """Triton forward kernel for stripe-sparse (vertical + slash) attention and its launcher.
 
 One program handles one query block of one (batch, query head) and runs a single online
-softmax over two parts of the lowered mask (docs/stripe.md):
+softmax over two parts of the lowered mask (docs/masks.md, StripeSparseMask):
 
 1. the *block part*: the sorted key blocks crossed by a slash. Tiles flagged full are computed
    unmasked; the others keep a pair iff its diagonal ``i - j`` is a slash (``diag_keep``, one

@@ -43,7 +43,7 @@ def stripe_sparse_attn(q, k, v, lowered, bwd_lists=None, block_m=64, block_n=64,
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``, unit last stride.
         lowered: ``(block_counts, block_indices, block_full, col_counts, col_indices, diag_keep, col_keep)``
-            of a ``StripeSparseMask`` (see docs/stripe.md).
+            of a ``StripeSparseMask`` (see docs/masks.md, StripeSparseMask).
         bwd_lists: ``(counts_t, indices_t, vertical, vertical_count)``, required for gradients.
         block_m, block_n: the mask's block size.
 
