@@ -23,7 +23,7 @@ setup(
     extras_require={
         # the integration tests run real model classes; versions pinned to the ones tested
         "test": ["pytest>=7", "numpy", "matplotlib", "tqdm",
-                 "transformers==5.24.0", "diffusers==0.42.1", "gguf==0.19.0"],
+                 "transformers==5.24.0", "diffusers==0.42.1", "gguf==0.19.0", "accelerate==1.15.0"],
         "bench": ["matplotlib", "tqdm", "numpy"],
         "integrations": ["transformers>=5.0", "diffusers>=0.42"],
     },

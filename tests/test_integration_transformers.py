@@ -39,7 +39,8 @@ def llama():
 @pytest.fixture
 def name():
     yield "sparse_attn_test"
-    hf.unregister("sparse_attn_test")
+    if "sparse_attn_test" in hf._CONFIGS:  # a test that failed before registering leaves nothing to undo
+        hf.unregister("sparse_attn_test")
 
 
 def test_dense_pattern_reproduces_sdpa_and_gqa_is_not_repeated(llama, name):
