@@ -31,3 +31,89 @@ def check_int_tensor(x, name, ndim):
 def check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+
+
+# ---- shared by the attention entry points (ops.py, stripe_ops.py) ----------------------------
+import os  # noqa: E402
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_BLOCKS = (16, 32, 64, 128)
+TRITON_HEAD_DIMS = (16, 256)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_qkv(q, k, v, backend):
+    """q ``[B, Hq, Lq, D]``, k and v ``[B, Hkv, Lk, D]``: one dtype and device, ``Hq % Hkv == 0``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(x, name)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, L, D] (rank 4), got {list(x.shape)}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
+    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if q.dtype not in allowed:
+        raise TypeError(f"q must have dtype in {[str(d) for d in allowed]} for backend={backend!r}, got {q.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}.")
+    batch, n_q_heads, _, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, D], got {list(k.shape)} and {list(v.shape)}.")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must have batch {batch} and head dim {head_dim} like q, got shape {list(k.shape)}.")
+    n_kv_heads = k.shape[1]
+    if n_kv_heads == 0 or n_q_heads % n_kv_heads:
+        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of key/value heads ({n_kv_heads}).")
+
+
+def check_mask_fits(mask, q, k):
+    """A mask (anything with ``seq_lens``, ``batch_heads``, ``device``) built for these q and k."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if mask.seq_lens != (q_len, kv_len):
+        raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths ({q_len}, {kv_len}).")
+    mb, mh = mask.batch_heads
+    if mb not in (1, q.shape[0]):
+        raise ValueError(f"mask batch must be 1 or {q.shape[0]}, got {mb}.")
+    if mh not in (1, k.shape[1], q.shape[1]):
+        raise ValueError(f"mask heads must be 1, {k.shape[1]} (kv heads) or {q.shape[1]} (query heads), got {mh}.")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
+
+
+def resolve_backend(backend, q, block_size=None):
+    """``"auto"`` -> Triton on CUDA, PyTorch elsewhere; checks what the Triton kernels support."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        if not (q.is_cuda or interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}.")
+        head_dim = q.shape[-1]
+        if not TRITON_HEAD_DIMS[0] <= head_dim <= TRITON_HEAD_DIMS[1]:
+            raise ValueError(f"head dim must be in [16, 256] for the Triton kernel, got {head_dim}.")
+        if block_size is not None and any(b not in TRITON_BLOCKS for b in block_size):
+            raise ValueError(f"mask.block_size must use sizes in {TRITON_BLOCKS} for the Triton kernel, "
+                             f"got {block_size}.")
+    return backend
+
+
+def check_scale(scale, q):
+    """The softmax scale as a float (default ``1/sqrt(D)``)."""
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}.")
+    return float(scale)
+
+
+def empty_attention(q, k, v):
+    """Output and lse for B = 0, Lq = 0 or Lk = 0: zeros attached to q, k, v (an empty sum is exactly
+    0), so a backward gives zero gradients; lse is -inf."""
+    o = q.new_zeros(q.shape) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    return o, lse
