@@ -44,7 +44,39 @@ def lists_from_bool(block_bool: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return counts, indices.contiguous()
 
 
-class BlockSparseMask:
+class TiledMask:
+    """Geometry shared by the mask types: ``block_size``, ``seq_lens`` and a lead tensor ``[Bm, Hm, NQB]``."""
+
+    block_size: Tuple[int, int]
+    seq_lens: Tuple[int, int]
+
+    def _lead(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def q_len(self) -> int:
+        return self.seq_lens[0]
+
+    @property
+    def kv_len(self) -> int:
+        return self.seq_lens[1]
+
+    @property
+    def num_blocks(self) -> Tuple[int, int]:
+        """``(NQB, NKB)``."""
+        return (math.ceil(self.q_len / self.block_size[0]), math.ceil(self.kv_len / self.block_size[1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self._lead().device
+
+    @property
+    def batch_heads(self) -> Tuple[int, int]:
+        """``(Bm, Hm)``: 1 means broadcast."""
+        return tuple(self._lead().shape[:2])
+
+
+class BlockSparseMask(TiledMask):
     """Which (query block, key block) tiles attention computes, per batch and head.
 
     Attributes:
@@ -143,27 +175,8 @@ class BlockSparseMask:
         return cls.from_dense(keep, (bm, bn), (q_len, kv_len))
 
     # ---- views --------------------------------------------------------------------------
-    @property
-    def q_len(self) -> int:
-        return self.seq_lens[0]
-
-    @property
-    def kv_len(self) -> int:
-        return self.seq_lens[1]
-
-    @property
-    def num_blocks(self) -> Tuple[int, int]:
-        """``(NQB, NKB)``."""
-        return (math.ceil(self.q_len / self.block_size[0]), math.ceil(self.kv_len / self.block_size[1]))
-
-    @property
-    def device(self) -> torch.device:
-        return self.counts.device
-
-    @property
-    def batch_heads(self) -> Tuple[int, int]:
-        """``(Bm, Hm)``: 1 means broadcast."""
-        return tuple(self.counts.shape[:2])
+    def _lead(self) -> torch.Tensor:
+        return self.counts
 
     def to(self, device) -> "BlockSparseMask":
         """A copy on ``device`` (self when already there)."""

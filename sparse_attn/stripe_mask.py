@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import check_int_tensor, check_positive_int
-from .mask import BlockSparseMask, _as_pair, transpose_lists
+from .mask import BlockSparseMask, TiledMask, _as_pair, transpose_lists
 
 _ASCII_LIMIT = 64
 # Bound, in elements, of the [rows, NQB, NKB] temporaries of the lowering (processed in chunks of rows).
@@ -149,7 +149,7 @@ def lower_vertical_slash(vertical, vertical_count, slash, slash_count, block_siz
         diag_keep=diag_keep, col_keep=col_keep)
 
 
-class StripeSparseMask:
+class StripeSparseMask(TiledMask):
     """Vertical columns + diagonal slashes at token granularity, with their lowered kernel layout.
 
     Build it with :meth:`from_vertical_slash`. All tensors are on one device; ``Bm`` is 1 or the
@@ -254,27 +254,8 @@ class StripeSparseMask:
         return cls(**fields, block_size=(bm, bn), seq_lens=(q_len, kv_len), validate=False)
 
     # ---- views --------------------------------------------------------------------------
-    @property
-    def q_len(self) -> int:
-        return self.seq_lens[0]
-
-    @property
-    def kv_len(self) -> int:
-        return self.seq_lens[1]
-
-    @property
-    def num_blocks(self) -> Tuple[int, int]:
-        """``(NQB, NKB)``."""
-        return (math.ceil(self.q_len / self.block_size[0]), math.ceil(self.kv_len / self.block_size[1]))
-
-    @property
-    def device(self) -> torch.device:
-        return self.block_counts.device
-
-    @property
-    def batch_heads(self) -> Tuple[int, int]:
-        """``(Bm, Hm)``: 1 means broadcast."""
-        return tuple(self.block_counts.shape[:2])
+    def _lead(self) -> torch.Tensor:
+        return self.block_counts
 
     def to(self, device) -> "StripeSparseMask":
         """A copy on ``device`` (self when already there)."""
