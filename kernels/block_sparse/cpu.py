@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-CHUNK_BYTES = 64 * 1024 * 1024  # gathered K + V per chunk
+CHUNK_BYTES = 8 * 1024 * 1024  # gathered K + V per chunk: small enough to stay in cache
 
 
 def _flash_cpu():
@@ -156,27 +156,23 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
     n_buf = max(cap, r.width)  # one reused gather buffer: no page faults for every chunk
     buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
     order, chunks = r.plan(causal, cap)
-    outs, lses = [], []
+    o = qr.new_zeros(qr.shape)  # rows that see no key stay 0
+    lse = torch.full(qr.shape[:2], float("-inf"), dtype=lse_dtype, device=q.device)
     for rows, n_blk, masked in chunks:
-        if n_blk == 0:  # rows that see no key
-            outs.append(qr.new_zeros((len(rows), r.g_u * block_m, r.head_dim)))
-            lses.append(torch.full((len(rows), r.g_u * block_m), float("-inf"), dtype=lse_dtype, device=q.device))
+        if n_blk == 0:
             continue
         kg, _ = r.gather(kb, rows, n_blk, buf_k)  # [C, 1, n*bn, D]
         vg, _ = r.gather(vb, rows, n_blk, buf_v)
         qg = qr.index_select(0, rows).unsqueeze(1)  # [C, 1, G*bm, D]
         if masked:
             add, empty = r.additive_mask(rows, n_blk, causal, q.dtype)
-            o, lse = flash(qg, kg, vg, attn_mask=add, scale=scale)
-            lse = lse.squeeze(1).masked_fill(empty, float("-inf"))
+            o_c, lse_c = flash(qg, kg, vg, attn_mask=add, scale=scale)
+            lse_c = lse_c.squeeze(1).masked_fill(empty, float("-inf"))
         else:
-            o, lse = flash(qg, kg, vg, scale=scale)
-            lse = lse.squeeze(1)
-        outs.append(o.squeeze(1))
-        lses.append(lse.to(lse_dtype))
-    inverse = torch.argsort(order)
-    o = torch.cat(outs).index_select(0, inverse)
-    lse = torch.cat(lses).index_select(0, inverse)
+            o_c, lse_c = flash(qg, kg, vg, scale=scale)
+            lse_c = lse_c.squeeze(1)
+        o.index_copy_(0, rows, o_c.squeeze(1))
+        lse.index_copy_(0, rows, lse_c.to(lse_dtype))
     return r.scatter_rows(o), r.scatter_rows(lse)
 
 
