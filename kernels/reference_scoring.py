@@ -199,3 +199,21 @@ def vertical_slash_scores_ref(q, k, last_q, scale, causal):
     slash = torch.zeros((batch, heads, q_len + kv_len - 1), dtype=torch.float32, device=q.device)
     slash.scatter_add_(-1, diag.reshape(1, 1, -1).expand(batch, heads, -1), p.reshape(batch, heads, -1))
     return vertical, slash
+
+
+def kmeans_assign_ref(x, centroids, metric):
+    """Nearest centroid of every point (first index on ties).
+
+    Args:
+        x: ``[G, L, D]`` points (already unit-normalized for ``metric="cosine"``).
+        centroids: ``[G, C, D]``.
+        metric: ``"cosine"`` (largest ``x.c``) or ``"l2"`` (largest ``x.c - |c|^2 / 2``, i.e. nearest).
+
+    Returns:
+        int64 ``[G, L]``.
+    """
+    x, centroids = x.float(), centroids.float()
+    s = x @ centroids.transpose(1, 2)  # [G, L, C]
+    if metric == "l2":
+        s = s - 0.5 * (centroids * centroids).sum(-1)[:, None, :]
+    return s.argmax(-1)

@@ -8,13 +8,15 @@ from .ops import sparse_attention
 from .integrations.sdpa import patch_sdpa, sparse_sdpa
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
+from .permuted import PermutedMask, permuted_attention
 from .layout import TokenLayout
 from .quality import attention_quality
 from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
 
 __version__ = "0.1.0"
 __all__ = [
-    "BlockSparseMask", "StripeSparseMask", "sparse_attention", "stripe_attention",
+    "BlockSparseMask", "StripeSparseMask", "PermutedMask", "sparse_attention", "stripe_attention",
+    "permuted_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
     "patch_sdpa", "sparse_sdpa", "__version__",
 ]

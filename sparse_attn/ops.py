@@ -10,6 +10,7 @@ from ._checks import check_mask_fits, check_qkv, check_scale, empty_attention, r
 from .mask import BlockSparseMask
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
+from .permuted import PermutedMask, permuted_attention
 
 DENSE_BLOCK = 64
 
@@ -25,7 +26,9 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
-        mask: :class:`BlockSparseMask` for ``(Lq, Lk)``, or None for dense attention.
+        mask: :class:`BlockSparseMask` for ``(Lq, Lk)``, or None for dense attention;
+            a :class:`StripeSparseMask` goes to :func:`stripe_attention` and a :class:`PermutedMask`
+            (non-causal) to :func:`permuted_attention`.
         causal: AND the bottom-right causal predicate ``j <= i + (Lk - Lq)`` into the mask.
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log; -inf on empty rows).
@@ -33,6 +36,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
 
     Returns:
         ``o`` ``[B, Hq, Lq, D]`` in q's dtype (rows that see no key are 0), and ``lse`` when asked.
+        Differentiable in q, k and v on both backends (through ``lse`` too); rows that see no key get
+        zero gradients.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 100, 32)
@@ -43,6 +48,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
     """
     if isinstance(mask, StripeSparseMask):
         return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
+    if isinstance(mask, PermutedMask):
+        return permuted_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     check_qkv(q, k, v, backend)
     if mask is not None:
         _check_mask(mask, q, k)

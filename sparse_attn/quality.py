@@ -8,6 +8,7 @@ import math
 import torch
 
 from .mask import BlockSparseMask
+from .permuted import PermutedMask
 
 # Upper bound, in bytes, of one chunk of float32 scores [B, Hq, rows, Lk].
 CHUNK_BYTES = 128 * 1024 * 1024
@@ -42,7 +43,7 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
-        mask: BlockSparseMask, StripeSparseMask or None (dense).
+        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only) or None (dense).
         causal: bottom-right causal attention (both dense and sparse).
         scale: softmax scale (default ``1/sqrt(D)``).
 
@@ -56,6 +57,11 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
         >>> round(attention_quality(q, k, v, None)["recall_mean"], 6)
         1.0
     """
+    if isinstance(mask, PermutedMask):
+        if causal:
+            raise ValueError("causal=True is not supported with a PermutedMask (causality is defined in the "
+                             "original token order); got causal=True.")
+        return mask.quality(q, k, v, scale=scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, L, D] tensor, got {getattr(x, 'shape', type(x).__name__)}.")

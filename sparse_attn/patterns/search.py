@@ -1,0 +1,161 @@
+"""Per-head pattern search (Sparse-vDiT, generalized): the cheapest adequate pattern per (layer, head).
+
+Feed calibration calls layer by layer with :meth:`PatternSearch.observe` (only per-head error and
+density sums are kept, never the activations); :meth:`PatternSearch.plan` then picks per head, among
+``dense``, ``skip`` and the candidates, the option minimizing ``error + lam * density`` subject to
+``error <= eps`` (dense, error 0, is always admissible). Error and density are those of
+:func:`~sparse_attn.attention_quality` (relative output error, computed / visible pairs), averaged over
+batch and calls. The :class:`SearchPlan` saves to and loads from JSON; ``plan.pattern_for(layer)`` is a
+:class:`~sparse_attn.patterns.PerHead` that builds the layer's mask in one piece.
+
+Candidates must be block-map patterns (combinable in ``PerHead``); ``kmeans_routing`` is refused.
+"""
+
+import json
+from typing import Dict, Iterable, List
+
+import torch
+
+from ..quality import attention_quality
+from .base import as_pattern, pattern_from_dict
+from .combine import PerHead
+from .static import Dense, Skip
+
+PLAN_VERSION = 1
+
+
+class SearchPlan:
+    """Per layer, per query head: the chosen pattern and its measured error and density.
+
+    Attributes:
+        layers: ``{layer (str): [{"pattern": Pattern, "error": float, "density": float}, ...per head]}``.
+        lam, eps: the search's trade-off and error bound.
+    """
+
+    def __init__(self, layers: Dict[str, List[dict]], lam: float, eps: float):
+        self.layers = {str(k): list(v) for k, v in layers.items()}
+        self.lam, self.eps = float(lam), float(eps)
+
+    def pattern_for(self, layer) -> PerHead:
+        """The layer's :class:`PerHead` pattern (one entry per query head)."""
+        key = str(layer)
+        if key not in self.layers:
+            raise ValueError(f"layer must be one of {sorted(self.layers)}, got {layer!r}.")
+        return PerHead(patterns=tuple(h["pattern"] for h in self.layers[key]))
+
+    def names(self, layer) -> List[str]:
+        """Registry names chosen for the heads of ``layer``."""
+        return [h["pattern"].name for h in self.layers[str(layer)]]
+
+    def table(self) -> List[dict]:
+        """Rows ``{"layer", "head", "pattern", "error", "density"}``."""
+        return [dict(layer=k, head=h, pattern=c["pattern"].name, error=c["error"], density=c["density"])
+                for k, heads in self.layers.items() for h, c in enumerate(heads)]
+
+    def to_dict(self) -> dict:
+        return {"version": PLAN_VERSION, "lam": self.lam, "eps": self.eps,
+                "layers": {k: [dict(pattern=c["pattern"].to_dict(), error=c["error"], density=c["density"])
+                               for c in heads] for k, heads in self.layers.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text) -> "SearchPlan":
+        d = json.loads(text) if isinstance(text, str) else text
+        if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
+            raise ValueError(f"a plan must be a dict with version {PLAN_VERSION}, got {str(d)[:80]!r}.")
+        layers = {k: [dict(pattern=pattern_from_dict(c["pattern"]), error=float(c["error"]),
+                           density=float(c["density"])) for c in heads] for k, heads in d["layers"].items()}
+        return cls(layers, d["lam"], d["eps"])
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "SearchPlan":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def __repr__(self):
+        return f"SearchPlan(layers={len(self.layers)}, lam={self.lam}, eps={self.eps})"
+
+
+class PatternSearch:
+    """Accumulates per-head quality of each option over calibration calls, then picks per head.
+
+    Args:
+        candidates: block-map patterns (one ``block_size`` with ``dense``/``skip``: they use the first's).
+        lam: weight of density in ``error + lam * density``.
+        eps: largest admissible error.
+        include_skip: also consider ``skip`` (output 0, relative error 1: only chosen when ``eps >= 1``).
+        causal: evaluate causal attention.
+
+    Example:
+        >>> from sparse_attn.patterns import SlidingWindow
+        >>> s = PatternSearch([SlidingWindow(left=64, right=64)], lam=0.1, eps=0.1)
+        >>> q = k = v = torch.randn(1, 2, 256, 32)
+        >>> s.observe(0, q, k, v)
+        >>> s.plan().names(0)[0] in ("dense", "sliding_window")
+        True
+    """
+
+    def __init__(self, candidates: Iterable, *, lam: float = 0.1, eps: float = 0.05, include_skip: bool = True,
+                 causal: bool = False):
+        cands = [as_pattern(c, f"candidates[{i}]") for i, c in enumerate(candidates)]
+        for i, c in enumerate(cands):
+            if c.name == "kmeans_routing":
+                raise ValueError(f"candidates[{i}] is kmeans_routing, which does not combine per head; "
+                                 "expected block-map patterns.")
+        for name, x in (("lam", lam), ("eps", eps)):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+                raise ValueError(f"{name} must be a float >= 0, got {x!r}.")
+        block = cands[0].block_size if cands else 64
+        self.options = [Dense(block_size=block)] + ([Skip(block_size=block)] if include_skip else []) + cands
+        self.lam, self.eps, self.causal = float(lam), float(eps), bool(causal)
+        self._sums: Dict[str, torch.Tensor] = {}  # layer -> float64 [n_options, 2 (error, density), Hq]
+        self._calls: Dict[str, int] = {}
+
+    def observe(self, layer, q, k, v):
+        """Add one calibration call of ``layer`` (``q [B, Hq, L, D]``, ``k``/``v [B, Hkv, L, D]``)."""
+        key = str(layer)
+        stats = torch.zeros(len(self.options), 2, q.shape[1], dtype=torch.float64)
+        for i, opt in enumerate(self.options):
+            if opt.name == "dense":
+                stats[i, 1] = 1.0
+                continue
+            qual = attention_quality(q, k, v, opt.build(q, k, causal=self.causal), causal=self.causal)
+            stats[i, 0] = qual["error"].mean(0).cpu()
+            stats[i, 1] = qual["density"].mean(0).cpu()
+        if key in self._sums and self._sums[key].shape != stats.shape:
+            raise ValueError(f"layer {key!r} was observed with {self._sums[key].shape[-1]} heads, got {q.shape[1]}.")
+        self._sums[key] = self._sums.get(key, 0) + stats
+        self._calls[key] = self._calls.get(key, 0) + 1
+
+    def plan(self) -> SearchPlan:
+        """Per head: argmin ``error + lam * density`` over options with ``error <= eps``."""
+        if not self._sums:
+            raise ValueError("no calibration call observed; call observe(layer, q, k, v) first.")
+        layers = {}
+        for key, sums in self._sums.items():
+            mean = sums / self._calls[key]  # [n_options, 2, Hq]
+            err, dens = mean[:, 0], mean[:, 1]
+            cost = (err + self.lam * dens).masked_fill(err > self.eps, float("inf"))
+            cost[0] = torch.where(torch.isinf(cost[0]), self.lam, cost[0])  # dense is always admissible
+            # ties: lower density first (stable order: dense, skip, candidates)
+            best = torch.stack([torch.tensor(sorted(range(len(self.options)),
+                                                    key=lambda i: (cost[i, h].item(), dens[i, h].item()))[0])
+                                for h in range(cost.shape[1])])
+            layers[key] = [dict(pattern=self.options[int(i)], error=float(err[i, h]), density=float(dens[i, h]))
+                           for h, i in enumerate(best.tolist())]
+        return SearchPlan(layers, self.lam, self.eps)
+
+
+def search_plan(calls: Iterable, candidates: Iterable, *, lam: float = 0.1, eps: float = 0.05,
+                include_skip: bool = True, causal: bool = False) -> SearchPlan:
+    """:class:`PatternSearch` over ``calls`` (an iterable of ``(layer, q, k, v)``, consumed one at a time)."""
+    search = PatternSearch(candidates, lam=lam, eps=eps, include_skip=include_skip, causal=causal)
+    for layer, q, k, v in calls:
+        search.observe(layer, q, k, v)
+    return search.plan()

@@ -1,0 +1,73 @@
+"""Per-head pattern search on a synthetic layer whose heads are planted with known structures."""
+
+import pytest
+import torch
+
+from sparse_attn import attention_quality
+from sparse_attn.patterns import (BlockTopK, KMeansRouting, PatternSearch, SearchPlan, SinkLocal, SlidingWindow,
+                                  planted_qkv, search_plan)
+
+CANDIDATES = [SlidingWindow(left=128, right=128), SinkLocal(sink=64, window=128), BlockTopK(k=4)]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    """Heads: 0 local band, 1 sink + band, 2 no structure (near-uniform attention)."""
+    n = 1024
+    loc = planted_qkv("local", n, heads=1, head_dim=32, seed=1)
+    sink = planted_qkv("sink_local", n, heads=1, head_dim=32, seed=2)
+    gen = torch.Generator().manual_seed(4)
+    rq, rk = 0.05 * torch.randn(1, 1, n, 32, generator=gen), 0.05 * torch.randn(1, 1, n, 32, generator=gen)
+    q, k = torch.cat([loc.q, sink.q, rq], 1), torch.cat([loc.k, sink.k, rk], 1)
+    return q, k, torch.randn(1, 3, n, 32, generator=gen)
+
+
+def test_search_picks_planted_patterns_and_dense_for_no_structure(layer, tmp_path):
+    q, k, v = layer
+    plan = search_plan([("blk0", q, k, v), ("blk0", q, k, v)], CANDIDATES, lam=0.1, eps=0.1)
+    assert plan.names("blk0") == ["sliding_window", "sink_local", "dense"]
+    rows = plan.table()
+    assert len(rows) == 3 and all(r["error"] <= 0.1 for r in rows)
+    # the plan beats every single pattern applied to all heads on error + lam * density
+    plan_cost = sum(r["error"] + 0.1 * r["density"] for r in rows) / 3
+    for cand in CANDIDATES:
+        qual = attention_quality(q, k, v, cand.build(q, k))
+        assert plan_cost < (qual["error"] + 0.1 * qual["density"]).mean().item()
+    assert plan_cost < 0.1  # dense everywhere costs lam * 1
+    # JSON round trip, and the plan builds the layer's mask in one piece
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    again = SearchPlan.load(path)
+    assert again.to_json() == plan.to_json() and again.names("blk0") == plan.names("blk0")
+    mask = again.pattern_for("blk0").build(q, k)
+    assert mask.batch_heads == (1, 3)
+    assert torch.equal(mask.to_block_dense()[0, 0], CANDIDATES[0].build(q, k).to_block_dense()[0, 0])
+
+
+def test_search_layers_are_independent_and_eps_can_choose_skip(layer):
+    q, k, v = layer
+    search = PatternSearch(CANDIDATES, lam=5.0, eps=1.0)
+    search.observe(0, q, k, v)
+    search.observe(1, q[:, :2], k[:, :2], v[:, :2])
+    plan = search.plan()
+    assert sorted(plan.layers) == ["0", "1"]
+    assert plan.names(0)[2] == "skip"  # eps = 1 admits skip (error 1, density 0), and lam is large
+    assert len(plan.names(1)) == 2
+
+
+def test_search_errors(layer):
+    q, k, v = layer
+    with pytest.raises(ValueError, match="kmeans_routing"):
+        PatternSearch([KMeansRouting()])
+    with pytest.raises(ValueError, match="eps"):
+        PatternSearch(CANDIDATES, eps=-1)
+    with pytest.raises(ValueError, match="no calibration call"):
+        PatternSearch(CANDIDATES).plan()
+    s = PatternSearch(CANDIDATES)
+    s.observe("a", q, k, v)
+    with pytest.raises(ValueError, match="heads"):
+        s.observe("a", q[:, :1], k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="layer must be one of"):
+        s.plan().pattern_for("b")
+    with pytest.raises(ValueError, match="version"):
+        SearchPlan.from_json('{"layers": {}}')
