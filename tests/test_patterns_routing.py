@@ -144,3 +144,27 @@ def test_kmeans_with_triton_scoring_matches_torch(monkeypatch):
     got = kmeans(x, 5, 3, seed=1)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0])
+
+
+def test_step_cache_carries_centroids_between_builds():
+    """The step cache hands the previous centroids back (warm start) and counts them in its memory."""
+    from sparse_attn.cache import CachePolicy, StepCache
+    from sparse_attn.patterns.routing import RoutingState
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+    pattern = KMeansRouting(q_clusters=4, k_clusters=4)
+    seen = []
+    real = pattern.build
+
+    def spy(q, k, *, causal=False, layout=None, state=None):
+        seen.append(state)
+        return real(q, k, causal=causal, layout=layout, state=state)
+
+    object.__setattr__(pattern, "build", spy)
+    cache = StepCache(CachePolicy(refresh_every=1))
+    for step in range(3):
+        cache.set_step(step)
+        cache.get_mask(pattern, q, k, layer=0)
+    assert seen[0] is None and all(isinstance(s, RoutingState) for s in seen[1:])
+    assert cache.nbytes >= seen[-1].q_centroids.numel() * 4

@@ -211,6 +211,11 @@ class KMeansRouting(Pattern):
                 raise ValueError(f"state.{name} must have shape [{b}, {h}, C, {d}], got {list(c.shape)}.")
         return state.q_centroids.flatten(0, 1).to(q.device), state.k_centroids.flatten(0, 1).to(q.device)
 
+    def build_stateful(self, q, k, *, causal=False, layout=None, state=None):
+        """``(mask, state)``: the step cache's warm-start protocol (it hands back the previous state)."""
+        mask = self.build(q, k, causal=causal, layout=layout, state=state)
+        return mask, mask.state
+
     def build(self, q, k, *, causal=False, layout=None, state=None) -> PermutedMask:
         """The routing mask for ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (``state``: warm-start centroids)."""
         check_qk(q, k)
