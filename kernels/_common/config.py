@@ -21,10 +21,12 @@ def fwd_configs():
     """Candidate launch configurations for the attention kernels."""
     if interpreting() or os.environ.get("SPARSE_ATTN_NO_AUTOTUNE", "0") == "1":
         return [triton.Config({}, num_warps=4, num_stages=2)]
+    # num_stages=1 is the fallback for tiles that do not fit shared memory when pipelined
+    # (fp32 with head dims padded to 256); the autotuner skips configurations that run out of resources.
     return [
         triton.Config({}, num_warps=w, num_stages=s)
         for w in (4, 8)
-        for s in (2, 3)
+        for s in (1, 2, 3)
     ]
 
 
@@ -36,3 +38,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Smallest power of two >= max(n, floor)."""
     return max(floor, triton.next_power_of_2(int(n)))
+
+
+def inner_tile(block: int, head_dim_pad: int, dtype: torch.dtype) -> int:
+    """Rows of K/V (or Q) loaded per step inside one mask block.
+
+    64 by default; 32 for fp32 with head dims padded to 256, whose 64-row tiles need more than the
+    227 KiB of shared memory of an H100/H200 in the backward kernels (found by compiling for sm_90).
+    """
+    tile = 32 if (dtype == torch.float32 and head_dim_pad >= 256) else 64
+    return min(block, tile)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import dot_precision, fwd_configs, pow2_at_least
+from .._common.config import inner_tile, dot_precision, fwd_configs, pow2_at_least
 from .fwd import _visible_prefix
 
 LOG2E = 1.4426950408889634
@@ -283,6 +283,11 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
     group = n_q_heads // n_kv_heads
     mask_head_div = 1 if mask_heads == n_q_heads else (group if mask_heads == n_kv_heads else n_q_heads)
     head_dim_pad = pow2_at_least(head_dim, 16)
+    if q.is_cuda and q.dtype == torch.float32 and head_dim_pad >= 256 and max(block_m, block_n) > 64:
+        raise ValueError(
+            f"the fp32 backward with head dim {head_dim} needs block sizes <= 64 (its tiles exceed the 227 KiB "
+            f"of shared memory of an H100/H200 otherwise), got block_size=({block_m}, {block_n}); use 64x64 "
+            f"blocks or bf16/fp16.")
     precision = dot_precision(q.dtype)
     lse = lse.contiguous()
 
@@ -309,7 +314,7 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *_mask_strides(counts_t, indices_t, mask_heads),
         n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale,
-        TILE_M=min(block_m, 64), **common,
+        TILE_M=inner_tile(block_m, head_dim_pad, q.dtype), **common,
     )
     _autotuned_dq[(n_q_blocks * batch * n_q_heads,)](
         q, k, v, do, lse, delta, dq, counts, indices,
@@ -318,6 +323,6 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         dq.stride(0), dq.stride(1), dq.stride(2),
         *_mask_strides(counts, indices, mask_heads),
         n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale,
-        TILE_N=min(block_n, 64), **common,
+        TILE_N=inner_tile(block_n, head_dim_pad, q.dtype), **common,
     )
     return dq, dk, dv

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import fwd_configs, dot_precision, pow2_at_least
+from .._common.config import fwd_configs, dot_precision, inner_tile, pow2_at_least
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -148,7 +148,8 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale):
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if mask_heads > 1 else 0,
         n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], scale * LOG2E,
         GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, IS_CAUSAL=bool(causal),
-        BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=min(block_n, 64),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        TILE_N=inner_tile(block_n, pow2_at_least(head_dim, 16), q.dtype),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16),
         DOT_PRECISION=dot_precision(q.dtype),
     )
