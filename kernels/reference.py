@@ -11,10 +11,11 @@ backward are ``torch.library`` custom ops (``sparse_attn::block_sparse_attn_fwd_
 ``_bwd_ref``) with fake implementations, so ``torch.compile`` traces them whole.
 """
 
-import math
 from typing import Optional, Tuple
 
 import torch
+
+from ._common.rows import BlockRows
 
 Tensor = torch.Tensor
 
@@ -26,15 +27,7 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pad_blocks(x, block, n_blocks):
-    """[B, H, L, D] -> [B, H, n_blocks, block, D], zero padded at the end."""
-    pad = n_blocks * block - x.shape[2]
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.reshape(x.shape[0], x.shape[1], n_blocks, block, x.shape[3])
-
-
-class _Units:
+class _Units(BlockRows):
     """The work split shared by the forward and backward references.
 
     A "unit" is one query block of one mask head together with every query head that
@@ -43,52 +36,24 @@ class _Units:
     """
 
     def __init__(self, q, k, counts, indices, block_m, block_n, causal, scale):
-        self.batch, self.n_q_heads, self.q_len, self.head_dim = q.shape
-        self.n_kv_heads, self.kv_len = k.shape[1], k.shape[2]
-        self.group = self.n_q_heads // self.n_kv_heads
-        self.n_qb, self.width = indices.shape[2], indices.shape[3]
-        self.n_kb = max(1, math.ceil(self.kv_len / block_n))
-        self.block_m, self.block_n, self.causal, self.scale = block_m, block_n, causal, scale
+        super().__init__(q, k, counts, indices, block_m, block_n)
+        self.causal, self.scale = causal, scale
         self.cdt = _compute_dtype(q.dtype)
-        self.shared = not (counts.shape[1] == self.n_q_heads and self.group > 1)
-        self.g_u = self.group if self.shared else 1
-        self.n_units_h = self.n_kv_heads if self.shared else self.n_q_heads
-        dev = q.device
-        cnt = counts.expand(self.batch, self.n_units_h, self.n_qb).reshape(-1).long()  # [R]
-        idx = indices.expand(self.batch, self.n_units_h, self.n_qb, self.width).reshape(-1, self.width).long()
-        self.slot_ok = torch.arange(self.width, device=dev)[None, :] < cnt[:, None]  # [R, W]
-        self.idx = torch.where(self.slot_ok, idx, 0)  # [R, W]
-        b_of = torch.arange(self.batch, device=dev).repeat_interleave(self.n_units_h * self.n_qb)
-        h_of = torch.arange(self.n_units_h, device=dev).repeat_interleave(self.n_qb).repeat(self.batch)
-        self.m_of = torch.arange(self.n_qb, device=dev).repeat(self.batch * self.n_units_h)  # [R]
-        kv_head = h_of if self.shared else h_of // self.group
-        self.flat = (b_of * self.n_kv_heads + kv_head)[:, None] * self.n_kb + self.idx  # [R, W]
-        self.tok_n = torch.arange(block_n, device=dev)
-        self.tok_m = torch.arange(block_m, device=dev).repeat(self.g_u)  # [G*bm]
-        self.n_rows = self.batch * self.n_units_h * self.n_qb
+        self.flat = self.kv_base[:, None] + self.idx  # [R, W]
+        self.tok_n = torch.arange(block_n, device=q.device)
+        self.tok_m = torch.arange(block_m, device=q.device).repeat(self.g_u)  # [G*bm]
 
     def rows(self, x, value=0.0):
         """[B, Hq, Lq, D] -> [R, G*bm, D] in the compute dtype, padded with ``value``."""
-        pad = self.n_qb * self.block_m - x.shape[2]
-        x = x.to(self.cdt)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=value)
-        d = x.shape[3]
-        xb = x.reshape(self.batch, self.n_q_heads, self.n_qb, self.block_m, d)
-        if self.shared:
-            xb = xb.reshape(self.batch, self.n_kv_heads, self.group, self.n_qb, self.block_m, d).transpose(2, 3)
-        return xb.reshape(self.n_rows, self.g_u * self.block_m, d)
+        return self.gather_queries(x.to(self.cdt), value)
 
     def unrows(self, x):
         """[R, G*bm, D] -> [B, Hq, Lq, D] (inverse of :meth:`rows`)."""
-        x = x.reshape(self.batch, self.n_units_h, self.n_qb, self.g_u, self.block_m, x.shape[-1])
-        if self.shared:
-            x = x.transpose(2, 3)
-        return x.reshape(self.batch, self.n_q_heads, self.n_qb * self.block_m, x.shape[-1])[:, :, :self.q_len]
+        return self.scatter_rows(x)
 
     def keys(self, x):
         """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn, D] in the compute dtype, zero padded."""
-        return _pad_blocks(x.to(self.cdt), self.block_n, self.n_kb).reshape(-1, self.block_n, self.head_dim)
+        return self.key_blocks(x.to(self.cdt))
 
     def step(self, per_row_elems, chunk_bytes):
         """Units per chunk so that ``per_row_elems`` fp32/fp64 values per unit fit in ``chunk_bytes``."""

@@ -10,10 +10,11 @@ mask. Work is chunked so that gathered K/V stay within a bounded buffer.
 Same signature and outputs as :func:`sparse_attn_kernels.block_sparse.fwd.block_sparse_fwd`.
 """
 
-import math
 from typing import Optional, Tuple
 
 import torch
+
+from .._common.rows import BlockRows
 
 CHUNK_BYTES = 8 * 1024 * 1024  # gathered K + V per chunk: small enough to stay in cache
 
@@ -27,58 +28,16 @@ def available() -> bool:
     return _flash_cpu() is not None
 
 
-class _Rows:
-    """Query rows of the computation: one per (batch, mask head unit, query block)."""
-
-    def __init__(self, q, k, counts, indices, block_m, block_n):
-        self.batch, self.n_q_heads, self.q_len, self.head_dim = q.shape
-        self.n_kv_heads, self.kv_len = k.shape[1], k.shape[2]
-        self.group = self.n_q_heads // self.n_kv_heads
-        self.block_m, self.block_n = block_m, block_n
-        self.n_qb, self.width = indices.shape[2], indices.shape[3]
-        self.n_kb = max(1, math.ceil(self.kv_len / block_n))
-        # the G query heads of a GQA group share one gather unless the mask differs per query head
-        self.shared = not (counts.shape[1] == self.n_q_heads and self.group > 1)
-        self.g_u = self.group if self.shared else 1
-        self.n_units = self.n_kv_heads if self.shared else self.n_q_heads
-        dev = q.device
-        self.count = counts.expand(self.batch, self.n_units, self.n_qb).reshape(-1).long()  # [R]
-        self.idx = indices.expand(self.batch, self.n_units, self.n_qb, self.width).reshape(-1, self.width).long()
-        b_of = torch.arange(self.batch, device=dev).repeat_interleave(self.n_units * self.n_qb)
-        u_of = torch.arange(self.n_units, device=dev).repeat_interleave(self.n_qb).repeat(self.batch)
-        self.m_of = torch.arange(self.n_qb, device=dev).repeat(self.batch * self.n_units)  # [R]
-        kv_head = u_of if self.shared else u_of // self.group
-        self.kv_base = (b_of * self.n_kv_heads + kv_head) * self.n_kb  # [R]
-        self.n_rows = self.count.numel()
-
-    def gather_queries(self, q):
-        """[B, Hq, Lq, X] -> [R, G*bm, X] (zero padded to whole blocks)."""
-        pad = self.n_qb * self.block_m - self.q_len
-        x = torch.nn.functional.pad(q, (0, 0, 0, pad)) if pad else q
-        dim = x.shape[-1]
-        x = x.reshape(self.batch, self.n_q_heads, self.n_qb, self.block_m, dim)
-        if self.shared:
-            x = x.reshape(self.batch, self.n_kv_heads, self.group, self.n_qb, self.block_m, dim).transpose(2, 3)
-        return x.reshape(self.n_rows, self.g_u * self.block_m, dim)
-
-    def scatter_rows(self, x):
-        """[R, G*bm, ...] -> [B, Hq, Lq, ...] (inverse of :meth:`gather_queries`)."""
-        tail = x.shape[2:]
-        x = x.reshape(self.batch, self.n_units, self.n_qb, self.g_u, self.block_m, *tail)
-        if self.shared:
-            x = x.transpose(2, 3)
-        return x.reshape(self.batch, self.n_q_heads, self.n_qb * self.block_m, *tail)[:, :, : self.q_len]
+class _Rows(BlockRows):
+    """Rows of the fused CPU path: :class:`BlockRows` plus the chunk plan and the additive masks."""
 
     def key_blocks(self, x):
-        """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn*D] (zero padded)."""
-        pad = self.n_kb * self.block_n - self.kv_len
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-        return x.reshape(-1, self.block_n * self.head_dim)
+        """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn*D] (zero padded): one gather row per block."""
+        return super().key_blocks(x).reshape(-1, self.block_n * self.head_dim)
 
     def needs_mask(self, causal):
         """[R] bool: the row's kept blocks include the ragged key tail or cross the causal diagonal."""
-        slot_ok = torch.arange(self.width, device=self.idx.device) < self.count[:, None]
-        last = torch.where(slot_ok, self.idx, -1).amax(1)  # [R] last kept block (-1 if none)
+        last = torch.where(self.slot_ok, self.idx, -1).amax(1)  # [R] last kept block (-1 if none)
         need = (last == self.n_kb - 1) & (self.kv_len % self.block_n != 0)
         if causal:
             first_q = self.m_of * self.block_m
