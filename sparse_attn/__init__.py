@@ -9,6 +9,7 @@ from .integrations.sdpa import patch_sdpa, sparse_sdpa
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
 from .permuted import PermutedMask, permuted_attention
+from .routed import RoutedMask, routed_attention
 from .layout import TokenLayout
 from .quality import attention_quality
 from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
@@ -16,7 +17,7 @@ from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
 __version__ = "0.1.0"
 __all__ = [
     "BlockSparseMask", "StripeSparseMask", "PermutedMask", "sparse_attention", "stripe_attention",
-    "permuted_attention",
+    "permuted_attention", "RoutedMask", "routed_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
     "patch_sdpa", "sparse_sdpa", "__version__",
 ]

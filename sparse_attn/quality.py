@@ -43,7 +43,7 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
-        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only) or None (dense).
+        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only), RoutedMask or None (dense).
         causal: bottom-right causal attention (both dense and sparse).
         scale: softmax scale (default ``1/sqrt(D)``).
 
@@ -62,6 +62,8 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
             raise ValueError("causal=True is not supported with a PermutedMask (causality is defined in the "
                              "original token order); got causal=True.")
         return mask.quality(q, k, v, scale=scale)
+    if hasattr(mask, "q_index") and hasattr(mask, "k_index"):  # RoutedMask (its module imports this one)
+        return mask.quality(q, k, v, causal=causal, scale=scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, L, D] tensor, got {getattr(x, 'shape', type(x).__name__)}.")

@@ -68,3 +68,27 @@ def check_lse(lse, ref_lse, name="lse"):
     if (~ref_inf).any():
         err = (lse.double() - ref_lse.double())[~ref_inf].abs().max().item()
         assert err <= 2e-4, f"{name}: max error {err:.3e} > 2e-4"
+
+
+def routed_reference(q, k, v, q_index, k_index, causal=False, dtype=torch.float64):
+    """Plain loop over (batch, head, cluster): dense attention of the cluster's queries over its keys in
+    ``dtype``; outputs averaged over the clusters holding a query, 0 for a query in none."""
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    out = torch.zeros(b, hq, lq, d, dtype=dtype)
+    cnt = torch.zeros(b, hq, lq, dtype=dtype)
+    for bi in range(b):
+        for h in range(hq):
+            iq = q_index[min(bi, q_index.shape[0] - 1), min(h, q_index.shape[1] - 1)]
+            kh = h if k_index.shape[1] == hq else (h // (hq // hkv) if k_index.shape[1] == hkv else 0)
+            ik = k_index[min(bi, k_index.shape[0] - 1), kh]
+            for c in range(iq.shape[0]):
+                qs = q[bi, h, iq[c]].to(dtype)
+                ks, vs = k[bi, h // (hq // hkv), ik[c]].to(dtype), v[bi, h // (hq // hkv), ik[c]].to(dtype)
+                s = (qs @ ks.T) * d ** -0.5
+                if causal:
+                    s = s.masked_fill(ik[c][None, :] > iq[c][:, None], -math.inf)
+                p = torch.softmax(s.float() if dtype == torch.float16 else s, -1).to(dtype)
+                out[bi, h].index_add_(0, iq[c], p @ vs)
+                cnt[bi, h].index_add_(0, iq[c], torch.ones(iq.shape[1], dtype=dtype))
+    return out / cnt.clamp_min(1)[..., None]

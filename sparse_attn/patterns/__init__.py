@@ -18,6 +18,7 @@ from .dynamic import BlockTopK, BlockTopP
 from .estimate import ExactImportance, LSEMass, VerticalSlash
 from .combine import PerHead, Union
 from .routing import KMeansRouting, RoutingState, kmeans
+from .equal_routing import EqualSizeRouting, SharedCentroids
 from .hierarchical import ChunkSelect, VideoChunkSelect
 from .search import PatternSearch, SearchPlan, search_plan
 from .synthetic import build_cost_table, pattern_table, planted_qkv
@@ -26,7 +27,7 @@ __all__ = [
     "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
     "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
-    "KMeansRouting", "RoutingState", "kmeans", "ChunkSelect", "VideoChunkSelect", "PatternSearch", "SearchPlan",
-    "search_plan",
+    "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",
+    "VideoChunkSelect", "PatternSearch", "SearchPlan", "search_plan",
     "pattern_table", "build_cost_table", "planted_qkv",
 ]

@@ -61,21 +61,29 @@ def kmeans_assign(x, centroids, metric):
 
 
 def _init_centroids(x, n_clusters, init, seed):
-    """``[G, C, D]`` seeded initial centroids: random distinct tokens, or k-means++ (loop over the C picks,
-    vectorized over groups: k-means++ is sequential by definition)."""
+    """``[G, C, D]`` seeded initial centroids: random distinct tokens, or greedy k-means++ (loop over the C
+    picks, vectorized over groups: k-means++ is sequential by definition).
+
+    Greedy k-means++ draws ``2 + ln C`` candidates per pick by squared distance and keeps the one that
+    lowers the total squared distance most (as scikit-learn does); plain k-means++ often seeds two
+    centroids in one well-separated cluster and leaves another cluster without one.
+    """
     g, length, dim = x.shape
     gen = torch.Generator(device=x.device).manual_seed(seed)
     if init == "random":
         idx = torch.argsort(torch.rand(g, length, generator=gen, device=x.device), dim=-1)[:, :n_clusters]
         return x.gather(1, idx[..., None].expand(-1, -1, dim)).clone()
+    trials = 2 + int(math.log(max(n_clusters, 1)))
     first = torch.randint(0, length, (g, 1), generator=gen, device=x.device)
     cents = [x.gather(1, first[..., None].expand(-1, -1, dim))]
     d2 = ((x - cents[0]) ** 2).sum(-1)  # [G, L]
     for _ in range(n_clusters - 1):
-        pick = torch.multinomial(d2.clamp_min(0) + 1e-12, 1, generator=gen)  # [G, 1]
-        c = x.gather(1, pick[..., None].expand(-1, -1, dim))
-        cents.append(c)
-        d2 = torch.minimum(d2, ((x - c) ** 2).sum(-1))
+        picks = torch.multinomial(d2.clamp_min(0) + 1e-12, trials, replacement=True, generator=gen)  # [G, T]
+        cand = x.gather(1, picks[..., None].expand(-1, -1, dim))  # [G, T, D]
+        cand_d2 = torch.minimum(d2[:, None, :], torch.cdist(cand, x) ** 2)  # [G, T, L]
+        best = cand_d2.sum(-1).argmin(-1)  # [G]
+        cents.append(cand.gather(1, best[:, None, None].expand(-1, 1, dim)))
+        d2 = cand_d2.gather(1, best[:, None, None].expand(-1, 1, length))[:, 0]
     return torch.cat(cents, 1)
 
 

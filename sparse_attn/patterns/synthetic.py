@@ -9,8 +9,8 @@ Structures (logits are ``sharpness * cos(q_i, k_j)`` plus planted terms):
 * ``video``: a :class:`~sparse_attn.TokenLayout` video grid with text before it; tokens are a 3-D smooth
   random field (short spatial, longer temporal correlation): frame-periodic diagonals and 3-D locality;
   text keys are global columns.
-* ``clusters``: contiguous segments (128-512 tokens) each drawn from one of 64 topics; tokens attend to
-  every segment of their topic anywhere in the sequence.
+* ``clusters``: contiguous segments (128-512 tokens) each drawn from one of ``topics`` (default 64) topics;
+  tokens attend to every segment of their topic anywhere in the sequence.
 * ``mixed``: one of the above per head (sink_local, clusters, local, columns, repeating).
 """
 
@@ -63,7 +63,7 @@ def video_layout(seq_len):
     return TokenLayout.video(frames, side, side, text_len=seq_len - frames * tpf)
 
 
-def _directions(structure, seq_len, dim, gen, layout):
+def _directions(structure, seq_len, dim, gen, layout, topics=64):
     """Unit vectors ``[L, dim]`` (q, k) and planted extra logits as (q_extra, k_extra) dims."""
     if structure in ("local", "sink_local"):
         width = 32
@@ -85,13 +85,14 @@ def _directions(structure, seq_len, dim, gen, layout):
         x = _unit(x)
         return x, x.clone()
     if structure == "clusters":
-        topics = _unit(torch.randn(64, dim, generator=gen))
+        n_topics = topics
+        topics = _unit(torch.randn(n_topics, dim, generator=gen))
         lengths, total = [], 0
         while total < seq_len:
             n = int(torch.randint(128, 513, (1,), generator=gen))
             lengths.append(min(n, seq_len - total))
             total += lengths[-1]
-        seg_topic = torch.randint(0, 64, (len(lengths),), generator=gen)
+        seg_topic = torch.randint(0, n_topics, (len(lengths),), generator=gen)
         topic = seg_topic.repeat_interleave(torch.tensor(lengths))
         qx = _unit(topics[topic] + 0.4 * _unit(torch.randn(seq_len, dim, generator=gen)))
         kx = _unit(topics[topic] + 0.4 * _unit(torch.randn(seq_len, dim, generator=gen)))
@@ -99,10 +100,10 @@ def _directions(structure, seq_len, dim, gen, layout):
     raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
 
 
-def _head(structure, seq_len, head_dim, gen, layout, sharpness):
+def _head(structure, seq_len, head_dim, gen, layout, sharpness, topics=64):
     """One head's (q, k) ``[L, D]`` (logits ``scale * q.k`` with ``scale = D**-0.5``) and its global columns."""
     root = head_dim ** 0.25
-    qx, kx = _directions(structure, seq_len, head_dim - 1, gen, layout)
+    qx, kx = _directions(structure, seq_len, head_dim - 1, gen, layout, topics)
     beta = {"columns": 4.0, "clusters": 20.0}.get(structure, sharpness)
     q = torch.zeros(seq_len, head_dim)
     k = torch.zeros(seq_len, head_dim)
@@ -123,7 +124,7 @@ def _head(structure, seq_len, head_dim, gen, layout, sharpness):
 
 
 def planted_qkv(structure, seq_len=4096, *, heads=4, head_dim=64, batch=1, seed=0, sharpness=20.0,
-                dtype=torch.float32, device=None) -> Planted:
+                topics=64, dtype=torch.float32, device=None) -> Planted:
     """q, k, v ``[batch, heads, seq_len, head_dim]`` with a planted structure (see the module docstring).
 
     Example:
@@ -133,6 +134,8 @@ def planted_qkv(structure, seq_len=4096, *, heads=4, head_dim=64, batch=1, seed=
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}.")
+    if isinstance(topics, bool) or not isinstance(topics, int) or topics < 1:
+        raise ValueError(f"topics must be a positive int, got {topics!r}.")
     gen = torch.Generator().manual_seed(seed)
     layout = video_layout(seq_len) if structure == "video" else None
     per_head = (["sink_local", "clusters", "local", "columns"] * heads)[:heads] if structure == "mixed" \
@@ -141,7 +144,7 @@ def planted_qkv(structure, seq_len=4096, *, heads=4, head_dim=64, batch=1, seed=
     for _ in range(batch):
         qb, kb = [], []
         for s in per_head:
-            q, k, c = _head(s, seq_len, head_dim, gen, layout, sharpness)
+            q, k, c = _head(s, seq_len, head_dim, gen, layout, sharpness, topics)
             qb.append(q)
             kb.append(k)
             cols.update(c)

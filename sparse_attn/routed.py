@@ -1,0 +1,215 @@
+"""Routed masks: clusters of tokens that attend within themselves (Routing Transformer).
+
+Each of ``C`` clusters holds ``Wq`` query positions and ``Wk`` key positions of the original order
+(sorted, distinct inside a cluster; a token may belong to several clusters or to none). The queries of
+a cluster attend to the keys of the same cluster, densely. A query's output is the MEAN of its
+clusters' outputs; a query in no cluster gets 0 (the Routing Transformer's definition).
+
+:func:`routed_attention` gathers q/k/v cluster by cluster into a ``C * W`` long sequence, runs
+:func:`~sparse_attn.sparse_attention` with a block-diagonal inner mask (one ``Wq x Wk`` square per
+cluster: ``Wq``/``Wk`` are multiples of the tile size, or ``C == 1``) and scatter-averages back.
+
+Causal: only when queries and keys share the clusters (``q_index`` equal to ``k_index``, ``Lq == Lk``).
+Then, because the positions in a cluster are sorted, "key position <= query position" is exactly the
+lower triangle of the cluster's square in the gathered order, which the kernel's causal mask gives.
+"""
+
+import math
+
+import torch
+
+from ._checks import check_positive_int
+from .mask import BlockSparseMask, _as_pair
+
+
+def _check_index(index, name, length):
+    """int64 ``[Pb, Ph, C, W]``: positions in ``[0, length)``, strictly increasing inside each cluster."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}.")
+    if index.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {index.dtype}.")
+    if index.dim() != 4 or index.shape[2] == 0 or index.shape[3] == 0:
+        raise ValueError(f"{name} must have shape [B|1, H|1, C, W] with C, W >= 1, got {list(index.shape)}.")
+    if bool((index < 0).any()) or bool((index >= length).any()):
+        raise ValueError(f"{name} must hold positions in [0, {length}), got values in "
+                         f"[{int(index.min())}, {int(index.max())}].")
+    if index.shape[3] > 1 and not bool((index[..., 1:] > index[..., :-1]).all()):
+        raise ValueError(f"{name} must be strictly increasing inside every cluster (sorted, distinct positions).")
+    return index.contiguous()
+
+
+def _incidence(index, length):
+    """float32 ``[Pb, Ph, L, C]``: 1 where position ``l`` belongs to cluster ``c``."""
+    pb, ph, n_c, _ = index.shape
+    inc = torch.zeros(pb, ph, n_c, length, device=index.device)
+    inc.scatter_(-1, index, 1.0)
+    return inc.transpose(-1, -2)
+
+
+class RoutedMask:
+    """Token clusters attending within themselves; see the module docstring for the semantics.
+
+    Attributes:
+        q_index: int64 ``[Pb, Ph, C, Wq]`` (``Pb`` in (1, B), ``Ph`` in (1, Hq)): sorted query positions per cluster.
+        k_index: int64 ``[Pb, Ph, C, Wk]`` (``Ph`` in (1, Hkv, Hq)): sorted key positions per cluster.
+        block_size: ``(BLOCK_M, BLOCK_N)`` of the inner block-diagonal mask (``Wq % BLOCK_M == 0`` and
+            ``Wk % BLOCK_N == 0`` unless ``C == 1``).
+        seq_lens: ``(Lq, Lk)`` of the original order.
+        inner: the :class:`BlockSparseMask` over the gathered order (``[1, 1]`` batch-heads).
+        state: optional warm-start state of the pattern that built it (e.g. centroids), or None.
+
+    Example:
+        >>> idx = torch.tensor([[0, 2], [1, 3]])[None, None]  # 2 clusters of 2 tokens over L = 4
+        >>> m = RoutedMask(idx, idx, 2, (4, 4))
+        >>> m.to_dense()[0, 0].int().tolist()
+        [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    """
+
+    def __init__(self, q_index, k_index, block_size, seq_lens, *, state=None):
+        if not (isinstance(seq_lens, (tuple, list)) and len(seq_lens) == 2):
+            raise TypeError(f"seq_lens must be a pair (q_len, kv_len), got {seq_lens!r}.")
+        q_len, kv_len = (check_positive_int(n, f"seq_lens[{i}]") for i, n in enumerate(seq_lens))
+        self.seq_lens = (q_len, kv_len)
+        self.q_index = _check_index(q_index, "q_index", q_len)
+        self.k_index = _check_index(k_index, "k_index", kv_len)
+        if self.q_index.device != self.k_index.device:
+            raise ValueError(f"q_index is on {self.q_index.device} but k_index is on {self.k_index.device}.")
+        n_c = self.q_index.shape[2]
+        if self.k_index.shape[2] != n_c:
+            raise ValueError(f"q_index and k_index must have the same number of clusters, got {n_c} and "
+                             f"{self.k_index.shape[2]}.")
+        self.block_size = bm, bn = _as_pair(block_size)
+        w_q, w_k = self.q_index.shape[3], self.k_index.shape[3]
+        if n_c > 1 and (w_q % bm or w_k % bn):
+            raise ValueError(f"cluster sizes (Wq={w_q}, Wk={w_k}) must be multiples of block_size {self.block_size} "
+                             f"when there is more than one cluster (got {n_c} clusters).")
+        per_q, per_k = math.ceil(w_q / bm), math.ceil(w_k / bn)
+        tiles = torch.kron(torch.eye(n_c, dtype=torch.float32, device=self.q_index.device),
+                           torch.ones(per_q, per_k, device=self.q_index.device)) > 0
+        self.inner = BlockSparseMask.from_dense(tiles[None, None], self.block_size, (n_c * w_q, n_c * w_k))
+        self.state = state
+
+    # ---- views --------------------------------------------------------------------------
+    @property
+    def n_clusters(self) -> int:
+        return self.q_index.shape[2]
+
+    @property
+    def device(self):
+        return self.q_index.device
+
+    def shares_clusters(self) -> bool:
+        """True when queries and keys have the same clusters (the condition for causal attention)."""
+        return (self.seq_lens[0] == self.seq_lens[1] and self.q_index.shape == self.k_index.shape
+                and torch.equal(self.q_index, self.k_index))
+
+    def check_causal(self, causal):
+        if causal and not self.shares_clusters():
+            raise ValueError("causal=True needs queries and keys routed to the same clusters (q_index equal to "
+                             "k_index, Lq == Lk); this RoutedMask routes them separately.")
+
+    def to(self, device) -> "RoutedMask":
+        if torch.device(device) == self.device:
+            return self
+        return RoutedMask(self.q_index.to(device), self.k_index.to(device), self.block_size, self.seq_lens,
+                          state=self.state)
+
+    def density(self, causal: bool = False) -> float:
+        """Computed (query, key) pairs / visible pairs, counting a pair once per cluster that computes it."""
+        self.check_causal(causal)
+        (q_len, kv_len), (n_c, w_q, w_k) = self.seq_lens, (self.n_clusters, self.q_index.shape[3],
+                                                            self.k_index.shape[3])
+        if causal:
+            return n_c * w_q * (w_q + 1) / 2 / (q_len * (q_len + 1) / 2)
+        return n_c * w_q * w_k / (q_len * kv_len)
+
+    def to_dense(self, causal: bool = False) -> torch.Tensor:
+        """Token-level bool ``[Pb, Ph, Lq, Lk]``: pairs computed by at least one cluster (small inputs only)."""
+        self.check_causal(causal)
+        inc_q = _incidence(self.q_index, self.seq_lens[0])  # [Pb, Ph, Lq, C]
+        inc_k = _incidence(self.k_index, self.seq_lens[1])  # [Pb, Phk, Lk, C]
+        dense = (inc_q @ inc_k.transpose(-1, -2)) > 0
+        if causal:
+            q_len = self.seq_lens[0]
+            dense = dense & torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
+        return dense
+
+    def coverage(self) -> torch.Tensor:
+        """int64 ``[Pb, Ph, Lq]``: how many clusters hold each query (0: its output is 0)."""
+        inc = _incidence(self.q_index, self.seq_lens[0])
+        return inc.sum(-1).long()
+
+    def quality(self, q, k, v, *, causal=False, scale=None) -> dict:
+        """:func:`~sparse_attn.attention_quality`-style report: recall (dense softmax mass on the pairs of a
+        query's clusters; 0 for a query in no cluster), relative error of :func:`routed_attention` against
+        dense attention, and :meth:`density`."""
+        from .routed_quality import routed_quality
+        return routed_quality(self, q, k, v, causal=causal, scale=scale)
+
+    def __repr__(self) -> str:
+        return (f"RoutedMask(clusters={self.n_clusters}, Wq={self.q_index.shape[3]}, Wk={self.k_index.shape[3]}, "
+                f"batch_heads_q={tuple(self.q_index.shape[:2])}, batch_heads_k={tuple(self.k_index.shape[:2])}, "
+                f"seq_lens={self.seq_lens}, block_size={self.block_size})")
+
+
+def _gather(x, index):
+    """``x [B, H, L, D]`` gathered to ``[B, H, C * W, D]`` by ``index [Pb, Ph, C, W]`` (broadcast over B, H)."""
+    flat = index.flatten(2)[..., None]
+    return x.take_along_dim(flat, dim=2)
+
+
+def _check_inputs(mask, q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a rank-4 tensor [B, H, L, D], got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
+    (batch, n_q_heads), n_kv_heads = q.shape[:2], k.shape[1]
+    if (q.shape[2], k.shape[2]) != mask.seq_lens:
+        raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths "
+                         f"({q.shape[2]}, {k.shape[2]}).")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
+    for name, idx in (("q_index", mask.q_index), ("k_index", mask.k_index)):
+        if idx.shape[0] not in (1, batch):
+            raise ValueError(f"{name} batch must be 1 or {batch}, got {idx.shape[0]}.")
+    if mask.q_index.shape[1] not in (1, n_q_heads):
+        raise ValueError(f"q_index heads must be 1 or {n_q_heads} (query heads), got {mask.q_index.shape[1]}.")
+    if mask.k_index.shape[1] not in (1, n_kv_heads, n_q_heads):
+        raise ValueError(f"k_index heads must be 1, {n_kv_heads} (kv heads) or {n_q_heads} (query heads), "
+                         f"got {mask.k_index.shape[1]}.")
+
+
+def routed_attention(q, k, v, mask: RoutedMask, *, causal=False, scale=None, return_lse=False, backend="auto"):
+    """:func:`~sparse_attn.sparse_attention` under a :class:`RoutedMask`: gather -> kernel -> scatter-average.
+
+    Differentiable (autograd flows through the gathers and the scatter). ``return_lse`` is refused: a
+    query in several clusters averages several softmaxes, which have no single log-sum-exp.
+
+    Example:
+        >>> q = k = v = torch.randn(1, 2, 4, 16)
+        >>> idx = torch.tensor([[0, 1], [2, 3]])[None, None]
+        >>> routed_attention(q, k, v, RoutedMask(idx, idx, 2, (4, 4)), causal=True).shape
+        torch.Size([1, 2, 4, 16])
+    """
+    from .ops import sparse_attention
+    if not isinstance(mask, RoutedMask):
+        raise TypeError(f"mask must be a RoutedMask, got {type(mask).__name__}.")
+    if return_lse:
+        raise ValueError("return_lse=True is not supported with a RoutedMask: a query in several clusters "
+                         "averages several softmaxes (Routing Transformer), which have no single log-sum-exp.")
+    _check_inputs(mask, q, k, v)
+    mask.check_causal(causal)
+    n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if mask.k_index.shape[1] == n_q_heads and n_kv_heads != n_q_heads:  # keys routed per query head
+        k = k.repeat_interleave(n_q_heads // n_kv_heads, 1)
+        v = v.repeat_interleave(n_q_heads // n_kv_heads, 1)
+    qg, kg, vg = _gather(q, mask.q_index), _gather(k, mask.k_index), _gather(v, mask.k_index)
+    og = sparse_attention(qg, kg, vg, mask.inner, causal=bool(causal), scale=scale, backend=backend)
+    flat = mask.q_index.flatten(2)  # [Pb, Ph, C * Wq]
+    shape = (q.shape[0], n_q_heads, q.shape[2])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(*shape, q.shape[3], dtype=acc, device=q.device)
+    sums = sums.scatter_add(2, flat[..., None].expand(*shape[:2], -1, q.shape[3]), og.to(acc))
+    counts = torch.zeros(flat.shape[:2] + (q.shape[2],), dtype=acc, device=q.device)
+    counts = counts.scatter_add(2, flat, torch.ones(flat.shape, dtype=acc, device=q.device))
+    return (sums / counts.clamp_min(1)[..., None]).to(q.dtype)

@@ -1,0 +1,60 @@
+"""Quality report of a :class:`~sparse_attn.routed.RoutedMask` (same keys as :func:`~sparse_attn.attention_quality`)."""
+
+import math
+
+import torch
+
+from .quality import CHUNK_BYTES
+from .routed import _incidence, routed_attention
+
+
+def _fit(x, n_q_heads, n_kv_heads):
+    """Repeat kv-head rows of ``x [Pb, Hkv, ...]`` to query heads (1 and Hq pass through)."""
+    return x if x.shape[1] in (1, n_q_heads) else x.repeat_interleave(n_q_heads // n_kv_heads, 1)
+
+
+def routed_quality(mask, q, k, v, *, causal=False, scale=None, chunk_bytes=CHUNK_BYTES) -> dict:
+    """Per head: recall (dense softmax mass on the pairs of the query's clusters; 0 for a query in no
+    cluster), relative error of :func:`routed_attention` against dense attention, density.
+
+    Returns the dict of :func:`~sparse_attn.attention_quality` (float64 ``[B, Hq]`` tensors and their means).
+    """
+    mask.check_causal(causal)
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    o_routed = routed_attention(q.float(), k.float(), v.float(), mask, causal=causal, scale=scale).float()
+    group = n_q_heads // n_kv_heads
+    kf = k.float().repeat_interleave(group, 1) if group > 1 else k.float()
+    vf = v.float().repeat_interleave(group, 1) if group > 1 else v.float()
+    inc_q = _incidence(mask.q_index, q_len)  # [Pb, Ph, Lq, C]
+    inc_k = _fit(_incidence(mask.k_index, kv_len), n_q_heads, n_kv_heads)  # [Pb, Ph', Lk, C]
+    shape = (batch, n_q_heads)
+    mass, rows_seen, err2, ref2 = (torch.zeros(shape, dtype=torch.float64, device=q.device) for _ in range(4))
+    step = max(1, chunk_bytes // max(1, 4 * batch * n_q_heads * kv_len))
+    j = torch.arange(kv_len, device=q.device)[None, :]
+    for r0 in range(0, q_len, step):
+        r1 = min(q_len, r0 + step)
+        s = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, R, Lk]
+        visible = torch.ones((r1 - r0, kv_len), dtype=torch.bool, device=q.device)
+        if causal:
+            visible = j <= torch.arange(r0, r1, device=q.device)[:, None] + (kv_len - q_len)
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        o_dense = p @ vf
+        keep = ((inc_q[:, :, r0:r1] @ inc_k.transpose(-1, -2)) > 0) & visible  # [Pb, Ph, R, Lk]
+        seen = visible.any(-1)  # [R]
+        mass += ((p * keep).sum(-1) * seen).sum(-1).double()
+        rows_seen += seen.sum().double()
+        err2 += ((o_routed[:, :, r0:r1] - o_dense) ** 2).sum((-1, -2)).double()
+        ref2 += (o_dense ** 2).sum((-1, -2)).double()
+    recall = torch.where(rows_seen > 0, mass / rows_seen.clamp_min(1), torch.ones_like(mass))
+    error = torch.sqrt(err2 / ref2.clamp_min(1e-300))
+    density = torch.full(shape, mask.density(causal), dtype=torch.float64, device=q.device)
+    return {
+        "recall": recall, "error": error, "density": density,
+        "recall_mean": float(recall.mean()) if recall.numel() else math.nan,
+        "recall_min": float(recall.min()) if recall.numel() else math.nan,
+        "error_mean": float(error.mean()) if error.numel() else math.nan,
+        "error_max": float(error.max()) if error.numel() else math.nan,
+        "density_mean": float(density.mean()) if density.numel() else math.nan,
+    }
