@@ -26,6 +26,7 @@ Example:
 """
 
 import contextvars
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -170,11 +171,8 @@ class SparseConfig:
 def as_config(config, **overrides) -> SparseConfig:
     """A :class:`SparseConfig` from a config, a pattern, a mapping or a plan; keyword overrides applied."""
     if isinstance(config, SparseConfig):
-        if not overrides:
-            return config
-        fields = {f: getattr(config, f) for f in SparseConfig.__dataclass_fields__}
-        fields.update(overrides)
-        return SparseConfig(**fields)
+        # replace() keeps the subclass (a CalibrationConfig stays one) and validates again
+        return dataclasses.replace(config, **overrides) if overrides else config
     return SparseConfig(pattern=config, **overrides)
 
 
@@ -215,12 +213,16 @@ class _Route:
             layer = self.ordinal
             self.ordinal += 1
         role = (scope or {}).get("role", self.role)
-        pattern = self.config.pattern_for(layer)
-        if pattern is None:
-            return self.fallback("dense layer", args)
         q_len, kv_len = query.shape[-2], key.shape[-2]
         if is_causal and kv_len > q_len:  # SDPA's top-left causal never sees keys past q_len
             key, value = key[:, :, :q_len], value[:, :, :q_len]
+        observe = getattr(self.config, "observe", None)
+        if observe is not None:  # calibration (CalibrationConfig): what pattern_for(layer) would get, run dense
+            observe(layer, query, key, value, causal=bool(is_causal), scale=scale)
+            return self.fallback("calibration", args)
+        pattern = self.config.pattern_for(layer)
+        if pattern is None:
+            return self.fallback("dense layer", args)
         layout = (scope or {}).get("layout", self.config.layout)
         if layout is not None and not getattr(layout, "seq_len", None) == q_len == key.shape[-2]:
             layout = None

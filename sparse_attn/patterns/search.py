@@ -6,13 +6,17 @@ density sums are kept, never the activations); :meth:`PatternSearch.plan` then p
 ``error <= eps`` (dense, error 0, is always admissible). Error and density are those of
 :func:`~sparse_attn.attention_quality` (relative output error, computed / visible pairs), averaged over
 batch and calls. The :class:`SearchPlan` saves to and loads from JSON; ``plan.pattern_for(layer)`` is a
-:class:`~sparse_attn.patterns.PerHead` that builds the layer's mask in one piece.
+:class:`~sparse_attn.patterns.PerHead` that builds the layer's mask in one piece (None where every head chose
+dense: the integrations then run their dense attention). Layers are keyed by ``str(layer)``, so the ids the
+integrations use (``layer_idx``, a module's index, ``(index, call)`` for a module's later SDPA calls) work as is.
+To collect calibration calls from a model, with the layer ids the integrations apply the plan with, see
+:func:`sparse_attn.integrations.calibrate.calibrate`.
 
 Candidates must be block-map patterns (combinable in ``PerHead``); ``kmeans_routing`` is refused.
 """
 
 import json
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
@@ -36,12 +40,33 @@ class SearchPlan:
         self.layers = {str(k): list(v) for k, v in layers.items()}
         self.lam, self.eps = float(lam), float(eps)
 
-    def pattern_for(self, layer) -> PerHead:
-        """The layer's :class:`PerHead` pattern (one entry per query head)."""
+    def pattern_for(self, layer) -> Optional[PerHead]:
+        """The layer's :class:`PerHead` pattern (one entry per query head); None if every head chose dense.
+
+        Raises:
+            ValueError: ``layer`` was not calibrated (use :meth:`get` to run such layers dense instead).
+        """
         key = str(layer)
         if key not in self.layers:
-            raise ValueError(f"layer must be one of {sorted(self.layers)}, got {layer!r}.")
-        return PerHead(patterns=tuple(h["pattern"] for h in self.layers[key]))
+            raise ValueError(f"layer must be one of {sorted(self.layers)}, got {layer!r}: the plan has no entry for "
+                             f"it (calibrate on inputs that reach this layer, or pass plan.get, which runs "
+                             f"layers missing from the plan dense, as the config's pattern).")
+        heads = self.layers[key]
+        if all(h["pattern"].name == "dense" for h in heads):
+            return None
+        return PerHead(patterns=tuple(h["pattern"] for h in heads))
+
+    def get(self, layer) -> Optional[PerHead]:
+        """:meth:`pattern_for`, but None (dense) for a layer missing from the plan.
+
+        Opt-in: ``SparseConfig(plan.get)`` runs uncalibrated layers dense; ``SparseConfig(plan)`` raises for them.
+        """
+        return self.pattern_for(layer) if str(layer) in self.layers else None
+
+    def density(self) -> float:
+        """Mean measured density over every (layer, head) of the plan (1.0: all dense)."""
+        rows = [c["density"] for heads in self.layers.values() for c in heads]
+        return sum(rows) / len(rows) if rows else 1.0
 
     def names(self, layer) -> List[str]:
         """Registry names chosen for the heads of ``layer``."""
@@ -117,15 +142,19 @@ class PatternSearch:
         self._sums: Dict[str, torch.Tensor] = {}  # layer -> float64 [n_options, 2 (error, density), Hq]
         self._calls: Dict[str, int] = {}
 
-    def observe(self, layer, q, k, v):
-        """Add one calibration call of ``layer`` (``q [B, Hq, L, D]``, ``k``/``v [B, Hkv, L, D]``)."""
+    @torch.no_grad()
+    def observe(self, layer, q, k, v, *, scale=None):
+        """Add one calibration call of ``layer`` (``q [B, Hq, L, D]``, ``k``/``v [B, Hkv, L, D]``).
+
+        ``scale`` is the softmax scale of the call (default ``1/sqrt(D)``); nothing of q, k, v is kept.
+        """
         key = str(layer)
         stats = torch.zeros(len(self.options), 2, q.shape[1], dtype=torch.float64)
         for i, opt in enumerate(self.options):
             if opt.name == "dense":
                 stats[i, 1] = 1.0
                 continue
-            qual = attention_quality(q, k, v, opt.build(q, k, causal=self.causal), causal=self.causal)
+            qual = attention_quality(q, k, v, opt.build(q, k, causal=self.causal), causal=self.causal, scale=scale)
             stats[i, 0] = qual["error"].mean(0).cpu()
             stats[i, 1] = qual["density"].mean(0).cpu()
         if key in self._sums and self._sums[key].shape != stats.shape:
