@@ -12,6 +12,7 @@ from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
 from .permuted import PermutedMask, permuted_attention
 from .routed import RoutedMask, routed_attention
+from .head_groups import HeadGroupsMask, head_groups_attention
 
 DENSE_BLOCK = 64
 
@@ -30,7 +31,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
         mask: :class:`BlockSparseMask` for ``(Lq, Lk)``, or None for dense attention;
             a :class:`StripeSparseMask` goes to :func:`stripe_attention` and a :class:`PermutedMask`
             (non-causal) to :func:`permuted_attention`, a :class:`~sparse_attn.RoutedMask` to
-            :func:`~sparse_attn.routed_attention`.
+            :func:`~sparse_attn.routed_attention`, a :class:`~sparse_attn.head_groups.HeadGroupsMask` to
+            :func:`~sparse_attn.head_groups.head_groups_attention`.
         causal: AND the bottom-right causal predicate ``j <= i + (Lk - Lq)`` into the mask.
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log; -inf on empty rows).
@@ -54,6 +56,9 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
         return permuted_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     if isinstance(mask, RoutedMask):
         return routed_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
+    if isinstance(mask, HeadGroupsMask):
+        return head_groups_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse,
+                                     backend=backend)
     check_qkv(q, k, v, backend)
     if mask is not None:
         _check_mask(mask, q, k)

@@ -9,6 +9,7 @@ import torch
 
 from .mask import BlockSparseMask
 from .permuted import PermutedMask
+from .head_groups import HeadGroupsMask, head_groups_quality
 
 # Upper bound, in bytes, of one chunk of float32 scores [B, Hq, rows, Lk].
 CHUNK_BYTES = 128 * 1024 * 1024
@@ -43,7 +44,8 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
-        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only), RoutedMask or None (dense).
+        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only), RoutedMask, HeadGroupsMask
+            or None (dense).
         causal: bottom-right causal attention (both dense and sparse).
         scale: softmax scale (default ``1/sqrt(D)``).
 
@@ -64,6 +66,8 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
         return mask.quality(q, k, v, scale=scale)
     if hasattr(mask, "q_index") and hasattr(mask, "k_index"):  # RoutedMask (its module imports this one)
         return mask.quality(q, k, v, causal=causal, scale=scale)
+    if isinstance(mask, HeadGroupsMask):
+        return head_groups_quality(mask, q, k, v, causal=causal, scale=scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, L, D] tensor, got {getattr(x, 'shape', type(x).__name__)}.")
@@ -114,6 +118,11 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
     recall = torch.where(rows_seen > 0, mass / rows_seen.clamp_min(1), torch.ones_like(mass))
     error = torch.sqrt(err2 / ref2.clamp_min(1e-300))
     density = kept_pairs / vis_pairs.clamp_min(1)
+    return summarize(recall, error, density)
+
+
+def summarize(recall, error, density) -> dict:
+    """The report dict: float64 ``[B, Hq]`` ``recall``/``error``/``density`` and their means (min/max)."""
     return {
         "recall": recall, "error": error, "density": density,
         "recall_mean": float(recall.mean()) if recall.numel() else math.nan,

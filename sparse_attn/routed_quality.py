@@ -1,10 +1,8 @@
 """Quality report of a :class:`~sparse_attn.routed.RoutedMask` (same keys as :func:`~sparse_attn.attention_quality`)."""
 
-import math
-
 import torch
 
-from .quality import CHUNK_BYTES
+from .quality import CHUNK_BYTES, summarize
 from .routed import _incidence, routed_attention
 
 
@@ -50,11 +48,4 @@ def routed_quality(mask, q, k, v, *, causal=False, scale=None, chunk_bytes=CHUNK
     recall = torch.where(rows_seen > 0, mass / rows_seen.clamp_min(1), torch.ones_like(mass))
     error = torch.sqrt(err2 / ref2.clamp_min(1e-300))
     density = torch.full(shape, mask.density(causal), dtype=torch.float64, device=q.device)
-    return {
-        "recall": recall, "error": error, "density": density,
-        "recall_mean": float(recall.mean()) if recall.numel() else math.nan,
-        "recall_min": float(recall.min()) if recall.numel() else math.nan,
-        "error_mean": float(error.mean()) if error.numel() else math.nan,
-        "error_max": float(error.max()) if error.numel() else math.nan,
-        "density_mean": float(density.mean()) if density.numel() else math.nan,
-    }
+    return summarize(recall, error, density)

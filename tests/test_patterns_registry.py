@@ -25,6 +25,8 @@ EXAMPLES = {
     "equal_size_routing": dict(clusters=8, window=128, shared=True, init="kmeans++"),
     "chunk_select": dict(chunk_size=128, rule="threshold", tau=0.3),
     "video_chunk_select": dict(chunk_shape=[2, 4, 4], layout=TokenLayout.video(4, 8, 8, text_len=10)),
+    "region_routing": dict(region_shape=[2, 4, 4], topk=2, keep_own=False, block_size=32,
+                           layout=TokenLayout.video(4, 8, 8, text_len=10)),
 }
 
 

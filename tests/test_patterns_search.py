@@ -57,8 +57,8 @@ def test_search_layers_are_independent_and_eps_can_choose_skip(layer):
 
 def test_search_errors(layer):
     q, k, v = layer
-    with pytest.raises(ValueError, match="kmeans_routing"):
-        PatternSearch([KMeansRouting()])
+    with pytest.raises(ValueError, match="kmeans_routing, whose permuted masks"):
+        PatternSearch([KMeansRouting()], causal=True)
     with pytest.raises(ValueError, match="eps"):
         PatternSearch(CANDIDATES, eps=-1)
     with pytest.raises(ValueError, match="no calibration call"):

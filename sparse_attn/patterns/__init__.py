@@ -20,6 +20,7 @@ from .combine import PerHead, Union
 from .routing import KMeansRouting, RoutingState, kmeans
 from .equal_routing import EqualSizeRouting, SharedCentroids
 from .hierarchical import ChunkSelect, VideoChunkSelect
+from .region import RegionRouting
 from .search import PatternSearch, SearchPlan, search_plan
 from .synthetic import build_cost_table, pattern_table, planted_qkv
 
@@ -28,6 +29,6 @@ __all__ = [
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
     "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",
-    "VideoChunkSelect", "PatternSearch", "SearchPlan", "search_plan",
+    "VideoChunkSelect", "RegionRouting", "PatternSearch", "SearchPlan", "search_plan",
     "pattern_table", "build_cost_table", "planted_qkv",
 ]

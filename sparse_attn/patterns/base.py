@@ -156,6 +156,9 @@ class Pattern:
 
     name: ClassVar[str] = "pattern"
     structural: ClassVar[bool] = False
+    # what build() returns: "block" (a BlockSparseMask from block_map: combinable in union/per_head into
+    # one launch), "stripe", "permuted" or "routed" (per_head runs those as separate head groups)
+    mask_kind: ClassVar[str] = "block"
 
     # ---- the protocol -------------------------------------------------------------------
     def build(self, q, k, *, causal: bool = False, layout: Optional[TokenLayout] = None):

@@ -1,7 +1,9 @@
 """Combining patterns into one mask: unions (always-kept regions) and per-head choices.
 
 Both produce one block map and one :class:`~sparse_attn.BlockSparseMask`, so the mixed mask
-runs as a single kernel launch.
+runs as a single kernel launch. A per-head choice that includes patterns without a block map
+(routing, stripes) becomes a :class:`~sparse_attn.head_groups.HeadGroupsMask`: the block-map heads
+still share one launch, each other pattern runs as one more launch on its heads.
 """
 
 from dataclasses import dataclass
@@ -9,8 +11,9 @@ from typing import Tuple
 
 import torch
 
+from ..head_groups import HeadGroupsMask
 from ..mask import BlockSparseMask
-from .base import Pattern, as_pattern, register
+from .base import Pattern, as_pattern, check_qk, register
 
 
 def _same_blocks(patterns, name):
@@ -104,6 +107,11 @@ class PerHead(Pattern):
     """A pattern per query head (Sparse-vDiT-style head modes: e.g. ``Dense()``, ``Skip()``, a window, a
     top-k with its own budget), merged into one mask with ``Hq`` heads.
 
+    Members without a block map (``mask_kind`` other than ``"block"``: routing, vertical_slash) make
+    :meth:`build` return a :class:`~sparse_attn.head_groups.HeadGroupsMask` (one launch for the block-map
+    heads, one per other distinct pattern); such a per_head has no :meth:`block_map` and does not nest in a
+    union. Routing members start cold at every build (no warm-start state per head group).
+
     Example:
         >>> pat = PerHead(patterns=(Dense(), SlidingWindow(left=64, right=64), BlockTopK(k=4), Skip()))
     """
@@ -117,6 +125,10 @@ class PerHead(Pattern):
     @property
     def block_size(self):
         return self.patterns[0].block_size
+
+    @property
+    def mask_kind(self):
+        return "block" if all(p.mask_kind == "block" for p in self.patterns) else "groups"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "patterns": [p.to_dict() for p in self.patterns]}
@@ -134,4 +146,25 @@ class PerHead(Pattern):
         heads = [maps[p.to_json()][:, min(h, maps[p.to_json()].shape[1] - 1)] for h, p in enumerate(self.patterns)]
         return torch.stack([x.expand(batch, *x.shape[1:]) for x in heads], dim=1)
 
-
+    def build(self, q, k, *, causal=False, layout=None):
+        """A :class:`BlockSparseMask` when every member has a block map, else a ``HeadGroupsMask``."""
+        if all(p.mask_kind == "block" for p in self.patterns):
+            return super().build(q, k, causal=causal, layout=layout)
+        check_qk(q, k)
+        n_heads = q.shape[1]
+        if len(self.patterns) != n_heads:
+            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
+        group = n_heads // k.shape[1]
+        heads_of = {}  # one group for all block-map heads, one per other distinct pattern
+        for h, p in enumerate(self.patterns):
+            heads_of.setdefault("block" if p.mask_kind == "block" else p.to_json(), []).append(h)
+        groups = []
+        for key, heads in heads_of.items():
+            idx = torch.tensor(heads, device=q.device)
+            qg, kg = q.index_select(1, idx), k.index_select(1, idx // group)
+            if key == "block":
+                pat = PerHead(patterns=tuple(self.patterns[h] for h in heads))
+            else:
+                pat = self.patterns[heads[0]]
+            groups.append((heads, pat.build(qg, kg, causal=causal, layout=layout)))
+        return HeadGroupsMask(sorted(groups, key=lambda g: g[0][0]), n_heads, (q.shape[2], k.shape[2]))

@@ -16,7 +16,7 @@ token (dense attention).
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -62,6 +62,8 @@ class EqualSizeRouting(Pattern):
         >>> mask.n_clusters, mask.q_index.shape[-1]
         (4, 128)
     """
+
+    mask_kind: ClassVar[str] = "routed"
 
     clusters: int = 16
     window: Optional[int] = None

@@ -7,7 +7,7 @@ scores only the last ``last_q`` query rows.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 
@@ -190,6 +190,8 @@ class VerticalSlash(ContentPattern):
         >>> mask = VerticalSlash(vertical=64, slash=128).build(torch.randn(1, 2, 1024, 64),
         ...                                                   torch.randn(1, 2, 1024, 64), causal=True)
     """
+
+    mask_kind: ClassVar[str] = "stripe"
 
     vertical: Union[int, float, Tuple] = 1000
     slash: Union[int, float, Tuple] = 6096

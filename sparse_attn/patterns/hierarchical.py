@@ -23,7 +23,7 @@ every query, and text query rows keep every chunk.
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 import torch
 
 from .._checks import check_positive_int
@@ -182,6 +182,8 @@ class VideoChunkSelect(Pattern):
         >>> q = k = torch.randn(1, 2, lay.seq_len, 32)
         >>> mask = VideoChunkSelect(chunk_shape=(1, 4, 4), k=3, block_size=16).build(q, k, layout=lay)
     """
+
+    mask_kind: ClassVar[str] = "permuted"
 
     chunk_shape: Tuple = (1, 8, 8)
     rule: str = "threshold"

@@ -20,7 +20,7 @@ Warm start: the mask carries ``mask.state`` (:class:`RoutingState`, the k-means 
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -170,13 +170,16 @@ class KMeansRouting(Pattern):
 
     ``causal=True`` is refused (causality is not defined in the permuted order). The mask carries
     ``mask.state`` (:class:`RoutingState`) for warm starts: ``build(q, k, state=prev.state)``.
-    Routing masks do not combine in ``Union``/``PerHead`` (they are not block maps of the original order).
+    Routing masks do not combine in ``Union`` (they are not block maps of the original order); in ``PerHead``
+    they run as a separate head group.
 
     Example:
         >>> q, k = torch.randn(1, 2, 512, 64), torch.randn(1, 2, 512, 64)
         >>> mask = KMeansRouting(q_clusters=8, k_clusters=8).build(q, k)
         >>> mask2 = KMeansRouting(q_clusters=8, k_clusters=8).build(q, k, state=mask.state)
     """
+
+    mask_kind: ClassVar[str] = "permuted"
 
     q_clusters: int = 32
     k_clusters: int = 32

@@ -12,7 +12,9 @@ integrations use (``layer_idx``, a module's index, ``(index, call)`` for a modul
 To collect calibration calls from a model, with the layer ids the integrations apply the plan with, see
 :func:`sparse_attn.integrations.calibrate.calibrate`.
 
-Candidates must be block-map patterns (combinable in ``PerHead``); ``kmeans_routing`` is refused.
+Candidates may be any pattern: block-map ones share one kernel launch per layer, routing and stripe
+patterns run as extra launches on their heads (:class:`~sparse_attn.head_groups.HeadGroupsMask`). A causal
+search refuses patterns whose masks are permutations (``kmeans_routing``, ``video_chunk_select``, ...).
 """
 
 import json
@@ -111,7 +113,7 @@ class PatternSearch:
     """Accumulates per-head quality of each option over calibration calls, then picks per head.
 
     Args:
-        candidates: block-map patterns (one ``block_size`` with ``dense``/``skip``: they use the first's).
+        candidates: patterns of one ``block_size`` (``dense``/``skip`` use the first one's).
         lam: weight of density in ``error + lam * density``.
         eps: largest admissible error.
         include_skip: also consider ``skip`` (output 0, relative error 1: only chosen when ``eps >= 1``).
@@ -130,9 +132,9 @@ class PatternSearch:
                  causal: bool = False):
         cands = [as_pattern(c, f"candidates[{i}]") for i, c in enumerate(candidates)]
         for i, c in enumerate(cands):
-            if c.name == "kmeans_routing":
-                raise ValueError(f"candidates[{i}] is kmeans_routing, which does not combine per head; "
-                                 "expected block-map patterns.")
+            if causal and c.mask_kind == "permuted":
+                raise ValueError(f"candidates[{i}] is {c.name}, whose permuted masks do not support causal attention; "
+                                 "expected a pattern that supports causal=True for a causal search.")
         for name, x in (("lam", lam), ("eps", eps)):
             if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
                 raise ValueError(f"{name} must be a float >= 0, got {x!r}.")
