@@ -7,7 +7,8 @@
    BlockMask: bf16, D = 64 and 128, L in {4k, 16k, 64k}, density in {10%, 30%, 100%}
    (sweep ``gpu-check``), each row checked against float64 math on sampled rows first;
 3. forward+backward rows (sweep ``gpu-check-bwd``) when the backward pass exists;
-4. stripe rows (sweep ``gpu-check-stripe``) when ``StripeSparseMask`` exists.
+4. stripe rows (sweep ``gpu-check-stripe``) when ``StripeSparseMask`` exists;
+5. the issue-6 routing bar: k-means routing mask build (10 / 2 warm iterations) vs dense SDPA, bf16, 32k.
 
 Prints one compact table (one line per case) and the bars of issues 2/3/4; writes CSV/JSON.
 Exits 2 on a machine without CUDA, 1 if a test or a check of our kernels failed.
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--sweeps", help="comma-separated sweeps instead of gpu-check[,-bwd,-stripe] (testing)")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
+    parser.add_argument("--routing-length", type=int, default=32768, help="L of the routing bar (0: skip it)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device is visible to torch {torch.__version__} (CUDA build: "
@@ -143,8 +145,17 @@ def main(argv=None) -> int:
                 print(f"  {case.label()}  [{time.perf_counter() - t0:.1f} s]", flush=True)
     for r in rows:
         r["device"] = device.type
+    routing = []
+    if args.routing_length and time.perf_counter() - start <= args.budget_s:
+        from sparse_attn.bench.routing_bar import format_rows, routing_bar_rows
+        routing = routing_bar_rows(device, length=args.routing_length,
+                                   min_run_time=0.05 if device.type == "cpu" else 1.0)
+    elif args.routing_length:
+        skipped.append("routing bar")
     print()
     print(compact(rows))
+    if routing:
+        print(format_rows(routing))
     print("ratios: time of ours / time of the baseline (lower is better); check: float64 math on sampled rows")
     for line in bars(rows):
         print(line)
@@ -154,7 +165,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     header["tests"] = test_line
     report.write_csv(out / "results.csv", rows, header)
-    report.write_json(out / "results.json", rows, header, {"skipped": skipped})
+    report.write_json(out / "results.json", rows, header, {"skipped": skipped, "routing_bar": routing})
     print(f"wrote {out / 'results.csv'}, {out / 'results.json'}  [total {time.perf_counter() - start:.0f} s]")
     bad = [r for r in rows if r["impl"].startswith("ours") and r.get("check") in ("WRONG", "error")]
     return 1 if bad or test_line.startswith(("FAIL", "TIMEOUT")) else 0

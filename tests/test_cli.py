@@ -224,12 +224,16 @@ def test_gpu_check_flow_on_cpu(tmp_path, capsys, monkeypatch):
         sys.path.pop(0)
     # the shape of test_bench_flex_row_on_the_identical_mask: FlexAttention is compiled once for both
     monkeypatch.setitem(sweeps.SWEEPS, "one", [Case(seq_len=128, heads=1, head_dim=16, density=0.5, block=32)])
-    rc = gpu_check.main(["--device", "cpu", "--skip-tests", "--sweeps", "one", "--out", str(tmp_path)])
+    rc = gpu_check.main(["--device", "cpu", "--skip-tests", "--sweeps", "one", "--out", str(tmp_path),
+                         "--routing-length", "512"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "ours/sdpa" in out and "did not produce checked timings" in out
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert "routing bar (L=512" in out and "warm build, 2 iters" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    rows = saved["rows"]
     assert {r["impl"] for r in rows} == {"ours", "sdpa", "flex"} and all(r["check"] == "ok" for r in rows)
+    assert [r["ms"] > 0 for r in saved["routing_bar"]] == [True] * 3
 
 
 def test_gpu_check_compact_table():

@@ -71,3 +71,14 @@ def test_search_errors(layer):
         s.plan().pattern_for("b")
     with pytest.raises(ValueError, match="version"):
         SearchPlan.from_json('{"layers": {}}')
+
+
+def test_bar_plan_beats_every_single_pattern_at_equal_density():
+    """Issue-6 bar on a planted layer (local, sink_local, clusters, columns heads), L = 1024."""
+    from sparse_attn.bench.search_bar import search_vs_single
+    res = search_vs_single(1024)
+    names, err, dens = res["plan"]
+    assert len(names) == 4 and len(set(names)) >= 3, names  # different heads, different choices
+    for name, (s_err, s_dens) in res["single"].items():
+        assert s_dens >= dens - 1e-9, (name, s_dens, dens)  # the single pattern gets at least the plan's budget
+        assert err < s_err, (name, err, s_err)
