@@ -93,3 +93,28 @@ def test_config_round_trip_and_errors():
         EqualSizeRouting(clusters=2, block_size=16).build(q, q, state=SharedCentroids(torch.zeros(1, 3, 2, 16)))
     with pytest.raises(NotImplementedError, match="RoutedMask"):
         EqualSizeRouting().block_map(q, q)
+
+
+def test_causal_sdpa_drop_in_with_step_cache_warm_start():
+    """patch_sdpa routes a causal SDPA call through the routed mask; the step cache carries the centroids."""
+    import torch.nn.functional as F
+
+    from sparse_attn import patch_sdpa
+    from sparse_attn.cache import CachePolicy, StepCache
+    from sparse_attn.integrations.sdpa import SparseConfig
+
+    q, k, v, _ = balanced_clusters(256, 4, seed=6)
+    pat = EqualSizeRouting(clusters=4, init="kmeans++", block_size=16)
+    cache = StepCache(CachePolicy(refresh_every=1))
+    states = []
+    for step in range(2):
+        cache.set_step(step)
+        with patch_sdpa(SparseConfig(pat, cache=cache, min_seq_len=64)) as patch:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert patch.stats["sparse"] == 1
+        mask = cache.get_mask(pat, q, k, layer=0, causal=True)  # the entry the call used (same step)
+        states.append(mask.state)
+        ref = routed_reference(q, k, v, mask.q_index, mask.k_index, True)
+        low = routed_reference(q, k, v, mask.q_index, mask.k_index, True, dtype=torch.float32)
+        check_close(out, ref, low)
+    assert isinstance(states[1], SharedCentroids) and states[0] is not states[1]
