@@ -117,3 +117,26 @@ def empty_attention(q, k, v):
     o = q.new_zeros(q.shape) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
     lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
     return o, lse
+
+
+def check_index_mask_inputs(mask, q, k, v, q_name, q_index, k_name, k_index):
+    """Rank-4 q/k/v matching ``mask.seq_lens`` and device; batch/head dims of the mask's index tensors
+    (``q_index [1|B, 1|Hq, ...]``, ``k_index [1|B, 1|Hkv|Hq, ...]``) fit. Shared by permuted and routed masks."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a rank-4 tensor [B, H, L, D], got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
+    (batch, n_q_heads), n_kv_heads = q.shape[:2], k.shape[1]
+    if (q.shape[2], k.shape[2]) != mask.seq_lens:
+        raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths "
+                         f"({q.shape[2]}, {k.shape[2]}).")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
+    for name, idx in ((q_name, q_index), (k_name, k_index)):
+        if idx.shape[0] not in (1, batch):
+            raise ValueError(f"{name} batch must be 1 or {batch}, got {idx.shape[0]}.")
+    if q_index.shape[1] not in (1, n_q_heads):
+        raise ValueError(f"{q_name} heads must be 1 or {n_q_heads} (query heads), got {q_index.shape[1]}.")
+    if k_index.shape[1] not in (1, n_kv_heads, n_q_heads):
+        raise ValueError(f"{k_name} heads must be 1, {n_kv_heads} (kv heads) or {n_q_heads} (query heads), "
+                         f"got {k_index.shape[1]}.")

@@ -4,7 +4,7 @@ Normative description: docs/masks.md.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -11,6 +11,7 @@ the causal predicate of the original positions.
 
 import torch
 
+from ._checks import check_index_mask_inputs
 from .mask import BlockSparseMask
 
 
@@ -128,24 +129,8 @@ class PermutedMask:
 
 def _gather_qkv(mask, q, k, v):
     """q, k, v (``[B, H, L, D]``) in the permuted order of ``mask``."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a rank-4 tensor [B, H, L, D], got "
-                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
-    (batch, n_q_heads), n_kv_heads = q.shape[:2], k.shape[1]
-    if (q.shape[2], k.shape[2]) != mask.seq_lens:
-        raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths "
-                         f"({q.shape[2]}, {k.shape[2]}).")
-    if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
-    for name, p in (("perm_q", mask.perm_q), ("perm_k", mask.perm_k)):
-        if p.shape[0] not in (1, batch):
-            raise ValueError(f"{name} batch must be 1 or {batch}, got {p.shape[0]}.")
-    if mask.perm_q.shape[1] not in (1, n_q_heads):
-        raise ValueError(f"perm_q heads must be 1 or {n_q_heads} (query heads), got {mask.perm_q.shape[1]}.")
-    if mask.perm_k.shape[1] not in (1, n_kv_heads, n_q_heads):
-        raise ValueError(f"perm_k heads must be 1, {n_kv_heads} (kv heads) or {n_q_heads} (query heads), "
-                         f"got {mask.perm_k.shape[1]}.")
+    check_index_mask_inputs(mask, q, k, v, "perm_q", mask.perm_q, "perm_k", mask.perm_k)
+    n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
     if mask.perm_k.shape[1] == n_q_heads and n_kv_heads != n_q_heads:
         # per-query-head key orders: the kv heads are repeated for their query heads
         k = k.repeat_interleave(n_q_heads // n_kv_heads, 1)

@@ -82,10 +82,6 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
         raise TypeError(f"mask must be a BlockSparseMask, a StripeSparseMask or None, got {type(mask).__name__}.")
     if mask is not None and tuple(mask.seq_lens) != (q_len, kv_len):
         raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths {(q_len, kv_len)}.")
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    group = n_q_heads // n_kv_heads
-    kf = k.float().repeat_interleave(group, 1) if group > 1 else k.float()
-    vf = v.float().repeat_interleave(group, 1) if group > 1 else v.float()
     shape = (batch, n_q_heads)
     mass = torch.zeros(shape, dtype=torch.float64, device=q.device)
     rows_seen = torch.zeros(shape, dtype=torch.float64, device=q.device)
@@ -93,17 +89,7 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
     vis_pairs = torch.zeros(shape, dtype=torch.float64, device=q.device)
     err2 = torch.zeros(shape, dtype=torch.float64, device=q.device)
     ref2 = torch.zeros(shape, dtype=torch.float64, device=q.device)
-    step = max(1, chunk_bytes // max(1, 4 * batch * n_q_heads * kv_len))
-    j = torch.arange(kv_len, device=q.device)[None, :]
-    for r0 in range(0, q_len, step):
-        r1 = min(q_len, r0 + step)
-        s = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, R, Lk]
-        visible = torch.ones((r1 - r0, kv_len), dtype=torch.bool, device=q.device)
-        if causal:
-            visible = j <= torch.arange(r0, r1, device=q.device)[:, None] + (kv_len - q_len)
-        s = s.masked_fill(~visible, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without a visible key -> 0
-        o_dense = p @ vf
+    for r0, r1, p, o_dense, visible, vf in dense_rows(q, k, v, causal=causal, scale=scale, chunk_bytes=chunk_bytes):
         keep = visible if mask is None else _rows_keep(mask, r0, r1, n_q_heads, n_kv_heads, q.device) & visible
         p_kept = p * keep
         row_mass = p_kept.sum(-1)  # [B, Hq, R]
@@ -119,6 +105,31 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
     error = torch.sqrt(err2 / ref2.clamp_min(1e-300))
     density = kept_pairs / vis_pairs.clamp_min(1)
     return summarize(recall, error, density)
+
+
+def dense_rows(q, k, v, *, causal=False, scale=None, chunk_bytes=CHUNK_BYTES):
+    """Dense float32 attention by query chunks (bounded memory).
+
+    Yields ``(r0, r1, p [B, Hq, R, Lk], o_dense [B, Hq, R, D], visible bool [R, Lk], v_rep [B, Hq, Lk, D])``
+    for rows ``r0:r1``: softmax probabilities (0 on rows without a visible key), the dense output, the
+    (bottom-right causal) visibility and the values repeated to query heads.
+    """
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    group = n_q_heads // n_kv_heads
+    kf = k.float().repeat_interleave(group, 1) if group > 1 else k.float()
+    vf = v.float().repeat_interleave(group, 1) if group > 1 else v.float()
+    step = max(1, chunk_bytes // max(1, 4 * batch * n_q_heads * kv_len))
+    j = torch.arange(kv_len, device=q.device)[None, :]
+    for r0 in range(0, q_len, step):
+        r1 = min(q_len, r0 + step)
+        s = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, R, Lk]
+        visible = torch.ones((r1 - r0, kv_len), dtype=torch.bool, device=q.device)
+        if causal:
+            visible = j <= torch.arange(r0, r1, device=q.device)[:, None] + (kv_len - q_len)
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        yield r0, r1, p, p @ vf, visible, vf
 
 
 def summarize(recall, error, density) -> dict:

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._checks import check_positive_int
+from ._checks import check_index_mask_inputs, check_positive_int
 from .mask import BlockSparseMask, _as_pair
 
 
@@ -158,27 +158,6 @@ def _gather(x, index):
     return x.take_along_dim(flat, dim=2)
 
 
-def _check_inputs(mask, q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a rank-4 tensor [B, H, L, D], got "
-                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
-    (batch, n_q_heads), n_kv_heads = q.shape[:2], k.shape[1]
-    if (q.shape[2], k.shape[2]) != mask.seq_lens:
-        raise ValueError(f"mask was built for seq_lens={mask.seq_lens}, but q and k have lengths "
-                         f"({q.shape[2]}, {k.shape[2]}).")
-    if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
-    for name, idx in (("q_index", mask.q_index), ("k_index", mask.k_index)):
-        if idx.shape[0] not in (1, batch):
-            raise ValueError(f"{name} batch must be 1 or {batch}, got {idx.shape[0]}.")
-    if mask.q_index.shape[1] not in (1, n_q_heads):
-        raise ValueError(f"q_index heads must be 1 or {n_q_heads} (query heads), got {mask.q_index.shape[1]}.")
-    if mask.k_index.shape[1] not in (1, n_kv_heads, n_q_heads):
-        raise ValueError(f"k_index heads must be 1, {n_kv_heads} (kv heads) or {n_q_heads} (query heads), "
-                         f"got {mask.k_index.shape[1]}.")
-
-
 def routed_attention(q, k, v, mask: RoutedMask, *, causal=False, scale=None, return_lse=False, backend="auto"):
     """:func:`~sparse_attn.sparse_attention` under a :class:`RoutedMask`: gather -> kernel -> scatter-average.
 
@@ -197,7 +176,7 @@ def routed_attention(q, k, v, mask: RoutedMask, *, causal=False, scale=None, ret
     if return_lse:
         raise ValueError("return_lse=True is not supported with a RoutedMask: a query in several clusters "
                          "averages several softmaxes (Routing Transformer), which have no single log-sum-exp.")
-    _check_inputs(mask, q, k, v)
+    check_index_mask_inputs(mask, q, k, v, "q_index", mask.q_index, "k_index", mask.k_index)
     mask.check_causal(causal)
     n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
     if mask.k_index.shape[1] == n_q_heads and n_kv_heads != n_q_heads:  # keys routed per query head

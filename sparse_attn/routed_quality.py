@@ -2,7 +2,7 @@
 
 import torch
 
-from .quality import CHUNK_BYTES, summarize
+from .quality import CHUNK_BYTES, dense_rows, summarize
 from .routed import _incidence, routed_attention
 
 
@@ -20,25 +20,12 @@ def routed_quality(mask, q, k, v, *, causal=False, scale=None, chunk_bytes=CHUNK
     mask.check_causal(causal)
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
-    scale = head_dim ** -0.5 if scale is None else float(scale)
     o_routed = routed_attention(q.float(), k.float(), v.float(), mask, causal=causal, scale=scale).float()
-    group = n_q_heads // n_kv_heads
-    kf = k.float().repeat_interleave(group, 1) if group > 1 else k.float()
-    vf = v.float().repeat_interleave(group, 1) if group > 1 else v.float()
     inc_q = _incidence(mask.q_index, q_len)  # [Pb, Ph, Lq, C]
     inc_k = _fit(_incidence(mask.k_index, kv_len), n_q_heads, n_kv_heads)  # [Pb, Ph', Lk, C]
     shape = (batch, n_q_heads)
     mass, rows_seen, err2, ref2 = (torch.zeros(shape, dtype=torch.float64, device=q.device) for _ in range(4))
-    step = max(1, chunk_bytes // max(1, 4 * batch * n_q_heads * kv_len))
-    j = torch.arange(kv_len, device=q.device)[None, :]
-    for r0 in range(0, q_len, step):
-        r1 = min(q_len, r0 + step)
-        s = (q[:, :, r0:r1].float() @ kf.transpose(-1, -2)) * scale  # [B, Hq, R, Lk]
-        visible = torch.ones((r1 - r0, kv_len), dtype=torch.bool, device=q.device)
-        if causal:
-            visible = j <= torch.arange(r0, r1, device=q.device)[:, None] + (kv_len - q_len)
-        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        o_dense = p @ vf
+    for r0, r1, p, o_dense, visible, _ in dense_rows(q, k, v, causal=causal, scale=scale, chunk_bytes=chunk_bytes):
         keep = ((inc_q[:, :, r0:r1] @ inc_k.transpose(-1, -2)) > 0) & visible  # [Pb, Ph, R, Lk]
         seen = visible.any(-1)  # [R]
         mass += ((p * keep).sum(-1) * seen).sum(-1).double()
