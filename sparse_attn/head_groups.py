@@ -9,6 +9,46 @@ so a group need not hold whole GQA groups) and puts the outputs back in head ord
 
 import torch
 
+from .mask import BlockSparseMask
+from .permuted import PermutedMask
+from .routed import RoutedMask
+from .stripe_mask import StripeSparseMask
+
+
+def _pick(x, heads, n_q_heads, n_kv_heads):
+    """``x [Bm, Hm, ...]`` for the query heads ``heads``: Hm == 1 kept, Hm == Hq indexed by ``heads``,
+    Hm == Hkv indexed by each query head's kv head."""
+    hm = x.shape[1]
+    if hm == 1:
+        return x
+    idx = heads.to(x.device)
+    if hm == n_q_heads:
+        return x.index_select(1, idx)
+    if hm == n_kv_heads:
+        return x.index_select(1, idx // (n_q_heads // n_kv_heads))
+    raise ValueError(f"a mask with {hm} heads does not fit {n_q_heads} query / {n_kv_heads} kv heads.")
+
+
+def select_heads(mask, heads, n_q_heads, n_kv_heads):
+    """The part of ``mask`` (built for all ``n_q_heads``) that applies to the query heads ``heads`` (int64
+    ``[G]``), for attention where query head ``heads[g]`` is paired with its own kv head (as in
+    :func:`head_groups_attention`). Warm-start state is dropped."""
+    def pick(x):
+        return _pick(x, heads, n_q_heads, n_kv_heads)
+    if mask is None:
+        return None
+    if isinstance(mask, BlockSparseMask):
+        return BlockSparseMask(pick(mask.counts), pick(mask.indices), mask.block_size, mask.seq_lens, validate=False)
+    if isinstance(mask, StripeSparseMask):
+        return StripeSparseMask(**{k: pick(getattr(mask, k)) for k in mask._FIELDS}, block_size=mask.block_size,
+                                seq_lens=mask.seq_lens, validate=False)
+    if isinstance(mask, PermutedMask):
+        return PermutedMask(select_heads(mask.inner, heads, n_q_heads, n_kv_heads), pick(mask.perm_q),
+                            pick(mask.perm_k))
+    if isinstance(mask, RoutedMask):
+        return RoutedMask(pick(mask.q_index), pick(mask.k_index), mask.block_size, mask.seq_lens)
+    raise TypeError(f"cannot select heads of a {type(mask).__name__}.")
+
 
 class HeadGroupsMask:
     """Masks for disjoint groups of query heads that together cover all ``n_heads``.

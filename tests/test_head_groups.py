@@ -45,11 +45,14 @@ def test_per_head_with_routing_members_builds_head_groups_and_matches_oracle():
     assert isinstance(mask, HeadGroupsMask) and pat.mask_kind == "groups"
     assert [h.tolist() for h, _ in mask.groups] == [[0], [1, 3], [2]]
     assert [type(m).__name__ for _, m in mask.groups] == ["PermutedMask", "BlockSparseMask", "RoutedMask"]
-    alone = KMEANS.build(q[:, [0]], k[:, [0]])  # each group's mask is its pattern on its heads (own kv head)
-    assert torch.equal(mask.groups[0][1].perm_k, alone.perm_k)
-    assert torch.equal(mask.groups[0][1].inner.to_block_dense(), alone.inner.to_block_dense())
-    alone = EQUAL.build(q[:, [2]], k[:, [1]])
-    assert torch.equal(mask.groups[2][1].k_index, alone.k_index)
+    # each group's mask is its pattern built on ALL heads (as the search measures it), cut to the group's heads
+    full = KMEANS.build(q, k)
+    assert torch.equal(mask.groups[0][1].perm_q, full.perm_q[:, [0]])
+    assert torch.equal(mask.groups[0][1].inner.to_block_dense(), full.inner.to_block_dense()[:, [0]])
+    full = EQUAL.build(q, k)
+    assert torch.equal(mask.groups[2][1].k_index, full.k_index[:, [2]])
+    window = WINDOW.build(q, k).to_block_dense()
+    assert torch.equal(mask.groups[1][1].to_block_dense(), window.expand(1, 2, -1, -1))
     for backend in ("torch", "triton"):
         out = sparse_attention(q, k, v, mask, backend=backend)
         check_close(out, _reference(mask, q, k, v, torch.float64), _reference(mask, q, k, v, torch.float32))
@@ -108,3 +111,17 @@ def test_search_picks_routing_for_cluster_heads_and_windows_for_local_heads():
     assert qual["error_max"] <= 0.1 and qual["density_mean"] < 0.5
     with pytest.raises(ValueError, match="causal"):
         PatternSearch(cands, causal=True)
+
+
+def test_stripe_member_with_per_head_budgets_is_cut_from_the_all_heads_build():
+    from sparse_attn.patterns import VerticalSlash
+    q, k, v = _inputs(seed=5)
+    vs = VerticalSlash(vertical=(4, 8, 12, 16), slash=(2, 4, 6, 8), last_q=16, block_size=16)  # per-head budgets
+    mask = PerHead(patterns=(WINDOW, vs, WINDOW, vs)).build(q, k, causal=True)
+    heads, part = mask.groups[1]
+    full = vs.build(q, k, causal=True)
+    assert heads.tolist() == [1, 3] and part.vertical_count.tolist() == full.vertical_count[:, [1, 3]].tolist()
+    out = sparse_attention(q, k, v, mask, causal=True)
+    ref, _ = math_attention(q, k, v, full.to_dense(), causal=True)
+    low, _ = math_attention(q, k, v, full.to_dense(), causal=True, dtype=torch.float32)
+    check_close(out[:, [1, 3]], ref[:, [1, 3]], low[:, [1, 3]])

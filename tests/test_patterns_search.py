@@ -82,3 +82,34 @@ def test_bar_plan_beats_every_single_pattern_at_equal_density():
     for name, (s_err, s_dens) in res["single"].items():
         assert s_dens >= dens - 1e-9, (name, s_dens, dens)  # the single pattern gets at least the plan's budget
         assert err < s_err, (name, err, s_err)
+
+
+def _names(patterns):
+    out = set()
+    for p in patterns:
+        out |= _names(p.patterns) if p.name in ("union", "per_head") else {p.name}
+    return out
+
+
+def test_candidate_grid_covers_every_family_and_searches():
+    from sparse_attn import TokenLayout
+    from sparse_attn.bench.search_bar import planted_layer
+    from sparse_attn.patterns import candidate_grid, list_patterns
+    from sparse_attn.patterns.grid import COVERED
+
+    assert set(COVERED) == set(list_patterns()) - {"dense", "skip", "union", "per_head"}
+    lay = TokenLayout.video(4, 16, 16, text_len=64)
+    assert _names(candidate_grid(lay.seq_len, layout=lay)) == set(COVERED)
+    causal = candidate_grid(1024, causal=True)
+    assert not _names(causal) & {"kmeans_routing", "video_chunk_select", "region_routing", "multi_diagonal"}
+    q, k, v = planted_layer(1024, head_dim=32)
+    for is_causal in (False, True):
+        search = PatternSearch(candidate_grid(1024, causal=is_causal), lam=0.5, eps=0.1, causal=is_causal)
+        search.observe(0, q, k, v)
+        plan = search.plan()
+        assert plan.density() < 0.6 and len(set(plan.names(0))) >= 2, plan.table()
+        mask = plan.pattern_for(0).build(q, k, causal=is_causal)
+        qual = attention_quality(q, k, v, mask, causal=is_causal)
+        assert qual["error_max"] <= 0.1 + 1e-6  # what the search measured is what the plan builds
+    with pytest.raises(ValueError, match="layout must be a TokenLayout of seq_len=100"):
+        candidate_grid(100, layout=lay)

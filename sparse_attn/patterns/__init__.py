@@ -22,6 +22,7 @@ from .equal_routing import EqualSizeRouting, SharedCentroids
 from .hierarchical import ChunkSelect, VideoChunkSelect
 from .region import RegionRouting
 from .search import PatternSearch, SearchPlan, search_plan
+from .grid import candidate_grid
 from .synthetic import build_cost_table, pattern_table, planted_qkv
 
 __all__ = [
@@ -29,6 +30,6 @@ __all__ = [
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
     "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",
-    "VideoChunkSelect", "RegionRouting", "PatternSearch", "SearchPlan", "search_plan",
+    "VideoChunkSelect", "RegionRouting", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
     "pattern_table", "build_cost_table", "planted_qkv",
 ]

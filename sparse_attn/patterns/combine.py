@@ -11,9 +11,10 @@ from typing import Tuple
 
 import torch
 
-from ..head_groups import HeadGroupsMask
+from ..head_groups import HeadGroupsMask, select_heads
 from ..mask import BlockSparseMask
 from .base import Pattern, as_pattern, check_qk, register
+from .static import Skip
 
 
 def _same_blocks(patterns, name):
@@ -147,24 +148,31 @@ class PerHead(Pattern):
         return torch.stack([x.expand(batch, *x.shape[1:]) for x in heads], dim=1)
 
     def build(self, q, k, *, causal=False, layout=None):
-        """A :class:`BlockSparseMask` when every member has a block map, else a ``HeadGroupsMask``."""
+        """A :class:`BlockSparseMask` when every member has a block map, else a ``HeadGroupsMask``.
+
+        Every member is built on ALL heads (as the search measured it: patterns may couple heads or
+        carry per-head budgets) and its mask is then cut to the heads that chose it.
+        """
         if all(p.mask_kind == "block" for p in self.patterns):
             return super().build(q, k, causal=causal, layout=layout)
         check_qk(q, k)
-        n_heads = q.shape[1]
+        n_heads, n_kv = q.shape[1], k.shape[1]
         if len(self.patterns) != n_heads:
             raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
-        group = n_heads // k.shape[1]
+        seq_lens = (q.shape[2], k.shape[2])
         heads_of = {}  # one group for all block-map heads, one per other distinct pattern
         for h, p in enumerate(self.patterns):
             heads_of.setdefault("block" if p.mask_kind == "block" else p.to_json(), []).append(h)
         groups = []
         for key, heads in heads_of.items():
-            idx = torch.tensor(heads, device=q.device)
-            qg, kg = q.index_select(1, idx), k.index_select(1, idx // group)
-            if key == "block":
-                pat = PerHead(patterns=tuple(self.patterns[h] for h in heads))
+            idx = torch.tensor(heads)
+            if key == "block":  # non-block heads are skipped in the shared block map
+                filler = Skip(block_size=self.block_size)
+                keep = PerHead(patterns=tuple(p if p.mask_kind == "block" else filler for p in self.patterns))
+                keep = keep.block_map(q, k, causal=bool(causal), layout=layout)
+                full = BlockSparseMask.from_dense(keep.index_select(1, idx.to(keep.device)), self.block_pair, seq_lens)
+                groups.append((heads, full))
             else:
-                pat = self.patterns[heads[0]]
-            groups.append((heads, pat.build(qg, kg, causal=causal, layout=layout)))
-        return HeadGroupsMask(sorted(groups, key=lambda g: g[0][0]), n_heads, (q.shape[2], k.shape[2]))
+                full = self.patterns[heads[0]].build(q, k, causal=causal, layout=layout)
+                groups.append((heads, select_heads(full, idx, n_heads, n_kv)))
+        return HeadGroupsMask(sorted(groups, key=lambda g: g[0][0]), n_heads, seq_lens)
