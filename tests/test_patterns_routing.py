@@ -168,3 +168,13 @@ def test_step_cache_carries_centroids_between_builds():
         cache.get_mask(pattern, q, k, layer=0)
     assert seen[0] is None and all(isinstance(s, RoutingState) for s in seen[1:])
     assert cache.nbytes >= seen[-1].q_centroids.numel() * 4
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+def test_kmeans_of_a_group_does_not_depend_on_the_other_groups(init):
+    """Same head, same seed: the same clusters whether it is clustered alone or with other heads/batch rows."""
+    x = torch.randn(3, 200, 8, generator=torch.Generator().manual_seed(7))
+    c_all, a_all = kmeans(x, 6, 4, init=init, seed=2)
+    c_one, a_one = kmeans(x[2:], 6, 4, init=init, seed=2)
+    assert torch.equal(a_all[2:], a_one)
+    torch.testing.assert_close(c_all[2:], c_one)

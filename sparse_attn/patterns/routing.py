@@ -64,21 +64,26 @@ def _init_centroids(x, n_clusters, init, seed):
     """``[G, C, D]`` seeded initial centroids: random distinct tokens, or greedy k-means++ (loop over the C
     picks, vectorized over groups: k-means++ is sequential by definition).
 
+    The random draws are shared by all groups (the same token positions for ``"random"``, the same
+    uniforms, inverted through each group's own distance distribution, for ``"kmeans++"``), so a group's
+    centroids do not depend on which other groups (heads, batch rows) are clustered with it.
     Greedy k-means++ draws ``2 + ln C`` candidates per pick by squared distance and keeps the one that
     lowers the total squared distance most (as scikit-learn does); plain k-means++ often seeds two
     centroids in one well-separated cluster and leaves another cluster without one.
     """
     g, length, dim = x.shape
-    gen = torch.Generator(device=x.device).manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     if init == "random":
-        idx = torch.argsort(torch.rand(g, length, generator=gen, device=x.device), dim=-1)[:, :n_clusters]
-        return x.gather(1, idx[..., None].expand(-1, -1, dim)).clone()
+        idx = torch.randperm(length, generator=gen)[:n_clusters].to(x.device)
+        return x[:, idx].clone()
     trials = 2 + int(math.log(max(n_clusters, 1)))
-    first = torch.randint(0, length, (g, 1), generator=gen, device=x.device)
-    cents = [x.gather(1, first[..., None].expand(-1, -1, dim))]
+    first = int(torch.randint(0, length, (1,), generator=gen))
+    cents = [x[:, first:first + 1]]
     d2 = ((x - cents[0]) ** 2).sum(-1)  # [G, L]
     for _ in range(n_clusters - 1):
-        picks = torch.multinomial(d2.clamp_min(0) + 1e-12, trials, replacement=True, generator=gen)  # [G, T]
+        u = torch.rand(trials, generator=gen, dtype=torch.float64).to(x.device)
+        cdf = torch.cumsum(d2.double().clamp_min(0) + 1e-12, -1)
+        picks = torch.searchsorted(cdf, (u[None, :] * cdf[:, -1:]).contiguous()).clamp_max(length - 1)  # [G, T]
         cand = x.gather(1, picks[..., None].expand(-1, -1, dim))  # [G, T, D]
         cand_d2 = torch.minimum(d2[:, None, :], torch.cdist(cand, x) ** 2)  # [G, T, L]
         best = cand_d2.sum(-1).argmin(-1)  # [G]
