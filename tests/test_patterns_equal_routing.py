@@ -91,6 +91,8 @@ def test_config_round_trip_and_errors():
         EqualSizeRouting(clusters=2, block_size=16).build(q, q, state=torch.zeros(1))
     with pytest.raises(ValueError, match="state.centroids must have shape"):
         EqualSizeRouting(clusters=2, block_size=16).build(q, q, state=SharedCentroids(torch.zeros(1, 3, 2, 16)))
+    with pytest.raises(ValueError, match="q_len and kv_len >= 1"):
+        EqualSizeRouting(clusters=2, block_size=16).build(q[:, :, :0], q[:, :, :0])
     with pytest.raises(NotImplementedError, match="RoutedMask"):
         EqualSizeRouting().block_map(q, q)
 

@@ -116,6 +116,9 @@ class EqualSizeRouting(Pattern):
         """The routed mask for ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (``state``: warm-start centroids)."""
         check_qk(q, k)
         (b, hq, lq, d), (hkv, lk) = q.shape, k.shape[1:3]
+        if lq == 0 or lk == 0:
+            raise ValueError(f"equal_size_routing needs q_len and kv_len >= 1 (a cluster holds tokens), got {lq} "
+                             f"and {lk}.")
         shared = self.shared or bool(causal)
         if shared and lq != lk:
             raise ValueError(f"shared routing (causal=True or shared=True) needs q_len == kv_len, got {lq} and {lk}.")
