@@ -1,5 +1,8 @@
 """k-means routing: ragged cluster boundaries (what `kmeans_routing` builds) vs clusters padded to whole tiles.
 
+Ragged is measured in both cluster orders: ``cluster_order="spectral"`` (the default: related clusters
+side by side) and ``"label"`` (k-means label order).
+
     python benchmarks/routing_layouts.py [--length 8192] [--heads 4] [--device cpu|cuda]
 
 Ragged: the permuted order keeps the sequence length; a boundary tile shared by two clusters is kept
@@ -69,10 +72,13 @@ def main():
     gen = torch.Generator().manual_seed(0)
     dense = time_fn(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), dev)
     print(f"L={args.length} heads={args.heads} dtype={dtype} dense SDPA {dense:.1f} ms")
-    print("clusters | ragged tiles | padded tiles | padded Lq | ragged ms | padded-proxy ms | ragged/padded")
-    for n_c in (16, 32, 64, 128):
+    print("clusters | label-order tiles | spectral tiles | padded tiles | padded Lq | label ms | spectral ms | "
+          "padded-proxy ms | spectral/padded")
+    for n_c in (16, 32, 64, 128, 256):
         pat = KMeansRouting(q_clusters=n_c, k_clusters=n_c, top_p=0.9, block_size=64)
         mask = pat.build(q, k)
+        label = KMeansRouting(q_clusters=n_c, k_clusters=n_c, top_p=0.9, block_size=64,
+                              cluster_order="label").build(q, k)
         ragged = int(mask.inner.counts.sum())
         n_tiles, lens = padded_tiles(pat, mask, q, k)
         pad_mask = random_tile_mask(n_tiles.cpu(), lens, pat.block_pair, q.shape[0], q.shape[1], gen).to(dev)
@@ -80,6 +86,7 @@ def main():
                       for n in (lens[0], lens[1], lens[1]))
         perm = mask.perm_q
         t_rag = time_fn(lambda: sparse_attention(q, k, v, mask), dev)
+        t_label = time_fn(lambda: sparse_attention(q, k, v, label), dev)
 
         def padded():
             q.take_along_dim(perm[..., None], 2), k.take_along_dim(mask.perm_k[..., None], 2)
@@ -87,8 +94,8 @@ def main():
             o = sparse_attention(qp, kp, vp, pad_mask)
             return o[:, :, :q.shape[2]].take_along_dim(mask.inv_q[..., None], 2)
         t_pad = time_fn(padded, dev)
-        print(f"{n_c:8d} | {ragged:12d} | {int(n_tiles.sum()):12d} | {lens[0]:9d} | {t_rag:9.1f} | "
-              f"{t_pad:15.1f} | {t_rag / t_pad:.2f}", flush=True)
+        print(f"{n_c:8d} | {int(label.inner.counts.sum()):17d} | {ragged:14d} | {int(n_tiles.sum()):12d} | "
+              f"{lens[0]:9d} | {t_label:8.1f} | {t_rag:11.1f} | {t_pad:15.1f} | {t_rag / t_pad:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ EXAMPLES = {
     "lse_mass": dict(sparsity=0.75, adaptive=False), "vertical_slash": dict(vertical=0.05, slash=[100, 200]),
     "union": dict(patterns=[SinkLocal(sink=8), dict(name="block_topk", k=3)]),
     "per_head": dict(patterns=(Dense(), BlockTopK(k=2))),
-    "kmeans_routing": dict(q_clusters=8, metric="l2", init="kmeans++", top_p=0.8),
+    "kmeans_routing": dict(q_clusters=8, metric="l2", init="kmeans++", top_p=0.8, cluster_order="label"),
     "equal_size_routing": dict(clusters=8, window=128, shared=True, init="kmeans++"),
     "chunk_select": dict(chunk_size=128, rule="threshold", tau=0.3),
     "video_chunk_select": dict(chunk_shape=[2, 4, 4], layout=TokenLayout.video(4, 8, 8, text_len=10)),

@@ -178,3 +178,26 @@ def test_kmeans_of_a_group_does_not_depend_on_the_other_groups(init):
     c_one, a_one = kmeans(x[2:], 6, 4, init=init, seed=2)
     assert torch.equal(a_all[2:], a_one)
     torch.testing.assert_close(c_all[2:], c_one)
+
+
+def test_spectral_cluster_order_keeps_the_pairs_with_fewer_tiles(planted):
+    """Same k-means, same kept cluster pairs (token level), fewer boundary tiles than the label order."""
+    from sparse_attn.patterns.routing import _cluster_means
+    cfg = dict(q_clusters=32, k_clusters=32, top_p=0.9, block_size=32)
+    spectral = KMeansRouting(**cfg).build(planted.q, planted.k)
+    label = KMeansRouting(cluster_order="label", **cfg).build(planted.q, planted.k)
+    # the selected (query cluster, key cluster) pairs as a token mask, from the same k-means
+    xq, xk = planted.q.flatten(0, 1), planted.k.flatten(0, 1)
+    _, aq = kmeans(xq, 32, 0, centroids=spectral.state.q_centroids.flatten(0, 1))
+    _, ak = kmeans(xk, 32, 0, centroids=spectral.state.k_centroids.flatten(0, 1))
+    mq, _ = _cluster_means(xq, aq, 32)
+    mk, sk = _cluster_means(xk, ak, 32)
+    pairs = top_p_pairs(mq, mk, sk, 0.9, 64 ** -0.5)  # [H, Cq, Ck]
+    core = pairs.gather(1, aq[..., None].expand(-1, -1, 32)).gather(2, ak[:, None, :].expand(-1, 2048, -1))
+    for mask in (spectral, label):
+        dense = mask.to_dense()[0]
+        assert bool(dense[core].all())  # every selected pair is computed
+    assert spectral.density() < 0.8 * label.density(), (spectral.density(), label.density())
+    o_s = sparse_attention(planted.q, planted.k, planted.v, spectral)
+    assert torch.isfinite(o_s).all()
+    assert spectral.quality(planted.q, planted.k, planted.v)["recall_min"] >= 0.95

