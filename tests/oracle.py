@@ -92,3 +92,18 @@ def routed_reference(q, k, v, q_index, k_index, causal=False, dtype=torch.float6
                 out[bi, h].index_add_(0, iq[c], p @ vs)
                 cnt[bi, h].index_add_(0, iq[c], torch.ones(iq.shape[1], dtype=dtype))
     return out / cnt.clamp_min(1)[..., None]
+
+
+def box_ids_reference(lay, shape):
+    """Box per token of a video layout, by loops: 0 for text, 1 + frame-major box index for video tokens
+    (boxes of ``shape = (frames, rows, cols)``; edge boxes may be smaller)."""
+    n_y, n_x = -(-lay.height // shape[1]), -(-lay.width // shape[2])
+    ids = []
+    for i in range(lay.seq_len):
+        if lay.text_start <= i < lay.text_start + lay.text_len:
+            ids.append(0)
+            continue
+        v = i - lay.video_start
+        t, y, x = v // (lay.height * lay.width), (v // lay.width) % lay.height, v % lay.width
+        ids.append(1 + ((t // shape[0]) * n_y + y // shape[1]) * n_x + x // shape[2])
+    return torch.tensor(ids)

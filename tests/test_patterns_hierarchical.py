@@ -86,23 +86,14 @@ def test_config_round_trip_and_errors():
 
 # ---- video chunks (VMoBA 1-D / 2-D / 3-D) ---------------------------------------------------------------
 
-from oracle import check_close, math_attention  # noqa: E402
+from oracle import check_close, box_ids_reference, math_attention  # noqa: E402
 from sparse_attn import TokenLayout, sparse_attention  # noqa: E402
 from sparse_attn.patterns import VideoChunkSelect  # noqa: E402
 from sparse_attn.patterns.hierarchical import box_chunk_ids  # noqa: E402
 
 
 def _ref_ids(lay, shape):
-    ids = []
-    n_y, n_x = -(-lay.height // shape[1]), -(-lay.width // shape[2])
-    for i in range(lay.seq_len):
-        if lay.text_start <= i < lay.text_start + lay.text_len:
-            ids.append(0)
-            continue
-        v = i - lay.video_start
-        t, y, x = v // (lay.height * lay.width), (v // lay.width) % lay.height, v % lay.width
-        ids.append(1 + ((t // shape[0]) * n_y + y // shape[1]) * n_x + x // shape[2])
-    return torch.tensor(ids)
+    return box_ids_reference(lay, shape)
 
 
 def _ref_video_chunks(q, k, lay, shape, bm, rule, kk, tau):

@@ -3,24 +3,14 @@
 import pytest
 import torch
 
-from oracle import check_close, math_attention
+from oracle import check_close, box_ids_reference, math_attention
 from sparse_attn import PermutedMask, TokenLayout, sparse_attention
 from sparse_attn.patterns import get_pattern, pattern_from_json
 from sparse_attn.patterns.region import RegionRouting
 
 
 def _ref_ids(lay, shape):
-    """Region per token by loops: 0 for text, 1 + frame-major box index for image/video tokens."""
-    n_y, n_x = -(-lay.height // shape[1]), -(-lay.width // shape[2])
-    ids = []
-    for i in range(lay.seq_len):
-        if lay.text_start <= i < lay.text_start + lay.text_len:
-            ids.append(0)
-            continue
-        v = i - lay.video_start
-        t, y, x = v // (lay.height * lay.width), (v // lay.width) % lay.height, v % lay.width
-        ids.append(1 + ((t // shape[0]) * n_y + y // shape[1]) * n_x + x // shape[2])
-    return torch.tensor(ids)
+    return box_ids_reference(lay, shape)
 
 
 def _ref_routing(q, k, lay, shape, topk, keep_own):
