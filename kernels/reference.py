@@ -16,15 +16,12 @@ from typing import Optional, Tuple
 import torch
 
 from ._common.rows import BlockRows
+from ._common.softmax import accum_dtype, softmax_rows
 
 Tensor = torch.Tensor
 
 # Upper bound, in bytes, on the score chunk and on the gathered K/V chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Units(BlockRows):
@@ -38,7 +35,7 @@ class _Units(BlockRows):
     def __init__(self, q, k, counts, indices, block_m, block_n, causal, scale):
         super().__init__(q, k, counts, indices, block_m, block_n)
         self.causal, self.scale = causal, scale
-        self.cdt = _compute_dtype(q.dtype)
+        self.cdt = accum_dtype(q.dtype)
         self.flat = self.kv_base[:, None] + self.idx  # [R, W]
         self.tok_n = torch.arange(block_n, device=q.device)
         self.tok_m = torch.arange(block_m, device=q.device).repeat(self.g_u)  # [G*bm]
@@ -87,21 +84,16 @@ def block_sparse_fwd_ref(q, k, v, counts, indices, block_m, block_n, causal, sca
         o ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` float32 (float64 for float64 inputs).
     """
     u = _Units(q, k, counts, indices, block_m, block_n, causal, scale)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accum_dtype(q.dtype)
     qu = u.rows(q)  # [R, G*bm, D]
     kf, vf = u.keys(k), u.keys(v)  # [B*Hkv*NKB, bn, D]
     step = u.step(u.g_u * block_m * u.width * block_n + 2 * u.width * block_n * u.head_dim, chunk_bytes)
     outs, lses = [], []
     for r0 in range(0, u.n_rows, step):
         s, _, vg = u.scores(qu, kf, vf, r0, min(u.n_rows, r0 + step))
-        m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1], float("-inf"))
-        m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m_ref)
-        l_sum = p.sum(dim=-1, keepdim=True)
-        seen = l_sum > 0
-        l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
-        outs.append(torch.bmm(p, vg) / l_safe)
-        lses.append(torch.where(seen, m_ref + torch.log(l_safe), torch.full_like(l_safe, float("-inf"))))
+        o_c, lse_c = softmax_rows(s, vg)
+        outs.append(o_c)
+        lses.append(lse_c)
     o = torch.cat(outs) if outs else qu.new_zeros(qu.shape)
     lse = torch.cat(lses) if lses else qu.new_zeros((*qu.shape[:2], 1))
     return u.unrows(o).to(q.dtype), u.unrows(lse)[..., 0].to(lse_dtype)
@@ -154,10 +146,6 @@ def block_sparse_bwd_ref(do, q, k, v, o, lse, counts, indices, block_m, block_n,
 
 
 # ---- differentiable entry point: custom ops so torch.compile sees one node per pass ----
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("sparse_attn::block_sparse_attn_fwd_ref", mutates_args=())
 def _fwd_ref_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_m: int, block_n: int,
                 causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
@@ -168,7 +156,7 @@ def _fwd_ref_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor
 @_fwd_ref_op.register_fake
 def _fwd_ref_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(q.shape[:3], dtype=_lse_dtype(q.dtype), device=q.device))
+            torch.empty(q.shape[:3], dtype=accum_dtype(q.dtype), device=q.device))
 
 
 @torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_ref", mutates_args=())

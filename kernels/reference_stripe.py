@@ -10,6 +10,8 @@ Differentiable through autograd.
 
 import torch
 
+from ._common.softmax import accum_dtype, softmax_rows
+
 # Upper bound, in bytes, on the score chunk and on the gathered K/V chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -44,8 +46,7 @@ def stripe_sparse_fwd_ref(q, k, v, block_counts, block_indices, block_full, col_
     group = n_q_heads // n_kv_heads
     mask_batch, mask_heads, n_qb = block_counts.shape
     width, col_width = block_indices.shape[-1], col_indices.shape[-1]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = lse_dtype = accum_dtype(q.dtype)
     if q.numel() == 0 or kv_len == 0:
         return (q.new_zeros(q.shape), torch.full((batch, n_q_heads, q_len), float("-inf"), dtype=lse_dtype,
                                                  device=q.device))
@@ -133,15 +134,9 @@ def stripe_sparse_fwd_ref(q, k, v, block_counts, block_indices, block_full, col_
             pos = torch.cat([key.reshape(n_c, -1), ci], 1)  # [C, N]
             q_pos = m_of[rows, None] * block_m + tok_m  # [C, bm]
             keep = keep & (pos[:, None, :] <= q_pos[:, :, None] + (kv_len - q_len))
-        s = s.masked_fill(~keep, float("-inf"))
-        m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1], float("-inf"))
-        m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m_ref)
-        l_sum = p.sum(dim=-1, keepdim=True)
-        seen = l_sum > 0
-        l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
-        outs.append(torch.bmm(p, vg) / l_safe)
-        lses.append(torch.where(seen, m_ref + torch.log(l_safe), torch.full_like(l_safe, float("-inf"))).squeeze(-1))
+        o_c, lse_c = softmax_rows(s.masked_fill(~keep, float("-inf")), vg)
+        outs.append(o_c)
+        lses.append(lse_c.squeeze(-1))
         r0 = r1
     inverse = torch.argsort(order)
     o = torch.cat(outs)[inverse].reshape(batch, n_q_heads, n_qb * block_m, head_dim)[:, :, :q_len]

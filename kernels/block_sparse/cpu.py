@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._common.rows import BlockRows
+from .._common.softmax import accum_dtype
 
 CHUNK_BYTES = 8 * 1024 * 1024  # gathered K + V per chunk: small enough to stay in cache
 
@@ -110,7 +111,7 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
     r = _Rows(q, k, counts, indices, block_m, block_n)
     qr = r.gather_queries(q)  # [R, G*bm, D]
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accum_dtype(q.dtype)
     cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
     n_buf = max(cap, r.width)  # one reused gather buffer: no page faults for every chunk
     buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
@@ -151,7 +152,7 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
     qr, dor, orr = r.gather_queries(q), r.gather_queries(do), r.gather_queries(o)  # [R, G*bm, D]
     lser = r.gather_queries(lse.unsqueeze(-1)).squeeze(-1)  # [R, G*bm]
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accum_dtype(q.dtype)
     dkb = torch.zeros(kb.shape, dtype=acc, device=q.device)
     dvb = torch.zeros(vb.shape, dtype=acc, device=q.device)
     dqr = torch.zeros(qr.shape, dtype=q.dtype, device=q.device)
@@ -162,7 +163,7 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
         kg, flat = r.gather(kb, rows, n_blk)
         vg, _ = r.gather(vb, rows, n_blk)
         pick = lambda x: x.index_select(0, rows).unsqueeze(1)  # noqa: E731  [C, 1, G*bm, ...]
-        lse_c = pick(lser).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse_c = pick(lser).to(acc)
         add = None
         if masked:
             add, _ = r.additive_mask(rows, n_blk, causal, q.dtype)
@@ -192,7 +193,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, bl
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = accum_dtype(q.dtype)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
