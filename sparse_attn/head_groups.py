@@ -61,8 +61,8 @@ class HeadGroupsMask:
     Example:
         >>> from sparse_attn import BlockSparseMask
         >>> m = HeadGroupsMask([([0, 2], None), ([1], BlockSparseMask.full(64, 64, 32))], 3, (64, 64))
-        >>> m.heads_of(1)
-        [1]
+        >>> m.density()
+        1.0
     """
 
     def __init__(self, groups, n_heads, seq_lens):
@@ -83,9 +83,6 @@ class HeadGroupsMask:
             seen.extend(heads.tolist())
         if sorted(seen) != list(range(self.n_heads)):
             raise ValueError(f"groups must cover the query heads 0..{self.n_heads - 1} exactly once, got {sorted(seen)}.")
-
-    def heads_of(self, i):
-        return self.groups[i][0].tolist()
 
     @property
     def device(self):
@@ -108,7 +105,7 @@ class HeadGroupsMask:
         return f"HeadGroupsMask(n_heads={self.n_heads}, seq_lens={self.seq_lens}, groups={{{parts}}})"
 
 
-def _select(mask, q, k, v, heads):
+def _select(q, k, v, heads):
     """q/k/v restricted to the query heads ``heads`` (each with its own kv head)."""
     n_q, n_kv = q.shape[1], k.shape[1]
     idx = heads.to(q.device)
@@ -144,7 +141,7 @@ def head_groups_attention(q, k, v, mask: HeadGroupsMask, *, causal=False, scale=
     _check(mask, q, k)
     outs, lses, order = [], [], []
     for heads, m in mask.groups:
-        qg, kg, vg = _select(mask, q, k, v, heads)
+        qg, kg, vg = _select(q, k, v, heads)
         out = sparse_attention(qg, kg, vg, m, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
         if return_lse:
             outs.append(out[0])
@@ -165,7 +162,7 @@ def head_groups_quality(mask: HeadGroupsMask, q, k, v, *, causal=False, scale=No
     _check(mask, q, k)
     out = {}
     for heads, m in mask.groups:
-        qg, kg, vg = _select(mask, q, k, v, heads)
+        qg, kg, vg = _select(q, k, v, heads)
         qual = attention_quality(qg, kg, vg, m, causal=causal, scale=scale)
         for key in ("recall", "error", "density"):
             if key not in out:

@@ -127,14 +127,19 @@ class PermutedMask:
                 f"batch_heads_k={tuple(self.perm_k.shape[:2])}, inner={self.inner!r})")
 
 
+def kv_for_key_index(k, v, key_index, n_q_heads):
+    """k, v with their kv heads repeated for their query heads when ``key_index`` (a key order or key
+    clusters, ``[Pb, Ph, ...]``) has one entry per QUERY head under GQA; unchanged otherwise."""
+    n_kv_heads = k.shape[1]
+    if key_index.shape[1] == n_q_heads and n_kv_heads != n_q_heads:
+        return k.repeat_interleave(n_q_heads // n_kv_heads, 1), v.repeat_interleave(n_q_heads // n_kv_heads, 1)
+    return k, v
+
+
 def _gather_qkv(mask, q, k, v):
     """q, k, v (``[B, H, L, D]``) in the permuted order of ``mask``."""
     check_index_mask_inputs(mask, q, k, v, "perm_q", mask.perm_q, "perm_k", mask.perm_k)
-    n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
-    if mask.perm_k.shape[1] == n_q_heads and n_kv_heads != n_q_heads:
-        # per-query-head key orders: the kv heads are repeated for their query heads
-        k = k.repeat_interleave(n_q_heads // n_kv_heads, 1)
-        v = v.repeat_interleave(n_q_heads // n_kv_heads, 1)
+    k, v = kv_for_key_index(k, v, mask.perm_k, q.shape[1])
     qp = q.take_along_dim(mask.perm_q[..., None], dim=2)
     kp = k.take_along_dim(mask.perm_k[..., None], dim=2)
     vp = v.take_along_dim(mask.perm_k[..., None], dim=2)

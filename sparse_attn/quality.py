@@ -9,6 +9,7 @@ import torch
 
 from .mask import BlockSparseMask
 from .permuted import PermutedMask
+from .routed import RoutedMask
 from .head_groups import HeadGroupsMask, head_groups_quality
 
 # Upper bound, in bytes, of one chunk of float32 scores [B, Hq, rows, Lk].
@@ -64,7 +65,7 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
             raise ValueError("causal=True is not supported with a PermutedMask (causality is defined in the "
                              "original token order); got causal=True.")
         return mask.quality(q, k, v, scale=scale)
-    if hasattr(mask, "q_index") and hasattr(mask, "k_index"):  # RoutedMask (its module imports this one)
+    if isinstance(mask, RoutedMask):
         return mask.quality(q, k, v, causal=causal, scale=scale)
     if isinstance(mask, HeadGroupsMask):
         return head_groups_quality(mask, q, k, v, causal=causal, scale=scale)

@@ -20,6 +20,7 @@ import torch
 
 from ._checks import check_index_mask_inputs, check_positive_int
 from .mask import BlockSparseMask, _as_pair
+from .permuted import kv_for_key_index
 
 
 def _check_index(index, name, length):
@@ -178,10 +179,8 @@ def routed_attention(q, k, v, mask: RoutedMask, *, causal=False, scale=None, ret
                          "averages several softmaxes (Routing Transformer), which have no single log-sum-exp.")
     check_index_mask_inputs(mask, q, k, v, "q_index", mask.q_index, "k_index", mask.k_index)
     mask.check_causal(causal)
-    n_q_heads, n_kv_heads = q.shape[1], k.shape[1]
-    if mask.k_index.shape[1] == n_q_heads and n_kv_heads != n_q_heads:  # keys routed per query head
-        k = k.repeat_interleave(n_q_heads // n_kv_heads, 1)
-        v = v.repeat_interleave(n_q_heads // n_kv_heads, 1)
+    n_q_heads = q.shape[1]
+    k, v = kv_for_key_index(k, v, mask.k_index, n_q_heads)  # keys routed per query head: repeat kv heads
     qg, kg, vg = _gather(q, mask.q_index), _gather(k, mask.k_index), _gather(v, mask.k_index)
     og = sparse_attention(qg, kg, vg, mask.inner, causal=bool(causal), scale=scale, backend=backend)
     flat = mask.q_index.flatten(2)  # [Pb, Ph, C * Wq]

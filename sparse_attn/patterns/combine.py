@@ -153,7 +153,7 @@ class PerHead(Pattern):
         Every member is built on ALL heads (as the search measured it: patterns may couple heads or
         carry per-head budgets) and its mask is then cut to the heads that chose it.
         """
-        if all(p.mask_kind == "block" for p in self.patterns):
+        if self.mask_kind == "block":
             return super().build(q, k, causal=causal, layout=layout)
         check_qk(q, k)
         n_heads, n_kv = q.shape[1], k.shape[1]
