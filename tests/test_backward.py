@@ -12,15 +12,6 @@ from sparse_attn_kernels.block_sparse import bwd as bwd_mod
 from sparse_attn_kernels.reference import block_sparse_attn_ref
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP oversubscription when the machine is busy (~70x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # ---- oracle gradients: math attention with rows that see no key kept finite -----------------------
 def math_attention_safe(q, k, v, token_mask, causal, scale, dtype):
     """Like ``oracle.math_attention`` but differentiable on rows that see no key (o = 0, grads = 0)."""

@@ -6,15 +6,6 @@ import torch
 from sparse_attn import BlockSparseMask, sparse_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread avoids OpenMP oversubscription when the machine is busy (~70x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyAttention(torch.nn.Module):
     """Projections + sparse attention (GQA 2:1) + output projection."""
 

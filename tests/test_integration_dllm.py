@@ -13,14 +13,6 @@ from _toy_patterns import BandPattern, DensePattern
 MASK_ID, VOCAB = 0, 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyBlock(torch.nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
