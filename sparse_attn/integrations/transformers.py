@@ -79,9 +79,11 @@ def _make_forward(name):
         layer = getattr(module, "layer_idx", None)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q_len = query.shape[2]
+        # no mask and more keys than queries only happens for an empty static cache at prefill: the keys
+        # past q_len are empty slots (transformers' SDPA path crops them too); the sparse path drops them
+        crop = bool(causal) and key.shape[2] > q_len
         observe = getattr(cfg, "observe", None)
         if reason is None and observe is not None:  # calibration (CalibrationConfig): observe, then run dense
-            crop = bool(causal) and key.shape[2] > q_len  # as below: empty static-cache slots are not keys
             observe(layer, query, key[:, :, :q_len] if crop else key, value[:, :, :q_len] if crop else value,
                     causal=bool(causal), scale=scaling)
             reason = "calibration"
@@ -90,9 +92,7 @@ def _make_forward(name):
             pattern = cfg.pattern_for(layer)
             if pattern is None:
                 reason = "dense layer"
-        if reason is None and causal and key.shape[2] > q_len:
-            # no mask and more keys than queries only happens for an empty static cache at prefill:
-            # the keys past q_len are empty slots (transformers' SDPA path crops them too)
+        if reason is None and crop:
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         mask = None
         if reason is None:
