@@ -24,7 +24,7 @@ def compile_sm90(fn, dtype, constexprs, num_warps=4, num_stages=2):
         if name in constexprs:
             signature[name], consts[(i,)] = "constexpr", constexprs[name]
         elif name.endswith("_ptr"):
-            if "count" in name or "indices" in name:
+            if any(t in name for t in ("count", "indices", "slots", "words", "ranges", "cu_", "seg")):
                 signature[name] = "*i32"
             elif name in ("lse_ptr", "delta_ptr", "dlse_ptr"):
                 signature[name] = "*fp32"
@@ -39,10 +39,12 @@ def compile_sm90(fn, dtype, constexprs, num_warps=4, num_stages=2):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def main(dtype, block_m, block_n, head_dim, causal, group, num_stages):
+def main(dtype, block_m, block_n, head_dim, causal, group, num_stages, predicates=False):
     pad = triton.next_power_of_2(head_dim)
-    common = dict(GROUP=group, MASK_HEAD_DIV=1, IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-                  HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+    common = dict(GROUP=group, MASK_HEAD_DIV=1, HAS_BAND=causal or predicates, HAS_RANGE=predicates,
+                  HAS_SEG=predicates, HAS_BITS=predicates, VARLEN=predicates, BLOCK_M=block_m, BLOCK_N=block_n,
+                  WORDS=-(-block_n // 32), HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
+                  DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     tile_n, tile_m = inner_tile(block_n, pad, torch_dtype), inner_tile(block_m, pad, torch_dtype)  # as the launchers
     kernels = {
@@ -59,5 +61,5 @@ def main(dtype, block_m, block_n, head_dim, causal, group, num_stages):
 
 
 if __name__ == "__main__":
-    dtype, bm, bn, d, causal, group, stages = sys.argv[1:]
-    main(dtype, int(bm), int(bn), int(d), causal == "1", int(group), int(stages))
+    dtype, bm, bn, d, causal, group, stages, preds = sys.argv[1:]
+    main(dtype, int(bm), int(bn), int(d), causal == "1", int(group), int(stages), preds == "1")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sparse_attn import BlockSparseMask, sparse_attention
+from sparse_attn_kernels._common.predicates import NO_PREDICATES, flat
 
 
 class TinyAttention(torch.nn.Module):
@@ -92,8 +93,9 @@ def test_fake_impls_match_real_outputs():
     k = torch.randn(1, 1, 40, 16, generator=gen, requires_grad=True)
     v = torch.randn(1, 1, 40, 16, generator=gen, requires_grad=True)
     mask = _mask(40, 16, 1, seed=3, cache_kv_major=True)
-    ref_args = (q, k, v, mask.counts, mask.indices, 16, 16, True, 0.25)
+    ref_args = (q, k, v, mask.counts, mask.indices, 16, 16, True, 0.25, *flat(NO_PREDICATES))
     torch.library.opcheck(torch.ops.sparse_attn.block_sparse_attn_fwd_ref, ref_args)
-    tri_args = (q, k, v, mask.counts, mask.indices, *mask.kv_major(), 16, 16, True, 0.25)
+    tri_args = (q, k, v, mask.counts, mask.indices, *mask.kv_major(), 16, 16, True, 0.25, *flat(NO_PREDICATES),
+                None, None, 0, 0)
     torch.library.opcheck(torch.ops.sparse_attn.block_sparse_attn_fwd, tri_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -17,20 +17,24 @@ import pytest
 HOPPER_SMEM = 227 * 1024
 HELPER = pathlib.Path(__file__).with_name("_aot_sm90.py")
 
-CASES = [  # the last field is num_stages: a configuration the autotuner can choose (kernels/_common/config.py)
-    pytest.param("bf16", 64, 64, 128, True, 1, 2, id="bf16-64x64-d128-causal"),
-    pytest.param("bf16", 128, 128, 128, False, 4, 2, id="bf16-128x128-d128-gqa4"),
-    pytest.param("bf16", 128, 128, 256, True, 1, 2, id="bf16-128x128-d256-causal"),
-    pytest.param("fp16", 64, 32, 80, True, 2, 2, id="fp16-64x32-d80-causal"),
-    pytest.param("fp32", 32, 32, 64, True, 1, 2, id="fp32-32x32-d64-causal"),
-    pytest.param("fp32", 64, 64, 256, True, 1, 1, id="fp32-64x64-d256-unpipelined"),
+CASES = [  # num_stages: a configuration the autotuner can choose (kernels/_common/config.py); the last field
+    # switches on every in-tile predicate (band, ranges, segments, bit masks, packed rows)
+    pytest.param("bf16", 64, 64, 128, True, 1, 2, False, id="bf16-64x64-d128-causal"),
+    pytest.param("bf16", 128, 128, 128, False, 4, 2, False, id="bf16-128x128-d128-gqa4"),
+    pytest.param("bf16", 128, 128, 256, True, 1, 2, False, id="bf16-128x128-d256-causal"),
+    pytest.param("fp16", 64, 32, 80, True, 2, 2, False, id="fp16-64x32-d80-causal"),
+    pytest.param("fp32", 32, 32, 64, True, 1, 2, False, id="fp32-32x32-d64-causal"),
+    pytest.param("fp32", 64, 64, 256, True, 1, 1, False, id="fp32-64x64-d256-unpipelined"),
+    pytest.param("bf16", 128, 64, 128, True, 4, 2, True, id="bf16-128x64-d128-all-predicates"),
+    pytest.param("fp16", 64, 16, 64, False, 1, 2, True, id="fp16-64x16-d64-all-predicates"),
 ]
 
 
-@pytest.mark.parametrize("dtype,block_m,block_n,head_dim,causal,group,num_stages", CASES)
-def test_block_sparse_kernels_compile_for_hopper(dtype, block_m, block_n, head_dim, causal, group, num_stages):
+@pytest.mark.parametrize("dtype,block_m,block_n,head_dim,causal,group,num_stages,predicates", CASES)
+def test_block_sparse_kernels_compile_for_hopper(dtype, block_m, block_n, head_dim, causal, group, num_stages,
+                                                 predicates):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [dtype, block_m, block_n, head_dim, int(causal), group, num_stages]
+    args = [dtype, block_m, block_n, head_dim, int(causal), group, num_stages, int(predicates)]
     run = subprocess.run([sys.executable, str(HELPER), *map(str, args)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

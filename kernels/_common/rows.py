@@ -16,10 +16,11 @@ class BlockRows:
     Attributes:
         count: ``[R]`` kept blocks per row; slot_ok: ``[R, W]`` slots inside the count;
         idx: ``[R, W]`` key blocks (0 outside the count); m_of: ``[R]`` query block of each row;
-        kv_base: ``[R]`` flat index of the row's first K/V block in :meth:`key_blocks`.
+        b_of: ``[R]`` batch row; kv_base: ``[R]`` flat index of the row's first K/V block in :meth:`key_blocks`;
+        slots: ``[R, W]`` bit slots of the entries (-1 outside the count or without bits) or None.
     """
 
-    def __init__(self, q, k, counts, indices, block_m, block_n):
+    def __init__(self, q, k, counts, indices, block_m, block_n, bit_slots=None):
         self.batch, self.n_q_heads, self.q_len, self.head_dim = q.shape
         self.n_kv_heads, self.kv_len = k.shape[1], k.shape[2]
         self.group = self.n_q_heads // self.n_kv_heads
@@ -34,7 +35,11 @@ class BlockRows:
         idx = indices.expand(self.batch, self.n_units, self.n_qb, self.width).reshape(-1, self.width).long()
         self.slot_ok = torch.arange(self.width, device=dev)[None, :] < self.count[:, None]  # [R, W]
         self.idx = torch.where(self.slot_ok, idx, 0)  # [R, W]
-        b_of = torch.arange(self.batch, device=dev).repeat_interleave(self.n_units * self.n_qb)
+        self.slots = None
+        if bit_slots is not None:
+            slots = bit_slots.expand(self.batch, self.n_units, self.n_qb, self.width).reshape(-1, self.width).long()
+            self.slots = torch.where(self.slot_ok, slots, -1)  # [R, W]
+        self.b_of = b_of = torch.arange(self.batch, device=dev).repeat_interleave(self.n_units * self.n_qb)
         u_of = torch.arange(self.n_units, device=dev).repeat_interleave(self.n_qb).repeat(self.batch)
         self.m_of = torch.arange(self.n_qb, device=dev).repeat(self.batch * self.n_units)  # [R]
         kv_head = u_of if self.shared else u_of // self.group

@@ -11,13 +11,14 @@ def accum_dtype(dtype):
 def softmax_rows(s, v):
     """Softmax attention of masked scores ``s [N, M, K]`` (``-inf`` = not kept) over ``v [N, K, D]``.
 
-    Returns ``(o [N, M, D], lse [N, M, 1])``; rows with no kept key give ``o = 0`` and ``lse = -inf``.
+    Returns ``(o [N, M, D], lse [N, M, 1])``; rows with no kept key give ``o = 0`` and ``lse = -inf``;
+    a NaN row keeps NaN in both (never a silent ``-inf`` that a merge by LSE would drop).
     """
     m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1], float("-inf"))
     m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m_ref)
     l_sum = p.sum(dim=-1, keepdim=True)
-    seen = l_sum > 0
-    l_safe = torch.where(seen, l_sum, torch.ones_like(l_sum))
-    lse = torch.where(seen, m_ref + torch.log(l_safe), torch.full_like(l_safe, float("-inf")))
+    empty = l_sum == 0
+    l_safe = torch.where(empty, torch.ones_like(l_sum), l_sum)
+    lse = torch.where(empty, torch.full_like(l_safe, float("-inf")), m_ref + torch.log(l_safe))
     return torch.bmm(p, v) / l_safe, lse

@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from .._common.config import inner_tile, dot_precision, fwd_configs, pow2_at_least
-from .fwd import _visible_prefix
+from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
+from .._common.tile_jit import finite_rows, list_span, row_bounds, tile_keep
+from .fwd import _bstride
 
 LOG2E = 1.4426950408889634
 
@@ -58,36 +60,25 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(lse_ptr, delta_ptr, offs_m, q_len):
-    """lse in the log2 domain with -inf (row saw no key) and the query tail mapped to +inf, so P = 0."""
-    in_q = offs_m < q_len
-    lse = tl.load(lse_ptr + offs_m, mask=in_q, other=float("inf"))
+def _load_row_stats(lse_ptr, delta_ptr, offs, valid):
+    """lse in the log2 domain with -inf (row saw no key) and invalid rows mapped to +inf, so P = 0."""
+    lse = tl.load(lse_ptr + offs, mask=valid, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(delta_ptr + offs_m, mask=in_q, other=0.0)
+    delta = tl.load(delta_ptr + offs, mask=valid, other=0.0)
     return lse, delta
 
 
-@triton.jit
-def _hidden_prefix(idx_row, count, first_row, q_len, BLOCK_M: tl.constexpr):
-    """Number of leading entries of a sorted query-block list whose rows all lie before ``first_row``."""
-    n_hid = count * 0  # int32 scalar tensor, loop-carried
-    for c in range(0, count, 128):
-        offs = c + tl.arange(0, 128)
-        qb = tl.load(idx_row + offs, mask=offs < count, other=0).to(tl.int64)
-        last_row = tl.minimum(qb * BLOCK_M + BLOCK_M, q_len) - 1
-        n_hid += tl.sum(((offs < count) & (last_row < first_row)).to(tl.int32), 0)
-    return n_hid
-
-
-@triton.jit(do_not_specialize=["q_len", "kv_len", "n_k_blocks", "width_t"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "n_k_blocks", "width_t", "left", "right"])
 def _block_sparse_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, counts_t_ptr, indices_t_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, counts_t_ptr, indices_t_ptr, slots_t_ptr,
+    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_cb, stride_ch, stride_ib, stride_ih,
-    n_kv_heads, q_len, kv_len, n_k_blocks, width_t, qk_scale, scale,
-    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr,
+    stride_lb, stride_lh, stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    n_kv_heads, q_len, kv_len, n_k_blocks, width_t, qk_scale, scale, left, right,
+    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, WORDS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid, key block fastest: programs running together read the Q/dO of one head.
@@ -96,13 +87,20 @@ def _block_sparse_bwd_dkdv_kernel(
     pid_bh = pid // n_k_blocks
     b = (pid_bh // n_kv_heads).to(tl.int64)
     h_kv = (pid_bh % n_kv_heads).to(tl.int64)
+    q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
+    q_tok = b * 0
+    k_tok = b * 0
+    if VARLEN:
+        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     offs_t = tl.arange(0, TILE_M)  # [TILE_M]
-    rows_n = offs_n[:, None].to(tl.int64)
-    kv_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_N, D]
+    rows_n = (k_tok + offs_n[:, None]).to(tl.int64)
+    kv_valid = (offs_n >= kv_start) & (offs_n < kv_end)  # [BLOCK_N]
+    kv_mask = kv_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_N, D]
     k = tl.load(k_ptr + b * stride_kb + h_kv * stride_kh + rows_n * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # [BLOCK_N, D]
     v = tl.load(v_ptr + b * stride_vb + h_kv * stride_vh + rows_n * stride_vn + offs_d[None, :],
@@ -110,66 +108,104 @@ def _block_sparse_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # bottom-right causal alignment: query i sees key j iff j <= i + (kv_len - q_len)
-    causal_shift = kv_len - q_len
-    key_tail = start_n + BLOCK_N > kv_len
+    # the valid keys of this block and the queries that can see them (band: -left <= j - (i + shift) <= right)
+    first_k = tl.maximum(start_n, kv_start)
+    last_k = tl.minimum(start_n + BLOCK_N, kv_end) - 1
+    lo_q = q_start
+    hi_q = q_end - 1
+    if HAS_BAND:
+        lo_q = tl.maximum(lo_q, first_k - shift - right)
+        hi_q = tl.minimum(hi_q, last_k - shift + left)
+    key_partial = (start_n < kv_start) | (start_n + BLOCK_N > kv_end)
+    if HAS_SEG:
+        k_lo = tl.load(k_segb_ptr + b * stride_sbk + pid_n * 2)
+        k_hi = tl.load(k_segb_ptr + b * stride_sbk + pid_n * 2 + 1)
     col = pid_n.to(tl.int64)
     for g in range(0, GROUP):
         h = h_kv * GROUP + g  # query head
         h_mask = h // MASK_HEAD_DIV
         count = tl.load(counts_t_ptr + b * stride_cb + h_mask * stride_ch + col)
         idx_row = indices_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
+        slot_row = slots_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
         first = count * 0
-        if IS_CAUSAL:
-            # sorted lists: the query blocks that lie entirely before the diagonal form a prefix; skip it
-            first = _hidden_prefix(idx_row, count, start_n - causal_shift, q_len, BLOCK_M)
-        q_base = q_ptr + b * stride_qb + h * stride_qh + offs_d[None, :]
-        do_base = do_ptr + b * stride_dob + h * stride_doh + offs_d[None, :]
-        row_base = (b * (n_kv_heads * GROUP) + h) * q_len  # lse / delta are [B, Hq, Lq] contiguous
+        if HAS_BAND or HAS_RANGE:
+            # sorted lists: the query blocks wholly outside [lo_q, hi_q] are a prefix and a suffix; skip them
+            first, count = list_span(idx_row, count, lo_q, hi_q, BLOCK_M)
+            if last_k < first_k:
+                count = first
+        q_base = q_ptr + b * stride_qb + h * stride_qh + q_tok * stride_qm + offs_d[None, :]
+        do_base = do_ptr + b * stride_dob + h * stride_doh + q_tok * stride_dom + offs_d[None, :]
+        row_base = b * stride_lb + h * stride_lh + q_tok  # lse / delta rows of this head
         for it in range(first, count):
             qb = tl.load(idx_row + it).to(tl.int64)
+            slot = it * 0 - 1
+            if HAS_BITS:
+                slot = tl.load(slot_row + it)
+            if HAS_SEG:
+                seg_lo = tl.load(q_segb_ptr + b * stride_sbq + qb * 2)
+                seg_hi = tl.load(q_segb_ptr + b * stride_sbq + qb * 2 + 1)
             for sub in tl.static_range(BLOCK_M // TILE_M):
                 start_m = qb * BLOCK_M + sub * TILE_M
                 offs_m = start_m + offs_t  # [TILE_M]
-                io_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)  # [TILE_M, D]
+                q_ok = (offs_m >= q_start) & (offs_m < q_end)  # [TILE_M]
+                io_mask = q_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [TILE_M, D]
                 q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=io_mask, other=0.0)  # [TILE_M, D]
                 do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=io_mask, other=0.0)  # [TILE_M, D]
-                lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_len)  # [TILE_M]
+                lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_ok)  # [TILE_M]
                 # -- recompute P^T (log2 domain) ----
                 qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, TILE_M]
                 p_t = tl.math.exp2(qk_t - lse[None, :])  # [BLOCK_N, TILE_M]
-                # -- mask only the ragged key tail and tiles that cross the causal diagonal ----
-                needs_mask = key_tail
-                if IS_CAUSAL:
-                    needs_mask = needs_mask | (start_n + BLOCK_N - 1 > start_m + causal_shift)
+                # -- predicates only on partial tiles (query rows outside their range already have P = 0) ----
+                needs_mask = key_partial
+                if HAS_BAND:
+                    needs_mask = needs_mask | (start_n - (start_m + TILE_M - 1) - shift < -left) \
+                        | (start_n + BLOCK_N - 1 - start_m - shift > right)
+                if HAS_SEG:
+                    needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
+                if HAS_BITS:
+                    needs_mask = needs_mask | (slot >= 0)
                 if needs_mask:
-                    keep = offs_n[:, None] < kv_len  # [BLOCK_N, 1]
-                    if IS_CAUSAL:
-                        keep = keep & (offs_n[:, None] <= offs_m[None, :] + causal_shift)  # [BLOCK_N, TILE_M]
+                    q_seg = offs_m * 0
+                    if HAS_SEG:
+                        q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)
+                    keep = tile_keep(offs_m[None, :], offs_n[:, None], kv_start, kv_end, shift, left, right,
+                                     q_seg[None, :], kv_seg_ptr + b * stride_sk, words_ptr, slot, qb * BLOCK_M,
+                                     start_n, HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [BLOCK_N, TILE_M]
                     p_t = tl.where(keep, p_t, 0.0)
+                    # queries and output gradients reach dK/dV only through pairs the tile keeps
+                    q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
+                    do = tl.where(finite_rows(do)[:, None] != 0, do, 0.0)
                 # -- dV += P^T dO ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q ----
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)  # [BLOCK_N, D]
                 dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, TILE_M]
                 ds_t = p_t * (dp_t - delta[None, :])  # [BLOCK_N, TILE_M]
+                if needs_mask:
+                    ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # [BLOCK_N, D]
 
     # -- epilogue: every key row of the block is written, zeros where no query attended ----
     dk = dk * scale
+    store = offs_n < kv_len
+    if VARLEN:
+        store = kv_valid  # rows past the sequence belong to the next one
+    st_mask = store[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptr + b * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn + offs_d[None, :],
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+             dk.to(dk_ptr.dtype.element_ty), mask=st_mask)
     tl.store(dv_ptr + b * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+             dv.to(dv_ptr.dtype.element_ty), mask=st_mask)
 
 
-@triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "left", "right"])
 def _block_sparse_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, counts_ptr, indices_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, counts_ptr, indices_ptr, slots_ptr,
+    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    stride_cb, stride_ch, stride_ib, stride_ih,
-    n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale, scale,
-    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr,
+    stride_lb, stride_lh, stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale, scale, left, right,
+    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, WORDS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid, query block fastest (as the forward).
@@ -180,61 +216,101 @@ def _block_sparse_bwd_dq_kernel(
     h = (pid_bh % n_q_heads).to(tl.int64)
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
+    q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
+    q_tok = b * 0
+    k_tok = b * 0
+    if VARLEN:
+        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     offs_t = tl.arange(0, TILE_N)  # [TILE_N]
-    rows_m = offs_m[:, None].to(tl.int64)
-    io_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, D]
+    rows_m = (q_tok + offs_m[:, None]).to(tl.int64)
+    q_valid = (offs_m >= q_start) & (offs_m < q_end)  # [BLOCK_M]
+    io_mask = q_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, D]
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows_m * stride_qm + offs_d[None, :],
                 mask=io_mask, other=0.0)  # [BLOCK_M, D]
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows_m * stride_dom + offs_d[None, :],
                  mask=io_mask, other=0.0)  # [BLOCK_M, D]
-    row_base = pid_bh.to(tl.int64) * q_len
-    lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_len)  # [BLOCK_M]
-    k_base = k_ptr + b * stride_kb + h_kv * stride_kh + offs_d[None, :]
-    v_base = v_ptr + b * stride_vb + h_kv * stride_vh + offs_d[None, :]
+    row_base = b * stride_lb + h * stride_lh + q_tok
+    lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_valid)  # [BLOCK_M]
+    k_base = k_ptr + b * stride_kb + h_kv * stride_kh + k_tok * stride_kn + offs_d[None, :]
+    v_base = v_ptr + b * stride_vb + h_kv * stride_vh + k_tok * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    causal_shift = kv_len - q_len
-    last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    first_q = tl.maximum(m0, q_start)
+    last_q = tl.minimum(m0 + BLOCK_M, q_end) - 1
+    lo_key = kv_start
+    hi_key = kv_end - 1
+    if HAS_BAND:
+        lo_key = tl.maximum(lo_key, first_q + shift - left)
+        hi_key = tl.minimum(hi_key, last_q + shift + right)
     row = pid_m.to(tl.int64)
     count = tl.load(counts_ptr + b * stride_cb + h_mask * stride_ch + row)
     idx_row = indices_ptr + b * stride_ib + h_mask * stride_ih + row * width
-    if IS_CAUSAL:
-        # sorted lists: the key blocks that lie entirely above the diagonal form a suffix; skip it
-        count = _visible_prefix(idx_row, count, last_q + causal_shift, BLOCK_N)
-    for it in range(0, count):
+    slot_row = slots_ptr + b * stride_ib + h_mask * stride_ih + row * width
+    first = count * 0
+    if HAS_BAND or HAS_RANGE:
+        # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
+        first, count = list_span(idx_row, count, lo_key, hi_key, BLOCK_N)
+        if last_q < first_q:
+            count = first
+    q_seg = offs_m * 0
+    if HAS_SEG:
+        q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
+        seg_lo = tl.load(q_segb_ptr + b * stride_sbq + row * 2)
+        seg_hi = tl.load(q_segb_ptr + b * stride_sbq + row * 2 + 1)
+    for it in range(first, count):
         kb = tl.load(idx_row + it).to(tl.int64)
+        slot = it * 0 - 1
+        if HAS_BITS:
+            slot = tl.load(slot_row + it)
         for sub in tl.static_range(BLOCK_N // TILE_N):
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + offs_t  # [TILE_N]
-            kv_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)  # [TILE_N, D]
+            kv_mask = (offs_n[:, None] >= kv_start) & (offs_n[:, None] < kv_end) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- recompute P (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             p = tl.math.exp2(qk - lse[:, None])  # [BLOCK_M, TILE_N]
-            # -- mask only the ragged key tail and tiles that cross the causal diagonal ----
-            needs_mask = start_n + TILE_N > kv_len
-            if IS_CAUSAL:
-                needs_mask = needs_mask | (start_n + TILE_N - 1 > pid_m * BLOCK_M + causal_shift)
+            # -- predicates only on partial tiles (rows outside their range already have P = 0) ----
+            needs_mask = (start_n + TILE_N > kv_end) | (start_n < kv_start)
+            if HAS_BAND:
+                needs_mask = needs_mask | (start_n - (m0 + BLOCK_M - 1) - shift < -left) \
+                    | (start_n + TILE_N - 1 - m0 - shift > right)
+            if HAS_SEG:
+                k_lo = tl.load(k_segb_ptr + b * stride_sbk + kb * 2)
+                k_hi = tl.load(k_segb_ptr + b * stride_sbk + kb * 2 + 1)
+                needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
+            if HAS_BITS:
+                needs_mask = needs_mask | (slot >= 0)
             if needs_mask:
-                keep = offs_n[None, :] < kv_len  # [1, TILE_N]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)  # [BLOCK_M, TILE_N]
+                keep = tile_keep(offs_m[:, None], offs_n[None, :], kv_start, kv_end, shift, left, right,
+                                 q_seg[:, None], kv_seg_ptr + b * stride_sk, words_ptr, slot, m0, kb * BLOCK_N,
+                                 HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [BLOCK_M, TILE_N]
                 p = tl.where(keep, p, 0.0)
+                # a key the tile excludes never reaches dQ: zero its non-finite values
+                k = tl.where(finite_rows(k)[:, None] != 0, k, 0.0)
             # -- dS = P * (dO V^T - delta) ; dQ += dS K ----
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, TILE_N]
             ds = p * (dp - delta[:, None])  # [BLOCK_M, TILE_N]
+            if needs_mask:
+                ds = tl.where(p == 0.0, 0.0, ds)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
 
     dq = dq * scale
+    row_ok = offs_m < q_len
+    if VARLEN:
+        row_ok = q_valid
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows_m * stride_dqm + offs_d[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=io_mask)
+             dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-_KEY = ["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N", "HEAD_DIM_PAD", "DOT_PRECISION"]
+_KEY = ["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "HEAD_DIM_PAD",
+        "DOT_PRECISION"]
 _autotuned_dkdv = triton.autotune(configs=fwd_configs(), key=_KEY + ["TILE_M"])(_block_sparse_bwd_dkdv_kernel)
 _autotuned_dq = triton.autotune(configs=fwd_configs(), key=_KEY + ["TILE_N"])(_block_sparse_bwd_dq_kernel)
 
@@ -252,7 +328,7 @@ def _mask_strides(counts, indices, mask_heads):
 
 
 def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale,
-                     dlse=None):
+                     dlse=None, preds=NO_PREDICATES, varlen=None):
     """Launch the backward kernels.
 
     Args:
@@ -264,6 +340,8 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
             (``BlockSparseMask.kv_major()``).
         block_m, block_n, causal, scale: as in the forward.
         dlse: optional float ``[B, Hq, Lq]`` gradient of lse.
+        preds: the forward's predicates, with ``bit_slots_t`` (key-major slots) when it has bits.
+        varlen: ``(cu_q, cu_k, max_q, max_k)`` as in the forward (packed q/k/v/o/do, lse ``[Hq, total_q]``).
 
     Returns:
         ``(dq, dk, dv)`` with the shapes, dtypes and (for dense inputs) strides of q, k, v.
@@ -273,10 +351,19 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         >>> dq, dk, dv = block_sparse_bwd(torch.randn_like(o), q, k, v, o, lse, counts, indices,
         ...                               *mask.kv_major(), 64, 64, False, 0.125)
     """
-    batch, n_q_heads, q_len, head_dim = q.shape
-    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if varlen is None:
+        batch, n_q_heads, q_len, head_dim = q.shape
+        n_kv_heads, kv_len = k.shape[1], k.shape[2]
+        strides = lambda x: x.stride()[:3]  # noqa: E731
+        cu = None
+    else:
+        cu_q, cu_k, q_len, kv_len = varlen
+        batch = cu_q.shape[0] - 1
+        n_q_heads, head_dim, n_kv_heads = q.shape[1], q.shape[2], k.shape[1]
+        strides = lambda x: (0, x.stride(1), x.stride(0))  # noqa: E731
+        cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
-    if q.numel() == 0 or k.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0 or batch == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     n_q_blocks, n_k_blocks = counts.shape[-1], counts_t.shape[-1]
     mask_heads = counts.shape[1]
@@ -292,37 +379,59 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
     lse = lse.contiguous()
 
     # -- delta = rowsum(dO * O) - dlse ----
-    delta = torch.empty((batch, n_q_heads, q_len), dtype=torch.float32, device=q.device)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    pre_m = 64
-    n_pre = triton.cdiv(q_len, pre_m)
-    _bwd_preprocess_kernel[(n_pre * batch * n_q_heads,)](
-        o, do, dlse if dlse is not None else delta, delta,
-        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        n_q_heads, q_len, n_pre,
-        HAS_DLSE=dlse is not None, BLOCK_M=pre_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-    )
+    if cu is None:
+        delta = torch.empty((batch, n_q_heads, q_len), dtype=torch.float32, device=q.device)
+        pre_m = 64
+        n_pre = triton.cdiv(q_len, pre_m)
+        _bwd_preprocess_kernel[(n_pre * batch * n_q_heads,)](
+            o, do, dlse if dlse is not None else delta, delta,
+            o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            n_q_heads, q_len, n_pre,
+            HAS_DLSE=dlse is not None, BLOCK_M=pre_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        )
+        ls = lse.stride()[:2]
+    else:  # packed rows: delta [Hq, total_q] like lse
+        delta = (o.float() * do.float()).sum(-1).transpose(0, 1).contiguous()
+        if dlse is not None:
+            delta = delta - dlse
+        ls = (0, lse.stride(0))
 
-    common = dict(GROUP=group, MASK_HEAD_DIV=mask_head_div, IS_CAUSAL=bool(causal), BLOCK_M=block_m,
-                  BLOCK_N=block_n, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=precision)
+    left, right = band(causal, preds.window)
+    bl, br = band_bounds(left, right)
+    ranges = range_table(preds, batch, q_len, kv_len, q.device, cu)
+    q_seg, kv_seg, q_segb, k_segb = segment_tables(preds, block_m, block_n)
+    slots = slots_t = None
+    if preds.bit_slots is not None:
+        if preds.bit_slots_t is None:
+            raise ValueError("preds.bit_slots_t (the key-major bit slots) is needed for the backward of a mask "
+                             "with bit-masked tiles, got None.")
+        slots = preds.bit_slots.to(torch.int32).expand(indices.shape).contiguous()
+        slots_t = preds.bit_slots_t.to(torch.int32).expand(indices_t.shape).contiguous()
+    dummy = counts
+    tables = (dummy if preds.bit_words is None else preds.bit_words, dummy if ranges is None else ranges,
+              dummy if cu is None else cu[0], dummy if cu is None else cu[1],
+              dummy if q_seg is None else q_seg, dummy if kv_seg is None else kv_seg,
+              dummy if q_segb is None else q_segb, dummy if k_segb is None else k_segb)
+    seg_strides = (_bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb))
+    common = dict(GROUP=group, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
+                  HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None,
+                  VARLEN=cu is not None, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words_per_row(block_n),
+                  HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=precision)
     qk_scale = scale * LOG2E
     _autotuned_dkdv[(n_k_blocks * batch * n_kv_heads,)](
-        q, k, v, do, lse, delta, dk, dv, counts_t, indices_t,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *_mask_strides(counts_t, indices_t, mask_heads),
-        n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale,
+        q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, dummy if slots_t is None else slots_t, *tables,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *ls,
+        *_mask_strides(counts_t, indices_t, mask_heads), *seg_strides,
+        n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale, bl, br,
         TILE_M=inner_tile(block_m, head_dim_pad, q.dtype), **common,
     )
     _autotuned_dq[(n_q_blocks * batch * n_q_heads,)](
-        q, k, v, do, lse, delta, dq, counts, indices,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *_mask_strides(counts, indices, mask_heads),
-        n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale,
+        q, k, v, do, lse, delta, dq, counts, indices, dummy if slots is None else slots, *tables,
+        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *ls,
+        *_mask_strides(counts, indices, mask_heads), *seg_strides,
+        n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale, bl, br,
         TILE_N=inner_tile(block_n, head_dim_pad, q.dtype), **common,
     )
     return dq, dk, dv

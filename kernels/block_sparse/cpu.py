@@ -1,11 +1,22 @@
-"""Block-sparse attention forward for CPU tensors, built on PyTorch's fused CPU attention.
+"""Block-sparse attention for CPU tensors, built on PyTorch's fused CPU attention.
 
 Each query block (with the query heads of its GQA group when they share the mask) gathers
 only its kept key blocks and runs PyTorch's flash-style CPU attention on them, so no score
-matrix is materialized and no elementwise pass over scores runs in Python. Query blocks are
-grouped by their exact number of kept blocks, so gathered keys need no padding; only the
-query blocks that touch the ragged key tail or cross the causal diagonal get an additive
-mask. Work is chunked so that gathered K/V stay within a bounded buffer.
+matrix is materialized and no elementwise pass over scores runs in Python.
+
+The kept tiles of a row are split in two passes (``kernels/_common/predicates.py`` decides
+which tile is which):
+
+- **full** tiles (every pair attended): gathered and attended with no mask at all;
+- **partial** tiles (the causal diagonal or a window edge, the ragged key tail, padding
+  ranges, document boundaries, bit masks): gathered apart and attended with an additive mask
+  built over those tiles only. Non-finite keys in them are zeroed first, so a key the mask
+  excludes never reaches an output; a row that does see one gets NaN.
+
+Tiles no pair of which is visible (above the causal diagonal, outside a window or a padding
+range) are never gathered. Rows that have both kinds merge exactly by log-sum-exp. Rows of a
+pass are grouped by their exact number of tiles, so gathered keys need no padding, and work is
+chunked so that gathered K/V stay within a bounded buffer.
 
 Same signature and outputs as :func:`sparse_attn_kernels.block_sparse.fwd.block_sparse_fwd`.
 """
@@ -14,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._common.predicates import NO_PREDICATES, band, block_segment_bounds, classify_tiles, entries_keep, flat, \
+    unflat
 from .._common.rows import BlockRows
 from .._common.softmax import accum_dtype
 
@@ -29,62 +42,62 @@ def available() -> bool:
     return _flash_cpu() is not None
 
 
+def _compact(idx, keep, slots):
+    """Per row, the entries of ``keep`` moved to the front in order: ``(idx [R, W], slots [R, W] | None, n [R])``."""
+    order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices
+    return (torch.gather(idx, 1, order), None if slots is None else torch.gather(slots, 1, order),
+            keep.sum(-1))
+
+
 class _Rows(BlockRows):
-    """Rows of the fused CPU path: :class:`BlockRows` plus the chunk plan and the additive masks."""
+    """Rows of the fused CPU path: :class:`BlockRows`, each row's full and partial tile lists, chunk plans."""
+
+    def __init__(self, q, k, counts, indices, block_m, block_n, causal, preds):
+        super().__init__(q, k, counts, indices, block_m, block_n, preds.bit_slots)
+        self.preds = preds
+        self.left, self.right = band(causal, preds.window)
+        seg = None
+        if preds.q_segments is not None:
+            seg = (*block_segment_bounds(preds.q_segments, block_m), *block_segment_bounds(preds.kv_segments, block_n))
+        visible, full = classify_tiles(preds, self.left, self.right, self.b_of, self.m_of, self.idx, self.slots,
+                                       block_m, block_n, self.q_len, self.kv_len, seg)
+        visible, full = visible & self.slot_ok, full & self.slot_ok
+        self.full_idx, _, self.n_full = _compact(self.idx, full, None)
+        self.part_idx, self.part_slots, self.n_part = _compact(self.idx, visible & ~full, self.slots)
+        self.tok_m = torch.arange(block_m, device=q.device).repeat(self.g_u)  # [G*bm]
 
     def key_blocks(self, x):
         """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn*D] (zero padded): one gather row per block."""
         return super().key_blocks(x).reshape(-1, self.block_n * self.head_dim)
 
-    def needs_mask(self, causal):
-        """[R] bool: the row's kept blocks include the ragged key tail or cross the causal diagonal."""
-        last = torch.where(self.slot_ok, self.idx, -1).amax(1)  # [R] last kept block (-1 if none)
-        need = (last == self.n_kb - 1) & (self.kv_len % self.block_n != 0)
-        if causal:
-            first_q = self.m_of * self.block_m
-            need = need | ((last + 1) * self.block_n - 1 > first_q + (self.kv_len - self.q_len))
-        return need
-
-    def additive_mask(self, rows, n_blocks, causal, dtype):
-        """[C, 1, G*bm, n*bn] additive mask (0 keep, -inf drop) and [C, G*bm] rows that keep nothing."""
-        dev = rows.device
-        key_pos = (self.idx[rows, :n_blocks, None] * self.block_n
-                   + torch.arange(self.block_n, device=dev)).reshape(len(rows), 1, -1)  # [C, 1, n*bn]
-        keep = key_pos < self.kv_len
-        if causal:
-            q_pos = self.m_of[rows, None] * self.block_m + torch.arange(self.block_m, device=dev).repeat(self.g_u)
-            keep = keep & (key_pos <= q_pos[:, :, None] + (self.kv_len - self.q_len))  # [C, G*bm, n*bn]
-        add = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill_(~keep, float("-inf"))
-        return add.unsqueeze(1), ~keep.any(-1).expand(len(rows), self.g_u * self.block_m)
-
-
-    def plan(self, causal, cap):
-        """Chunks of rows: ``(rows, n_blocks, masked)``; rows of a chunk share their exact count.
-
-        Rows are ordered by (needs a mask, count), so each chunk gathers ``n_blocks`` key blocks
-        per row with no padding, and at most ``max(cap, W)`` blocks in all.
-        """
-        need = self.needs_mask(causal)
-        key = need.long() * (self.width + 1) + self.count
-        order = torch.argsort(key, stable=True)
-        runs, run_len = torch.unique_consecutive(key[order], return_counts=True)
+    def plan(self, n_tiles, cap):
+        """Chunks ``(rows, n)`` of the rows with ``n_tiles == n > 0``, at most ``max(cap, n)`` tiles each."""
+        order = torch.argsort(n_tiles, stable=True)
+        runs, run_len = torch.unique_consecutive(n_tiles[order], return_counts=True)
         chunks, start = [], 0
-        for run, n_run in zip(runs.tolist(), run_len.tolist()):
-            masked, n_blk = run // (self.width + 1), run % (self.width + 1)
-            step = n_run if n_blk == 0 else max(1, cap // n_blk)
-            for a in range(start, start + n_run, step):
-                chunks.append((order[a:min(start + n_run, a + step)], n_blk, bool(masked)))
+        for n, n_run in zip(runs.tolist(), run_len.tolist()):
+            if n > 0:
+                step = max(1, cap // n)
+                for a in range(start, start + n_run, step):
+                    chunks.append((order[a:min(start + n_run, a + step)], n))
             start += n_run
-        return order, chunks
+        return chunks
 
-    def gather(self, blocks, rows, n_blk, out=None):
-        """Kept key blocks of ``rows``: ``[C, 1, n*bn, D]`` (into ``out`` when given)."""
-        flat = (self.kv_base[rows, None] + self.idx[rows, :n_blk]).reshape(-1)  # [C*n]
+    def gather(self, blocks, rows, idx, n, out=None):
+        """Key blocks ``idx[rows, :n]``: ``[C, 1, n*bn, D]`` (into ``out`` when given) and their flat indices."""
+        flat_idx = (self.kv_base[rows, None] + idx[rows, :n]).reshape(-1)  # [C*n]
         if out is None:
-            g = blocks.index_select(0, flat)
+            g = blocks.index_select(0, flat_idx)
         else:
-            g = torch.index_select(blocks, 0, flat, out=out[: flat.numel()])
-        return g.view(len(rows), 1, n_blk * self.block_n, self.head_dim), flat
+            g = torch.index_select(blocks, 0, flat_idx, out=out[: flat_idx.numel()])
+        return g.view(len(rows), 1, n * self.block_n, self.head_dim), flat_idx
+
+    def partial_keep(self, rows, n):
+        """bool ``[C, G*bm, n*bn]``: the pairs attended in the partial tiles of ``rows``."""
+        slots = None if self.part_slots is None else self.part_slots[rows, :n]
+        return entries_keep(self.preds, self.left, self.right, self.b_of[rows], self.m_of[rows],
+                            self.part_idx[rows, :n], slots, self.tok_m, self.block_m, self.block_n,
+                            self.q_len, self.kv_len)
 
 
 def _cap(block_n, head_dim, dtype, chunk_bytes):
@@ -92,8 +105,31 @@ def _cap(block_n, head_dim, dtype, chunk_bytes):
     return max(1, chunk_bytes // (2 * block_n * head_dim * torch.empty((), dtype=dtype).element_size()))
 
 
+def _additive(keep, dtype):
+    """[C, 1, M, N] additive mask: 0 where kept, -inf elsewhere."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf")).unsqueeze(1)
+
+
+def _clean(x):
+    """``x [C, 1, N, D]`` with non-finite key rows zeroed, and those rows ``[C, N]``."""
+    bad = ~torch.isfinite(x).all(-1).squeeze(1)
+    return x.masked_fill(bad[:, None, :, None], 0.0), bad
+
+
+def _merge(o_acc, lse_acc, rows, o_c, lse_c):
+    """Merge a partial result of ``rows`` into the accumulators by log-sum-exp (exact)."""
+    o_old, lse_old = o_acc.index_select(0, rows), lse_acc.index_select(0, rows)
+    lse = torch.logaddexp(lse_old, lse_c)
+    lse_ref = torch.where(torch.isneginf(lse), 0.0, lse)
+    w_old, w_new = torch.exp(lse_old - lse_ref), torch.exp(lse_c - lse_ref)  # [C, M]
+    o = o_old * w_old[..., None] + o_c * w_new[..., None]
+    o_acc.index_copy_(0, rows, o)
+    lse_acc.index_copy_(0, rows, lse)
+
+
 @torch.no_grad()
-def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale, chunk_bytes=CHUNK_BYTES):
+def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale, chunk_bytes=CHUNK_BYTES,
+                         preds=NO_PREDICATES):
     """Block-sparse attention forward on CPU tensors (not differentiable by itself: see
     :func:`block_sparse_attn_cpu`).
 
@@ -102,78 +138,94 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
         counts: int ``[Bm, Hm, NQB]``; indices: int ``[Bm, Hm, NQB, W]`` (sorted key blocks).
         block_m, block_n: the mask's block size (any positive ints).
         causal: bottom-right causal masking; scale: softmax scale.
+        preds: in-tile token predicates (:class:`~sparse_attn_kernels._common.predicates.TokenPredicates`).
 
     Returns:
         ``(o, lse)``: o ``[B, Hq, Lq, D]`` in q's dtype (0 on rows that see no key), lse float32
-        ``[B, Hq, Lq]`` (float64 for float64 inputs; -inf on rows that see no key).
+        ``[B, Hq, Lq]`` (float64 for float64 inputs; -inf on rows that see no key). Rows that see a
+        non-finite key give NaN in both.
     """
     flash = _flash_cpu()
-    r = _Rows(q, k, counts, indices, block_m, block_n)
+    r = _Rows(q, k, counts, indices, block_m, block_n, causal, preds)
     qr = r.gather_queries(q)  # [R, G*bm, D]
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
-    lse_dtype = accum_dtype(q.dtype)
+    acc = accum_dtype(q.dtype)
     cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
     n_buf = max(cap, r.width)  # one reused gather buffer: no page faults for every chunk
     buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
-    order, chunks = r.plan(causal, cap)
-    o = qr.new_zeros(qr.shape)  # rows that see no key stay 0
-    lse = torch.full(qr.shape[:2], float("-inf"), dtype=lse_dtype, device=q.device)
-    for rows, n_blk, masked in chunks:
-        if n_blk == 0:
-            continue
-        kg, _ = r.gather(kb, rows, n_blk, buf_k)  # [C, 1, n*bn, D]
-        vg, _ = r.gather(vb, rows, n_blk, buf_v)
-        qg = qr.index_select(0, rows).unsqueeze(1)  # [C, 1, G*bm, D]
-        if masked:
-            add, empty = r.additive_mask(rows, n_blk, causal, q.dtype)
-            o_c, lse_c = flash(qg, kg, vg, attn_mask=add, scale=scale)
-            lse_c = lse_c.squeeze(1).masked_fill(empty, float("-inf"))
-        else:
-            o_c, lse_c = flash(qg, kg, vg, scale=scale)
-            lse_c = lse_c.squeeze(1)
-        o.index_copy_(0, rows, o_c.squeeze(1))
-        lse.index_copy_(0, rows, lse_c.to(lse_dtype))
-    return r.scatter_rows(o), r.scatter_rows(lse)
+    o = torch.zeros(qr.shape, dtype=acc, device=q.device)  # rows that see no key stay 0
+    lse = torch.full(qr.shape[:2], float("-inf"), dtype=acc, device=q.device)
+    # -- full tiles: no mask; each row appears in at most one chunk, so results are stored directly ----
+    for rows, n in r.plan(r.n_full, cap):
+        kg, _ = r.gather(kb, rows, r.full_idx, n, buf_k)  # [C, 1, n*bn, D]
+        vg, _ = r.gather(vb, rows, r.full_idx, n, buf_v)
+        o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, scale=scale)
+        o.index_copy_(0, rows, o_c.squeeze(1).to(acc))
+        lse.index_copy_(0, rows, lse_c.squeeze(1).to(acc))
+    # -- partial tiles: additive mask over these tiles only, merged into the full part ----
+    bad_rows = torch.zeros(qr.shape[:2], dtype=torch.bool, device=q.device)
+    for rows, n in r.plan(r.n_part, cap):
+        kg, _ = r.gather(kb, rows, r.part_idx, n, buf_k)
+        vg, _ = r.gather(vb, rows, r.part_idx, n, buf_v)
+        (kg, bad_k), (vg, bad_v) = _clean(kg), _clean(vg)
+        keep = r.partial_keep(rows, n)  # [C, G*bm, n*bn]
+        o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=_additive(keep, q.dtype),
+                           scale=scale)
+        empty = ~keep.any(-1)  # [C, G*bm]
+        o_c = o_c.squeeze(1).to(acc).masked_fill(empty[..., None], 0.0)
+        lse_c = lse_c.squeeze(1).to(acc).masked_fill(empty, float("-inf"))
+        _merge(o, lse, rows, o_c, lse_c)
+        bad_rows.index_copy_(0, rows, bad_rows.index_select(0, rows) | (keep & (bad_k | bad_v)[:, None]).any(-1))
+    o = o.masked_fill(bad_rows[..., None], float("nan"))
+    lse = lse.masked_fill(bad_rows, float("nan"))
+    return r.scatter_rows(o.to(q.dtype)), r.scatter_rows(lse)
 
 
 @torch.no_grad()
 def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale,
-                         chunk_bytes=CHUNK_BYTES):
+                         chunk_bytes=CHUNK_BYTES, preds=NO_PREDICATES):
     """Gradients of :func:`block_sparse_fwd_cpu` (through ``o``; not through ``lse``).
 
-    Each chunk of rows runs PyTorch's fused CPU attention backward on its gathered blocks;
-    dK/dV of the gathered blocks are summed back with ``index_add_`` (deterministic on CPU).
+    Each chunk of rows runs PyTorch's fused CPU attention backward on its gathered blocks, with the
+    total ``o`` and ``lse`` of the row (so the full and the partial pass each give their exact share);
+    dK/dV of the gathered blocks are summed back with ``index_add_`` (deterministic on CPU). Rows whose
+    output, query or output gradient is not finite contribute nothing to dK/dV; their dq is NaN.
 
     Returns:
         ``(dq, dk, dv)`` in the dtypes and shapes of q, k, v; rows that saw no key get dq = 0.
     """
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    r = _Rows(q, k, counts, indices, block_m, block_n)
+    r = _Rows(q, k, counts, indices, block_m, block_n, causal, preds)
     qr, dor, orr = r.gather_queries(q), r.gather_queries(do), r.gather_queries(o)  # [R, G*bm, D]
     lser = r.gather_queries(lse.unsqueeze(-1)).squeeze(-1)  # [R, G*bm]
+    ok = torch.isfinite(qr).all(-1) & torch.isfinite(dor).all(-1) & torch.isfinite(orr).all(-1) \
+        & ~torch.isnan(lser)  # [R, G*bm]
+    bad_rows = ~ok & ~torch.isneginf(lser)
+    qr, dor, orr = (x.masked_fill(~ok[..., None], 0.0) for x in (qr, dor, orr))
+    lser = lser.masked_fill(~ok | torch.isneginf(lser), 0.0)  # empty rows: exp(-inf - 0) = 0
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
     acc = accum_dtype(q.dtype)
     dkb = torch.zeros(kb.shape, dtype=acc, device=q.device)
     dvb = torch.zeros(vb.shape, dtype=acc, device=q.device)
-    dqr = torch.zeros(qr.shape, dtype=q.dtype, device=q.device)
-    order, chunks = r.plan(causal, _cap(block_n, r.head_dim, q.dtype, chunk_bytes))
-    for rows, n_blk, masked in chunks:
-        if n_blk == 0:
-            continue
-        kg, flat = r.gather(kb, rows, n_blk)
-        vg, _ = r.gather(vb, rows, n_blk)
-        pick = lambda x: x.index_select(0, rows).unsqueeze(1)  # noqa: E731  [C, 1, G*bm, ...]
-        lse_c = pick(lser).to(acc)
-        add = None
-        if masked:
-            add, _ = r.additive_mask(rows, n_blk, causal, q.dtype)
-            lse_c = lse_c.masked_fill(torch.isneginf(lse_c), 0.0)  # empty rows: exp(-inf - 0) = 0
-        dq_c, dk_c, dv_c = flash_bwd(pick(dor), pick(qr), kg, vg, pick(orr), lse_c, 0.0, False,
-                                     attn_mask=add, scale=scale)
-        dqr.index_copy_(0, rows, dq_c.squeeze(1))
-        dkb.index_add_(0, flat, dk_c.reshape(len(flat), -1).to(acc))
-        dvb.index_add_(0, flat, dv_c.reshape(len(flat), -1).to(acc))
-    dq = r.scatter_rows(dqr).contiguous()
+    dqr = torch.zeros(qr.shape, dtype=acc, device=q.device)
+    cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
+    for part in (False, True):
+        idx, n_tiles = (r.part_idx, r.n_part) if part else (r.full_idx, r.n_full)
+        for rows, n in r.plan(n_tiles, cap):
+            kg, flat_idx = r.gather(kb, rows, idx, n)
+            vg, _ = r.gather(vb, rows, idx, n)
+            add = None
+            if part:
+                (kg, _), (vg, _) = _clean(kg), _clean(vg)
+                add = _additive(r.partial_keep(rows, n), q.dtype)
+            pick = lambda x: x.index_select(0, rows).unsqueeze(1)  # noqa: E731  [C, 1, G*bm, ...]
+            dq_c, dk_c, dv_c = flash_bwd(pick(dor), pick(qr), kg, vg, pick(orr), pick(lser).to(acc), 0.0, False,
+                                         attn_mask=add, scale=scale)
+            dqr.index_add_(0, rows, dq_c.squeeze(1).to(acc))
+            dkb.index_add_(0, flat_idx, dk_c.reshape(len(flat_idx), -1).to(acc))
+            dvb.index_add_(0, flat_idx, dv_c.reshape(len(flat_idx), -1).to(acc))
+    dqr = dqr.masked_fill(bad_rows[..., None], float("nan"))
+    dq = r.scatter_rows(dqr).to(q.dtype).contiguous()
     kv_shape = (r.batch, r.n_kv_heads, r.n_kb * block_n, r.head_dim)
     dk = dkb.reshape(kv_shape)[:, :, : r.kv_len].to(k.dtype).contiguous()
     dv = dvb.reshape(kv_shape)[:, :, : r.kv_len].to(v.dtype).contiguous()
@@ -181,18 +233,23 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
 
 
 # ---- differentiable entry point: custom ops, so torch.compile sees one node per pass ----
+# the predicates travel flattened (kernels/_common/predicates.py: flat / unflat)
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("sparse_attn::block_sparse_attn_fwd_cpu", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_m: int, block_n: int,
-            causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    o, lse = block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale)
+            causal: bool, scale: float, left: int, right: int, q_range: Optional[Tensor],
+            kv_range: Optional[Tensor], q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
+            bit_slots: Optional[Tensor], bit_words: Optional[Tensor],
+            bit_slots_t: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    preds = unflat((left, right, q_range, kv_range, q_segments, kv_segments, bit_slots, bit_words, bit_slots_t))
+    o, lse = block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale, preds=preds)
     return o.contiguous(), lse.contiguous()
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
+def _fwd_fake(q, k, v, counts, indices, block_m, block_n, causal, scale, *preds):
     lse_dtype = accum_dtype(q.dtype)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
@@ -200,35 +257,43 @@ def _fwd_fake(q, k, v, counts, indices, block_m, block_n, causal, scale):
 @torch.library.custom_op("sparse_attn::block_sparse_attn_bwd_cpu", mutates_args=())
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Optional[Tensor],
             counts: Tensor, indices: Tensor, block_m: int, block_n: int, causal: bool,
-            scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+            scale: float, left: int, right: int, q_range: Optional[Tensor],
+            kv_range: Optional[Tensor], q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
+            bit_slots: Optional[Tensor], bit_words: Optional[Tensor],
+            bit_slots_t: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     if dlse is not None and bool((dlse != 0).any()):
         raise ValueError("the CPU path does not differentiate through lse; sparse_attention routes "
                          "return_lse=True with gradients to the reference path instead")
-    return block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale)
+    preds = unflat((left, right, q_range, kv_range, q_segments, kv_segments, bit_slots, bit_words, bit_slots_t))
+    return block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n, causal, scale, preds=preds)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale):
+def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale, *preds):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, counts, indices, block_m, block_n, causal, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, counts, indices)
-    ctx.config = (block_m, block_n, causal, scale)
+    q, k, v, counts, indices, block_m, block_n, causal, scale, left, right, *pred_tensors = inputs
+    ctx.save_for_backward(q, k, v, *output, counts, indices, *pred_tensors)
+    ctx.n_inputs = len(inputs)
+    ctx.config = (block_m, block_n, causal, scale, left, right)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, counts, indices = ctx.saved_tensors
-    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_cpu(do.contiguous(), q, k, v, o, lse, dlse, counts,
-                                                                 indices, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, o, lse, counts, indices, *pred_tensors = ctx.saved_tensors
+    block_m, block_n, causal, scale, left, right = ctx.config
+    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_cpu(
+        do.contiguous(), q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale, left, right,
+        *pred_tensors)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd_cpu", _backward, setup_context=_setup_context)
 
 
-def block_sparse_attn_cpu(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None):
+def block_sparse_attn_cpu(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None,
+                          preds=NO_PREDICATES):
     """Differentiable block-sparse attention on CPU tensors (gradients through ``o``).
 
     Returns:
@@ -237,4 +302,4 @@ def block_sparse_attn_cpu(q, k, v, counts, indices, block_m, block_n, causal=Fal
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return torch.ops.sparse_attn.block_sparse_attn_fwd_cpu(
-        q, k, v, counts, indices, int(block_m), int(block_n), bool(causal), float(scale))
+        q, k, v, counts, indices, int(block_m), int(block_n), bool(causal), float(scale), *flat(preds))

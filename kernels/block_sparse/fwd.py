@@ -13,31 +13,24 @@ import triton
 import triton.language as tl
 
 from .._common.config import fwd_configs, dot_precision, inner_tile, pow2_at_least
+from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
+from .._common.tile_jit import finite_rows, list_span, row_bounds, tile_keep
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-@triton.jit
-def _visible_prefix(idx_row, count, last_key, BLOCK_N: tl.constexpr):
-    """Number of leading entries of a sorted key-block list that start at or before ``last_key``."""
-    n_vis = count * 0  # int32 scalar tensor, loop-carried
-    for c in range(0, count, 128):
-        offs = c + tl.arange(0, 128)
-        kb = tl.load(idx_row + offs, mask=offs < count, other=0)
-        n_vis += tl.sum(((offs < count) & (kb.to(tl.int64) * BLOCK_N <= last_key)).to(tl.int32), 0)
-    return n_vis
-
-
-@triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width"])
+@triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "left", "right"])
 def _block_sparse_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr, slots_ptr, words_ptr, ranges_ptr,
+    cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-    stride_cb, stride_ch, stride_ib, stride_ih,
-    n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale,
-    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale, left, right,
+    GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, WORDS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid (no 65535 limit on B*H): query block fastest, so programs that run
@@ -49,47 +42,87 @@ def _block_sparse_fwd_kernel(
     h = (pid_bh % n_q_heads).to(tl.int64)
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
+    q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
+    q_tok = b * 0  # packed (varlen) layout: the sequence's first token row
+    k_tok = b * 0
+    if VARLEN:
+        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     offs_t = tl.arange(0, TILE_N)  # [TILE_N]
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
-    k_base = k_ptr + b * stride_kb + h_kv * stride_kh + offs_d[None, :]
-    v_base = v_ptr + b * stride_vb + h_kv * stride_vh + offs_d[None, :]
+    q_valid = (offs_m >= q_start) & (offs_m < q_end)  # [BLOCK_M]
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + (q_tok + offs_m[:, None]) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+    k_base = k_ptr + b * stride_kb + h_kv * stride_kh + k_tok * stride_kn + offs_d[None, :]
+    v_base = v_ptr + b * stride_vb + h_kv * stride_vh + k_tok * stride_vn + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that saw a non-finite value
 
-    # bottom-right causal alignment: query i sees key j iff j <= i + (kv_len - q_len)
-    causal_shift = kv_len - q_len
-    last_q = tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len) - 1
+    # the valid rows of this block and the keys they can see (band: -left <= j - (i + shift) <= right)
+    first_q = tl.maximum(m0, q_start)
+    last_q = tl.minimum(m0 + BLOCK_M, q_end) - 1
+    lo_key = kv_start
+    hi_key = kv_end - 1
+    if HAS_BAND:
+        lo_key = tl.maximum(lo_key, first_q + shift - left)
+        hi_key = tl.minimum(hi_key, last_q + shift + right)
     row = pid_m.to(tl.int64)
     count = tl.load(counts_ptr + b * stride_cb + h_mask * stride_ch + row)
     idx_row = indices_ptr + b * stride_ib + h_mask * stride_ih + row * width
-    if IS_CAUSAL:
-        # sorted lists: the blocks that lie entirely above the diagonal form a suffix; skip it
-        count = _visible_prefix(idx_row, count, last_q + causal_shift, BLOCK_N)
-    for it in range(0, count):
+    slot_row = slots_ptr + b * stride_ib + h_mask * stride_ih + row * width
+    first = count * 0
+    if HAS_BAND or HAS_RANGE:
+        # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
+        first, count = list_span(idx_row, count, lo_key, hi_key, BLOCK_N)
+        if last_q < first_q:
+            count = first
+    rows_partial = (first_q > m0) | (last_q < tl.minimum(m0 + BLOCK_M, q_len) - 1)
+    q_seg = offs_m * 0
+    if HAS_SEG:
+        q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
+        seg_lo = tl.load(q_segb_ptr + b * stride_sbq + row * 2)
+        seg_hi = tl.load(q_segb_ptr + b * stride_sbq + row * 2 + 1)
+    for it in range(first, count):
         kb = tl.load(idx_row + it).to(tl.int64)
+        slot = it * 0 - 1
+        if HAS_BITS:
+            slot = tl.load(slot_row + it)
         for sub in tl.static_range(BLOCK_N // TILE_N):
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + offs_t  # [TILE_N]
-            kv_mask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)  # [TILE_N, D]
+            kv_mask = (offs_n[:, None] >= kv_start) & (offs_n[:, None] < kv_end) & (offs_d[None, :] < HEAD_DIM)
             k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- compute qk (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
-            # -- mask only the ragged key tail and tiles that cross the causal diagonal ----
-            needs_mask = start_n + TILE_N > kv_len
-            if IS_CAUSAL:
-                needs_mask = needs_mask | (start_n + TILE_N - 1 > pid_m * BLOCK_M + causal_shift)
+            # -- predicates only on partial tiles: key edges, band edges, segment edges, bit masks ----
+            needs_mask = (start_n + TILE_N > kv_end) | (start_n < kv_start)
+            if HAS_RANGE:
+                needs_mask = needs_mask | rows_partial
+            if HAS_BAND:
+                needs_mask = needs_mask | (start_n - (m0 + BLOCK_M - 1) - shift < -left) \
+                    | (start_n + TILE_N - 1 - m0 - shift > right)
+            if HAS_SEG:
+                k_lo = tl.load(k_segb_ptr + b * stride_sbk + kb * 2)
+                k_hi = tl.load(k_segb_ptr + b * stride_sbk + kb * 2 + 1)
+                needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
+            if HAS_BITS:
+                needs_mask = needs_mask | (slot >= 0)
             if needs_mask:
-                keep = offs_n[None, :] < kv_len  # [1, TILE_N]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)  # [BLOCK_M, TILE_N]
+                keep = tile_keep(offs_m[:, None], offs_n[None, :], kv_start, kv_end, shift, left, right,
+                                 q_seg[:, None], kv_seg_ptr + b * stride_sk, words_ptr, slot, m0, kb * BLOCK_N,
+                                 HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [BLOCK_M, TILE_N]
                 qk = tl.where(keep, qk, float("-inf"))
+                # a key the tile excludes never reaches an output: zero its non-finite values
+                v_ok = finite_rows(v)  # [TILE_N]
+                bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+                v = tl.where(v_ok[:, None] != 0, v, 0.0)
             # -- online softmax; rows that have seen nothing keep m = -inf ----
             m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,24 +132,38 @@ def _block_sparse_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
             m_i = m_new
 
-    # -- epilogue: rows that saw no key give o = 0 and lse = -inf ----
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # -- epilogue: rows that saw no key give o = 0 and lse = -inf; a NaN row keeps NaN in both ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]  # [BLOCK_M, D]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # [BLOCK_M]
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM))
-    lse_ptrs = lse_ptr + pid_bh.to(tl.int64) * q_len + offs_m
-    tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
+    o = tl.where(bad[:, None] != 0, float("nan"), o)
+    lse = tl.where(bad != 0, float("nan"), lse)
+    o = tl.where(q_valid[:, None], o, 0.0)
+    lse = tl.where(q_valid, lse, float("-inf"))
+    row_ok = offs_m < q_len
+    if VARLEN:
+        row_ok = q_valid  # rows past the sequence belong to the next one
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + (q_tok + offs_m[:, None]) * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse_ptrs = lse_ptr + b * stride_lb + h * stride_lh + q_tok + offs_m
+    tl.store(lse_ptrs, lse, mask=row_ok)
 
 
 _autotuned_kernel = triton.autotune(
     configs=fwd_configs(),
-    key=["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N", "TILE_N", "HEAD_DIM_PAD", "DOT_PRECISION"],
+    key=["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "TILE_N",
+         "HEAD_DIM_PAD", "DOT_PRECISION"],
 )(_block_sparse_fwd_kernel)
 
 
-def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale):
+def _bstride(x):
+    """Batch stride of a ``[B|1, ...]`` table (0 when broadcast or absent)."""
+    return 0 if x is None or x.shape[0] == 1 else x.stride(0)
+
+
+def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, preds=NO_PREDICATES,
+                     varlen=None):
     """Launch the forward kernel.
 
     Args:
@@ -126,30 +173,60 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale):
         block_m, block_n: the mask's block size (powers of two, 16..128).
         causal: bottom-right aligned causal masking on top of the block mask.
         scale: softmax scale.
+        preds: in-tile token predicates (:class:`~sparse_attn_kernels._common.predicates.TokenPredicates`).
+        varlen: ``(cu_q, cu_k, max_q, max_k)`` for packed sequences: then q is ``[total_q, Hq, D]``,
+            k, v ``[total_k, Hkv, D]`` and sequence ``b`` is batch row ``b`` of the mask.
 
     Returns:
-        ``(o, lse)``: o ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` float32 (natural log).
+        ``(o, lse)``: o ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` float32 (natural log);
+        packed: o ``[total_q, Hq, D]``, lse ``[Hq, total_q]``.
     """
-    batch, n_q_heads, q_len, head_dim = q.shape
-    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if varlen is None:
+        batch, n_q_heads, q_len, head_dim = q.shape
+        n_kv_heads, kv_len = k.shape[1], k.shape[2]
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, n_q_heads, q_len), dtype=torch.float32, device=q.device)
+        qs, ks, vs, os_ = (x.stride()[:3] for x in (q, k, v, o))
+        ls = lse.stride()[:2]
+        cu = None
+    else:
+        cu_q, cu_k, q_len, kv_len = varlen
+        batch = cu_q.shape[0] - 1
+        n_q_heads, head_dim, n_kv_heads = q.shape[1], q.shape[2], k.shape[1]
+        o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((n_q_heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        qs, ks, vs, os_ = ((0, x.stride(1), x.stride(0)) for x in (q, k, v, o))
+        ls = (0, lse.stride(0))
+        cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
     n_q_blocks = counts.shape[-1]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, n_q_heads, q_len), dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
+    if o.numel() == 0 or batch == 0:
         return o, lse
     mask_heads = counts.shape[1]
     mask_head_div = 1 if mask_heads == n_q_heads else (n_q_heads // n_kv_heads if mask_heads == n_kv_heads else n_q_heads)
+    left, right = band(causal, preds.window)
+    ranges = range_table(preds, batch, q_len, kv_len, q.device, cu)
+    q_seg, kv_seg, q_segb, k_segb = segment_tables(preds, block_m, block_n)
+    dummy = counts
+    slots = preds.bit_slots
+    if slots is not None:
+        slots = slots.to(torch.int32).expand(indices.shape).contiguous()
+    bl, br = band_bounds(left, right)
     grid = (n_q_blocks * batch * n_q_heads,)
     _autotuned_kernel[grid](
-        q, k, v, o, lse, counts, indices,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        q, k, v, o, lse, counts, indices, dummy if slots is None else slots,
+        dummy if preds.bit_words is None else preds.bit_words, dummy if ranges is None else ranges,
+        dummy if cu is None else cu[0], dummy if cu is None else cu[1],
+        dummy if q_seg is None else q_seg, dummy if kv_seg is None else kv_seg,
+        dummy if q_segb is None else q_segb, dummy if k_segb is None else k_segb,
+        *qs, *ks, *vs, *os_, *ls,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if mask_heads > 1 else 0,
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if mask_heads > 1 else 0,
-        n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], scale * LOG2E,
-        GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, IS_CAUSAL=bool(causal),
+        _bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb),
+        n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], scale * LOG2E, bl, br,
+        GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
+        HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None, VARLEN=cu is not None,
         BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_N=inner_tile(block_n, pow2_at_least(head_dim, 16), q.dtype),
+        TILE_N=inner_tile(block_n, pow2_at_least(head_dim, 16), q.dtype), WORDS=words_per_row(block_n),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16),
         DOT_PRECISION=dot_precision(q.dtype),
     )

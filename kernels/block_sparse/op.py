@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._common.predicates import NO_PREDICATES, flat, unflat
 from .bwd import _grad_like, block_sparse_bwd
 from .fwd import block_sparse_fwd
 
@@ -25,51 +26,73 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _varlen(cu_q, cu_k, max_q, max_k):
+    return None if cu_q is None else (cu_q, cu_k, max_q, max_k)
+
+
+# the predicates travel flattened (kernels/_common/predicates.py: flat / unflat); packed (varlen) calls
+# pass cu_q / cu_k with the largest lengths
 @torch.library.custom_op("sparse_attn::block_sparse_attn_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, counts_t: Optional[Tensor],
             indices_t: Optional[Tensor], block_m: int, block_n: int, causal: bool,
-            scale: float) -> Tuple[Tensor, Tensor]:
-    # counts_t / indices_t are unused here; they are inputs so that the backward can save them.
+            scale: float, left: int, right: int, q_range: Optional[Tensor], kv_range: Optional[Tensor],
+            q_segments: Optional[Tensor], kv_segments: Optional[Tensor], bit_slots: Optional[Tensor],
+            bit_words: Optional[Tensor], bit_slots_t: Optional[Tensor], cu_q: Optional[Tensor],
+            cu_k: Optional[Tensor], max_q: int, max_k: int) -> Tuple[Tensor, Tensor]:
+    # counts_t / indices_t / bit_slots_t are unused here; they are inputs so that the backward can save them.
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    return block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale)
+    preds = unflat((left, right, q_range, kv_range, q_segments, kv_segments, bit_slots, bit_words, bit_slots_t))
+    return block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, preds=preds,
+                            varlen=_varlen(cu_q, cu_k, max_q, max_k))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale):
+def _fwd_fake(q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale, *rest):
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    return o, lse
+    cu_q = rest[9]
+    lse_shape = q.shape[:3] if cu_q is None else (q.shape[1], q.shape[0])
+    return o, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("sparse_attn::block_sparse_attn_bwd", mutates_args=())
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Optional[Tensor],
             counts: Tensor, indices: Tensor, counts_t: Tensor, indices_t: Tensor, block_m: int, block_n: int,
-            causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+            causal: bool, scale: float, left: int, right: int, q_range: Optional[Tensor],
+            kv_range: Optional[Tensor], q_segments: Optional[Tensor], kv_segments: Optional[Tensor],
+            bit_slots: Optional[Tensor], bit_words: Optional[Tensor], bit_slots_t: Optional[Tensor],
+            cu_q: Optional[Tensor], cu_k: Optional[Tensor], max_q: int,
+            max_k: int) -> Tuple[Tensor, Tensor, Tensor]:
     do, q, k, v, o = (_unit_last(x) for x in (do, q, k, v, o))
+    preds = unflat((left, right, q_range, kv_range, q_segments, kv_segments, bit_slots, bit_words, bit_slots_t))
     return block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, block_m, block_n,
-                            causal, scale, dlse=dlse)
+                            causal, scale, dlse=dlse, preds=preds, varlen=_varlen(cu_q, cu_k, max_q, max_k))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale):
+def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale,
+              *rest):
     return _grad_like(q), _grad_like(k), _grad_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale = inputs
+    (q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale, left, right,
+     *tensors, max_q, max_k) = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, counts, indices, counts_t, indices_t)
-    ctx.config = (block_m, block_n, causal, scale)
+    ctx.save_for_backward(q, k, v, o, lse, counts, indices, counts_t, indices_t, *tensors)
+    ctx.n_inputs = len(inputs)
+    ctx.config = (block_m, block_n, causal, scale, left, right, max_q, max_k)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, counts, indices, counts_t, indices_t = ctx.saved_tensors
+    q, k, v, o, lse, counts, indices, counts_t, indices_t, *tensors = ctx.saved_tensors
+    block_m, block_n, causal, scale, left, right, max_q, max_k = ctx.config
     if counts_t is None or indices_t is None:
         raise ValueError("counts_t and indices_t (the key-major lists, BlockSparseMask.kv_major()) must be "
                          "passed to the forward for a backward pass, got None.")
     dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd(
-        do, q, k, v, o, lse, dlse, counts, indices, counts_t, indices_t, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+        do, q, k, v, o, lse, dlse, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale,
+        left, right, *tensors, max_q, max_k)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
@@ -77,7 +100,8 @@ torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd", _backward,
 
 class BlockSparseAttnFunction(torch.autograd.Function):
     """``(o, lse) = BlockSparseAttnFunction.apply(q, k, v, counts, indices, counts_t, indices_t,
-    block_m, block_n, causal, scale)``, an eager ``autograd.Function`` over the same custom ops.
+    block_m, block_n, causal, scale)``, an eager ``autograd.Function`` over the same custom ops
+    (no predicates; :func:`block_sparse_attn` takes them).
 
     :func:`block_sparse_attn` calls the registered op directly (that is what ``torch.compile``
     traces); this class is kept for callers that want an ``autograd.Function``.
@@ -85,19 +109,19 @@ class BlockSparseAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale):
-        o, lse = torch.ops.sparse_attn.block_sparse_attn_fwd(
-            q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale)
-        _setup_context(ctx, (q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale),
-                       (o, lse))
+        args = (q, k, v, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale,
+                *flat(NO_PREDICATES), None, None, 0, 0)
+        o, lse = torch.ops.sparse_attn.block_sparse_attn_fwd(*args)
+        _setup_context(ctx, args, (o, lse))
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        return _backward(ctx, do, dlse)
+        return _backward(ctx, do, dlse)[:11]
 
 
 def block_sparse_attn(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None, counts_t=None,
-                      indices_t=None):
+                      indices_t=None, preds=NO_PREDICATES, varlen=None):
     """Block-sparse attention with the Triton kernels, differentiable in q, k, v (and through lse).
 
     Args:
@@ -106,9 +130,13 @@ def block_sparse_attn(q, k, v, counts, indices, block_m, block_n, causal=False, 
         block_m, block_n: the mask's block size; causal: bottom-right causal; scale: default ``1/sqrt(D)``.
         counts_t, indices_t: key-major lists ``[Bm, Hm, NKB]`` / ``[Bm, Hm, NKB, Wt]``
             (``BlockSparseMask.kv_major()``); needed only when a gradient is taken.
+        preds: in-tile token predicates (:class:`~sparse_attn_kernels._common.predicates.TokenPredicates`;
+            ``bit_slots_t`` is needed for a gradient when it has bits).
+        varlen: ``(cu_q, cu_k, max_q, max_k)``: packed q ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]``.
 
     Returns:
-        ``(o, lse)``: ``[B, Hq, Lq, D]`` and float32 ``[B, Hq, Lq]``.
+        ``(o, lse)``: ``[B, Hq, Lq, D]`` and float32 ``[B, Hq, Lq]`` (packed: ``[total_q, Hq, D]`` and
+        ``[Hq, total_q]``).
 
     Example:
         >>> o, lse = block_sparse_attn(q, k, v, mask.counts, mask.indices, 64, 64, True,
@@ -117,5 +145,7 @@ def block_sparse_attn(q, k, v, counts, indices, block_m, block_n, causal=False, 
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    cu_q, cu_k, max_q, max_k = varlen if varlen is not None else (None, None, 0, 0)
     return torch.ops.sparse_attn.block_sparse_attn_fwd(
-        q, k, v, counts, indices, counts_t, indices_t, int(block_m), int(block_n), bool(causal), float(scale))
+        q, k, v, counts, indices, counts_t, indices_t, int(block_m), int(block_n), bool(causal), float(scale),
+        *flat(preds), cu_q, cu_k, int(max_q), int(max_k))

@@ -1,0 +1,288 @@
+"""In-tile token predicates: what a *partial* tile applies inside itself, as raw tensors.
+
+A kept tile is either *full* (every pair of it is attended, no in-tile masking) or *partial*.
+The kernels and the PyTorch paths decide per tile, from its geometry and the data below,
+whether it is partial, and apply these predicates only there:
+
+- **band** ``(left, right)``: query ``i`` sees key ``j`` iff ``-left <= j - (i + shift_b) <= right``
+  (``-1`` = unbounded side); ``causal`` is the band ``(-1, 0)``. ``shift_b`` is the bottom-right
+  alignment: ``kv_end_b - q_end_b`` when ``q_range`` is given (each batch row's own sequence, as
+  ``flash_attn_varlen_func``), else ``Lk - Lq``.
+- **ranges** ``q_range``, ``kv_range`` int32 ``[B|1, 2]``: the valid ``[start, end)`` of each batch
+  row (padding, left or right). Keys outside are never seen; query rows outside give 0.
+- **segments** ``q_segments`` int32 ``[B|1, Lq]``, ``kv_segments`` int32 ``[B|1, Lk]``: document ids;
+  ``i`` sees ``j`` iff their ids are equal.
+- **bits** ``bit_slots`` int32 ``[Bm, Hm, NQB, W]`` (one per list entry, ``-1`` = no bit mask) and
+  ``bit_words`` int32 ``[P, BLOCK_M, ceil(BLOCK_N / 32)]``: bit ``c % 32`` of word ``c // 32`` of
+  row ``r`` in slot ``s`` says whether query ``r`` of the tile sees its key ``c``.
+  ``bit_slots_t`` ``[Bm, Hm, NKB, Wt]`` is the same per key-major entry (for the dK/dV pass).
+
+Everything here is plain data plus the vectorized PyTorch twins of the in-kernel tests.
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+#: an unbounded band side, as the kernels use it (lengths stay far below 2**30)
+UNBOUNDED = 1 << 30
+
+
+class TokenPredicates(NamedTuple):
+    """The optional in-tile predicates of one attention call (see the module docstring)."""
+
+    window: Tuple[int, int] = (-1, -1)
+    q_range: Optional[Tensor] = None
+    kv_range: Optional[Tensor] = None
+    q_segments: Optional[Tensor] = None
+    kv_segments: Optional[Tensor] = None
+    bit_slots: Optional[Tensor] = None
+    bit_words: Optional[Tensor] = None
+    bit_slots_t: Optional[Tensor] = None
+
+    @property
+    def has_bits(self) -> bool:
+        return self.bit_slots is not None
+
+    @property
+    def has_segments(self) -> bool:
+        return self.q_segments is not None
+
+
+NO_PREDICATES = TokenPredicates()
+
+
+def band(causal: bool, window=(-1, -1)) -> Tuple[int, int]:
+    """``(left, right)`` of the band that ``causal`` and ``window`` leave (``-1`` = unbounded)."""
+    left, right = int(window[0]), int(window[1])
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def band_bounds(left: int, right: int) -> Tuple[int, int]:
+    """The band as finite ints for the kernels: ``-1`` becomes :data:`UNBOUNDED`."""
+    return (UNBOUNDED if left < 0 else left), (UNBOUNDED if right < 0 else right)
+
+
+def words_per_row(block_n: int) -> int:
+    """int32 words holding one tile row of ``block_n`` bits."""
+    return -(-block_n // 32)
+
+
+def pack_bits(keep: Tensor) -> Tensor:
+    """bool ``[P, BLOCK_M, BLOCK_N]`` -> int32 words ``[P, BLOCK_M, ceil(BLOCK_N / 32)]``."""
+    p, bm, bn = keep.shape
+    n_words = words_per_row(bn)
+    padded = torch.nn.functional.pad(keep.to(torch.int64), (0, n_words * 32 - bn))
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=keep.device),
+                                       torch.arange(32, device=keep.device))
+    words = (padded.view(p, bm, n_words, 32) * weights).sum(-1)  # [P, BM, WORDS] in [0, 2**32)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as two's-complement int32
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_bits(words: Tensor, block_n: int) -> Tensor:
+    """int32 words ``[..., BLOCK_M, WORDS]`` -> bool ``[..., BLOCK_M, BLOCK_N]``."""
+    col = torch.arange(block_n, device=words.device)
+    w = words.index_select(-1, col // 32)  # [..., BM, BN]
+    return torch.bitwise_and(torch.bitwise_right_shift(w, (col % 32).to(w.dtype)), 1).bool()
+
+
+def block_segment_bounds(segments: Tensor, block: int) -> Tuple[Tensor, Tensor]:
+    """Smallest and largest segment id of each block: int32 ``[Bs, NB]`` twice (ragged last block)."""
+    n = segments.shape[-1]
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    seg = segments.to(torch.int64)
+    # pad values within int32 (pad's value goes through a float)
+    lo = torch.nn.functional.pad(seg, (0, pad), value=float(torch.iinfo(torch.int32).max))
+    hi = torch.nn.functional.pad(seg, (0, pad), value=float(torch.iinfo(torch.int32).min))
+    lo = lo.view(*seg.shape[:-1], n_blocks, block).amin(-1)
+    hi = hi.view(*seg.shape[:-1], n_blocks, block).amax(-1)
+    return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+
+def row_ranges(rng: Optional[Tensor], batch: int, length: int, device) -> Tensor:
+    """int64 ``[B, 2]``: the valid ``[start, end)`` per batch row (``[0, length)`` without a range)."""
+    if rng is None:
+        return torch.tensor([[0, length]], dtype=torch.int64, device=device).expand(batch, 2)
+    return rng.to(device=device, dtype=torch.int64).expand(batch, 2)
+
+
+def diag_shift(preds: TokenPredicates, batch: int, q_len: int, kv_len: int, device) -> Tensor:
+    """int64 ``[B]``: ``shift_b`` of the bottom-right alignment (see the module docstring)."""
+    if preds.q_range is None:
+        return torch.full((batch,), kv_len - q_len, dtype=torch.int64, device=device)
+    q_end = row_ranges(preds.q_range, batch, q_len, device)[:, 1]
+    kv_end = row_ranges(preds.kv_range, batch, kv_len, device)[:, 1]
+    return kv_end - q_end
+
+
+def token_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, q_pos: Tensor, k_pos: Tensor,
+               q_len: int, kv_len: int) -> Tensor:
+    """The closed-form predicates at token level (no tiles, no bits).
+
+    Args:
+        preds: the call's predicates; left, right: its band (:func:`band`).
+        b_of: int64 ``[C]`` batch row of each work unit.
+        q_pos: int64 ``[C, M]`` query positions; k_pos: int64 ``[C, N]`` key positions (may lie past
+            the lengths: those pairs are dropped).
+
+    Returns:
+        bool ``[C, M, N]``.
+    """
+    device = q_pos.device
+    batch = int(b_of.max().item()) + 1 if b_of.numel() else 1
+    qr = row_ranges(preds.q_range, batch, q_len, device)[b_of]  # [C, 2]
+    kr = row_ranges(preds.kv_range, batch, kv_len, device)[b_of]
+    q_ok = (q_pos >= qr[:, :1]) & (q_pos < qr[:, 1:]) & (q_pos < q_len)  # [C, M]
+    k_ok = (k_pos >= kr[:, :1]) & (k_pos < kr[:, 1:]) & (k_pos < kv_len)  # [C, N]
+    keep = q_ok[:, :, None] & k_ok[:, None, :]
+    if left >= 0 or right >= 0:
+        shift = diag_shift(preds, batch, q_len, kv_len, device)[b_of]  # [C]
+        d = k_pos[:, None, :] - q_pos[:, :, None] - shift[:, None, None]  # [C, M, N]
+        if left >= 0:
+            keep = keep & (d >= -left)
+        if right >= 0:
+            keep = keep & (d <= right)
+    if preds.q_segments is not None:
+        qs, ks = preds.q_segments.to(device), preds.kv_segments.to(device)
+        qs, ks = qs[b_of % qs.shape[0]], ks[b_of % ks.shape[0]]  # [C, Lq], [C, Lk]
+        q_id = torch.gather(qs, 1, q_pos.clamp(0, q_len - 1))
+        k_id = torch.gather(ks, 1, k_pos.clamp(0, kv_len - 1))
+        keep = keep & (q_id[:, :, None] == k_id[:, None, :])
+    return keep
+
+
+def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, m_of: Tensor, kb: Tensor,
+                   slots: Optional[Tensor], block_m: int, block_n: int, q_len: int, kv_len: int,
+                   seg_bounds=None) -> Tuple[Tensor, Tensor]:
+    """Which list entries can hold a visible pair, and which are *full* (no in-tile masking).
+
+    Args:
+        b_of, m_of: int64 ``[R]`` batch row and query block of each row; kb: int64 ``[R, W]`` key blocks.
+        slots: int ``[R, W]`` bit slots (``-1`` none) or None.
+        seg_bounds: ``(q_lo, q_hi, k_lo, k_hi)`` of :func:`block_segment_bounds` when segments are set.
+
+    Returns:
+        ``(visible, full)``, bool ``[R, W]``; ``full`` implies ``visible``. ``visible`` is exact for the
+        band and the ranges and conservative for segments and bits (a visible tile may still see nothing).
+    """
+    device = kb.device
+    batch = int(b_of.max().item()) + 1 if b_of.numel() else 1
+    qr = row_ranges(preds.q_range, batch, q_len, device)[b_of]  # [R, 2]
+    kr = row_ranges(preds.kv_range, batch, kv_len, device)[b_of]
+    m0 = m_of * block_m
+    m1 = torch.clamp(m0 + block_m, max=q_len)  # real rows of the block: [m0, m1)
+    q0, q1 = torch.maximum(m0, qr[:, 0]), torch.minimum(m1, qr[:, 1])  # valid rows [q0, q1)   [R]
+    n0 = kb * block_n  # [R, W]
+    n1 = torch.clamp(n0 + block_n, max=kv_len)
+    k0 = torch.maximum(n0, kr[:, :1])
+    k1 = torch.minimum(n1, kr[:, 1:])  # valid keys [k0, k1)
+    visible = (q1 > q0)[:, None] & (k1 > k0)
+    full = ((m0 >= qr[:, 0]) & (m1 <= qr[:, 1]))[:, None] & (n0 >= kr[:, :1]) & (n0 + block_n <= kr[:, 1:]) \
+        & (n0 + block_n <= kv_len)
+    if left >= 0 or right >= 0:
+        shift = diag_shift(preds, batch, q_len, kv_len, device)[b_of][:, None]  # [R, 1]
+        d_lo = k0 - (q1[:, None] - 1) - shift  # smallest offset of a valid pair
+        d_hi = (k1 - 1) - q0[:, None] - shift
+        f_lo = n0 - (m1[:, None] - 1) - shift  # offsets over the whole tile (for "full")
+        f_hi = (n0 + block_n - 1) - m0[:, None] - shift
+        if left >= 0:
+            visible = visible & (d_hi >= -left)
+            full = full & (f_lo >= -left)
+        if right >= 0:
+            visible = visible & (d_lo <= right)
+            full = full & (f_hi <= right)
+    if seg_bounds is not None:
+        q_lo, q_hi, k_lo, k_hi = (x.to(device=device, dtype=torch.int64) for x in seg_bounds)
+        bq, bk = b_of % q_lo.shape[0], b_of % k_lo.shape[0]
+        ql, qh = q_lo[bq, m_of][:, None], q_hi[bq, m_of][:, None]  # [R, 1]
+        kl, kh = k_lo[bk[:, None], kb], k_hi[bk[:, None], kb]  # [R, W]
+        visible = visible & (ql <= kh) & (kl <= qh)
+        full = full & (ql == qh) & (kl == kh) & (ql == kl)
+    if slots is not None:
+        full = full & (slots < 0)
+    return visible, full & visible
+
+
+def tile_bits(preds: TokenPredicates, slots: Tensor, block_n: int) -> Tensor:
+    """bool ``[..., BLOCK_M, BLOCK_N]`` of the entries ``slots [...]`` (all True where ``slot < 0``)."""
+    words = preds.bit_words
+    bm = words.shape[1]
+    flat = slots.reshape(-1).long()
+    bits = unpack_bits(words[flat.clamp(min=0)], block_n) if words.shape[0] else \
+        torch.zeros((flat.numel(), bm, block_n), dtype=torch.bool, device=slots.device)
+    bits = bits | (flat < 0)[:, None, None]
+    return bits.view(*slots.shape, bm, block_n)
+
+
+def flat(preds: TokenPredicates) -> tuple:
+    """The predicates as custom-op arguments: ``(left, right, q_range, kv_range, q_segments, kv_segments,
+    bit_slots, bit_words, bit_slots_t)`` (ints and optional tensors)."""
+    return (int(preds.window[0]), int(preds.window[1]), *preds[1:])
+
+
+def unflat(args) -> TokenPredicates:
+    """Inverse of :func:`flat`."""
+    left, right, *tensors = args
+    return TokenPredicates((left, right), *tensors)
+
+
+def entries_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, m_of: Tensor, kb: Tensor,
+                 slots: Optional[Tensor], tok_m: Tensor, block_m: int, block_n: int, q_len: int,
+                 kv_len: int) -> Tensor:
+    """Token pairs that attention sees in the listed tiles of some work rows.
+
+    Args:
+        b_of, m_of: int64 ``[C]`` batch row and query block of each work row.
+        kb: int64 ``[C, n]`` key blocks gathered for each row (in order); slots: their bit slots or None.
+        tok_m: int64 ``[M]`` row inside the query block of each of the ``M`` query rows (``G * BLOCK_M``
+            for GQA-packed rows).
+
+    Returns:
+        bool ``[C, M, n * BLOCK_N]`` (keys in gather order).
+    """
+    c = kb.shape[0]
+    key_pos = (kb[:, :, None] * block_n + torch.arange(block_n, device=kb.device)).reshape(c, -1)  # [C, n*bn]
+    q_pos = m_of[:, None] * block_m + tok_m  # [C, M]
+    keep = token_keep(preds, left, right, b_of, q_pos, key_pos, q_len, kv_len)
+    if slots is not None:
+        bits = tile_bits(preds, slots, block_n)  # [C, n, bm, bn]
+        bits = bits.permute(0, 2, 1, 3).reshape(c, block_m, -1)  # [C, bm, n*bn]
+        keep = keep & bits[:, tok_m]
+    return keep
+
+
+def range_table(preds: TokenPredicates, batch: int, q_len: int, kv_len: int, device, cu_seqlens=None):
+    """int32 ``[B, 5]`` per batch row: q_start, q_end, kv_start, kv_end, shift (what the kernels read),
+    or None when no range applies.
+
+    ``cu_seqlens = (cu_q, cu_k)`` (packed sequences) gives each row ``[0, len)`` and its own shift.
+    """
+    if cu_seqlens is not None:
+        lq = (cu_seqlens[0][1:] - cu_seqlens[0][:-1]).to(device=device, dtype=torch.int64)
+        lk = (cu_seqlens[1][1:] - cu_seqlens[1][:-1]).to(device=device, dtype=torch.int64)
+        zero = torch.zeros_like(lq)
+        return torch.stack([zero, lq, zero, lk, lk - lq], 1).to(torch.int32).contiguous()
+    if preds.q_range is None and preds.kv_range is None:
+        return None
+    qr = row_ranges(preds.q_range, batch, q_len, device)
+    kr = row_ranges(preds.kv_range, batch, kv_len, device)
+    shift = diag_shift(preds, batch, q_len, kv_len, device)
+    return torch.cat([qr, kr, shift[:, None]], 1).to(torch.int32).contiguous()
+
+
+def segment_tables(preds: TokenPredicates, block_m: int, block_n: int):
+    """``(q_seg [Bs, Lq], kv_seg [Bs, Lk], q_bounds [Bs, NQB, 2], kv_bounds [Bs, NKB, 2])`` int32 for the
+    kernels (the block bounds say which tiles are wholly inside one segment), or four Nones."""
+    if preds.q_segments is None:
+        return None, None, None, None
+    qs = preds.q_segments.to(torch.int32).contiguous()
+    ks = preds.kv_segments.to(torch.int32).contiguous()
+    q_b = torch.stack(block_segment_bounds(qs, block_m), -1).contiguous()
+    k_b = torch.stack(block_segment_bounds(ks, block_n), -1).contiguous()
+    return qs, ks, q_b, k_b
