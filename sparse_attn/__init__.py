@@ -3,8 +3,9 @@
 Dataflow: pattern -> mask (:class:`BlockSparseMask`) -> :func:`sparse_attention` -> kernel.
 """
 
-from .mask import BlockSparseMask
+from .mask import BlockSparseMask, ranges_from_attention_mask, ranges_from_lengths
 from .ops import sparse_attention
+from .varlen import sparse_attention_varlen, stack_masks
 from .integrations.sdpa import patch_sdpa, sparse_sdpa
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
@@ -17,6 +18,7 @@ from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
 __version__ = "0.1.0"
 __all__ = [
     "BlockSparseMask", "StripeSparseMask", "PermutedMask", "sparse_attention", "stripe_attention",
+    "sparse_attention_varlen", "stack_masks", "ranges_from_attention_mask", "ranges_from_lengths",
     "permuted_attention", "RoutedMask", "routed_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
     "patch_sdpa", "sparse_sdpa", "__version__",

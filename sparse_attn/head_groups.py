@@ -38,7 +38,7 @@ def select_heads(mask, heads, n_q_heads, n_kv_heads):
     if mask is None:
         return None
     if isinstance(mask, BlockSparseMask):
-        return BlockSparseMask(pick(mask.counts), pick(mask.indices), mask.block_size, mask.seq_lens, validate=False)
+        return mask.map_heads(pick)
     if isinstance(mask, StripeSparseMask):
         return StripeSparseMask(**{k: pick(getattr(mask, k)) for k in mask._FIELDS}, block_size=mask.block_size,
                                 seq_lens=mask.seq_lens, validate=False)

@@ -4,6 +4,7 @@ import torch
 
 from sparse_attn_kernels.block_sparse.cpu import available as cpu_path_available
 from sparse_attn_kernels.block_sparse.cpu import block_sparse_attn_cpu
+from sparse_attn_kernels._common.predicates import TokenPredicates
 from sparse_attn_kernels.reference import block_sparse_attn_ref
 
 from ._checks import check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
@@ -21,19 +22,26 @@ def _check_mask(mask, q, k):
     if not isinstance(mask, BlockSparseMask):
         raise TypeError(f"mask must be a BlockSparseMask or None, got {type(mask).__name__}.")
     check_mask_fits(mask, q, k)
+    pb = mask.predicate_batch
+    if pb not in (1, q.shape[0]):
+        raise ValueError(f"mask's token predicates (ranges, segments) have batch {pb}, expected 1 or {q.shape[0]}.")
 
 
-def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse=False, backend="auto"):
-    """Attention restricted to the tiles of ``mask``, exact inside them.
+def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=None, return_lse=False,
+                     backend="auto"):
+    """Attention restricted to the pairs of ``mask``, exact at token level.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
-        mask: :class:`BlockSparseMask` for ``(Lq, Lk)``, or None for dense attention;
+        mask: :class:`BlockSparseMask` for ``(Lq, Lk)`` (tiles plus its token predicates: band, padding
+            ranges, segments, bit masks), or None for dense attention;
             a :class:`StripeSparseMask` goes to :func:`stripe_attention` and a :class:`PermutedMask`
             (non-causal) to :func:`permuted_attention`, a :class:`~sparse_attn.RoutedMask` to
             :func:`~sparse_attn.routed_attention`, a :class:`~sparse_attn.head_groups.HeadGroupsMask` to
             :func:`~sparse_attn.head_groups.head_groups_attention`.
         causal: AND the bottom-right causal predicate ``j <= i + (Lk - Lq)`` into the mask.
+        window: ``(left, right)`` sliding window ANDed in (FlashAttention's ``window_size``: key ``j`` seen by
+            query ``i`` iff ``-left <= j - (i + Lk - Lq) <= right``; ``-1`` = unbounded side).
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log; -inf on empty rows).
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
@@ -41,7 +49,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
     Returns:
         ``o`` ``[B, Hq, Lq, D]`` in q's dtype (rows that see no key are 0), and ``lse`` when asked.
         Differentiable in q, k and v on both backends (through ``lse`` too); rows that see no key get
-        zero gradients.
+        zero gradients. A key the mask excludes never influences any output, whatever its value; a row
+        that sees a NaN/Inf key or value gives NaN (and NaN lse).
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 100, 32)
@@ -51,12 +60,16 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
         torch.Size([1, 2, 100, 32])
     """
     if isinstance(mask, StripeSparseMask):
+        _no_window(window, "StripeSparseMask")
         return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     if isinstance(mask, PermutedMask):
+        _no_window(window, "PermutedMask")
         return permuted_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     if isinstance(mask, RoutedMask):
+        _no_window(window, "RoutedMask")
         return routed_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     if isinstance(mask, HeadGroupsMask):
+        _no_window(window, "HeadGroupsMask")
         return head_groups_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse,
                                      backend=backend)
     check_qkv(q, k, v, backend)
@@ -66,31 +79,43 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, scale=None, return_lse
     scale = check_scale(scale, q)
     batch, n_q_heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    if batch == 0 or q_len == 0 or kv_len == 0:
+    if batch == 0 or n_q_heads == 0 or q_len == 0 or kv_len == 0:
         o, lse = empty_attention(q, k, v)
         return (o, lse) if return_lse else o
     causal, scale = bool(causal), float(scale)
+    if window is not None and tuple(window) != (-1, -1):
+        mask = (BlockSparseMask.full(q_len, kv_len, DENSE_BLOCK, device=q.device) if mask is None else mask)
+        mask = mask.with_predicates(window=tuple(window))
     if mask is None:
         bm = bn = DENSE_BLOCK
         counts, indices, counts_t, indices_t = _dense_lists(q_len, kv_len, DENSE_BLOCK, q.device)
+        preds = TokenPredicates()
     else:
         bm, bn = mask.block_size
         counts, indices, counts_t, indices_t = mask.counts, mask.indices, None, None
+        preds = mask.token_predicates()
     if backend == "triton":
         from sparse_attn_kernels.block_sparse.op import block_sparse_attn
 
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         if mask is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            counts_t, indices_t = _kv_major(mask)
+            counts_t, indices_t, slots_t = _kv_major(mask)
+            preds = preds._replace(bit_slots_t=slots_t)
         o, lse = block_sparse_attn(q, k, v, counts, indices, bm, bn, causal, scale,
-                                   counts_t=counts_t, indices_t=indices_t)
+                                   counts_t=counts_t, indices_t=indices_t, preds=preds)
     elif _use_cpu_path(q, k, v, return_lse):
-        o, lse = block_sparse_attn_cpu(q, k, v, counts, indices, bm, bn, causal, scale)
+        o, lse = block_sparse_attn_cpu(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds)
         lse = lse.float()
     else:
-        o, lse = block_sparse_attn_ref(q, k, v, counts, indices, bm, bn, causal, scale)
+        o, lse = block_sparse_attn_ref(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds)
         lse = lse.float()
     return (o, lse) if return_lse else o
+
+
+def _no_window(window, kind):
+    if window is not None and tuple(window) != (-1, -1):
+        raise ValueError(f"window= is supported with a BlockSparseMask or no mask, got a {kind}; put the window "
+                         f"into the pattern instead.")
 
 
 def _use_cpu_path(q, k, v, return_lse):
@@ -112,7 +137,7 @@ def _dense_lists(q_len, kv_len, block, device):
 
 
 def _kv_major(mask):
-    """The mask's key-major lists for the backward.
+    """The mask's key-major lists (and bit slots, or None) for the backward.
 
     Eagerly (or when already cached) this is ``mask.kv_major()``. Inside ``torch.compile`` an
     uncached mask would need ``.item()`` for the list width, a graph break; there the lists are
@@ -123,5 +148,14 @@ def _kv_major(mask):
         counts_t = keep_t.sum(-1, dtype=torch.int32)
         # stable sort of "not kept" puts the kept query blocks first, in increasing order
         indices_t = torch.sort((~keep_t).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
-        return counts_t.contiguous(), indices_t.contiguous()
-    return mask.kv_major()
+        slots_t = None
+        if mask.has_bits:
+            n_kb = mask.num_blocks[1]
+            ok = torch.arange(mask.indices.shape[-1], device=mask.device) < mask.counts[..., None]
+            dense = torch.full((*mask.counts.shape, n_kb + 1), -1, dtype=torch.int32, device=mask.device)
+            dense.scatter_(-1, torch.where(ok, mask.indices.long(), n_kb), mask.bit_slots)
+            dense_t = dense[..., :n_kb].transpose(-1, -2)  # [Bm, Hm, NKB, NQB]
+            slots_t = torch.gather(dense_t, -1, indices_t.long()).contiguous()
+        return counts_t.contiguous(), indices_t.contiguous(), slots_t
+    counts_t, indices_t = mask.kv_major()
+    return counts_t, indices_t, mask.bit_slots_t()

@@ -170,8 +170,7 @@ def permuted_attention(q, k, v, mask: PermutedMask, *, causal=False, scale=None,
     mh = inner.batch_heads[1]
     if kp.shape[1] != k.shape[1] and mh not in (1, kp.shape[1]):  # kv heads were repeated: repeat the mask too
         g = kp.shape[1] // mh
-        inner = BlockSparseMask(inner.counts.repeat_interleave(g, 1), inner.indices.repeat_interleave(g, 1),
-                                inner.block_size, inner.seq_lens, validate=False)
+        inner = inner.map_heads(lambda x: x.repeat_interleave(g, 1))
     out = sparse_attention(qp, kp, vp, inner, causal=False, scale=scale, return_lse=return_lse, backend=backend)
     inv = mask.inv_q
     if return_lse:

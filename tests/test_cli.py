@@ -119,14 +119,6 @@ def test_stripe_helpers_match_brute_force():
     assert bool((cover | ~keep).all())  # every kept pair lies in a covering tile
 
 
-@pytest.mark.parametrize("q_len,kv_len", [(100, 100), (70, 130), (130, 70)])
-def test_pair_density_matches_token_count(q_len, kv_len):
-    keep = torch.rand(1, 3, -(-q_len // 32), -(-kv_len // 16)) < 0.5
-    mask = BlockSparseMask.from_dense(keep, (32, 16), (q_len, kv_len))
-    for causal in (False, True):
-        assert P.pair_density(mask, causal) == pytest.approx(mask.density(causal=causal), abs=1e-12)
-
-
 def test_random_block_mask_hits_the_density():
     case = Case(seq_len=64 * 40, heads=3, density=0.1, block=64)
     mask = P.random_block_mask(case, "cpu")

@@ -53,7 +53,9 @@ def test_to_dense_token_level_and_density():
     causal = mask.to_dense(causal=True)[0, 0]
     i, j = torch.arange(6)[:, None], torch.arange(7)[None, :]
     assert torch.equal(causal, expected & (j <= i + 1))
-    assert mask.density(causal=True) == pytest.approx(causal.float().mean().item())
+    # density is over the visible pairs (causally visible with causal), pair_fraction over all pairs
+    assert mask.density(causal=True) == pytest.approx(causal.sum().item() / (j <= i + 1).sum().item())
+    assert mask.pair_fraction(causal=True) == pytest.approx(causal.double().mean().item())
 
 
 def test_kv_major_lists_match_python_transpose():
@@ -69,7 +71,8 @@ def test_full_mask_and_repr():
     mask = BlockSparseMask.full(100, 70, (32, 32))
     assert mask.density() == 1.0 and mask.num_blocks == (4, 3)
     text = repr(mask)
-    assert "BlockSparseMask(" in text and "###" in text and "seq_lens=(100, 70)" in text
+    # the ragged key tail is a partial tile ("+"), the others full ("#")
+    assert "BlockSparseMask(" in text and "##+" in text and "seq_lens=(100, 70)" in text
     assert len(repr(BlockSparseMask.full(64 * 100, 64, 64)).splitlines()) == 1  # large maps: no picture
 
 
@@ -120,7 +123,7 @@ def test_constructor_type_errors():
 def test_flex_block_mask_round_trip(causal, lens):
     keep = torch.rand(2, 3, math.ceil(lens[0] / 32), math.ceil(lens[1] / 32)) < 0.5
     mask = BlockSparseMask.from_dense(keep, 32, seq_lens=lens)
-    flex = to_flex_block_mask(mask, causal=causal)
+    flex = to_flex_block_mask(mask, causal=causal, num_heads=3)
     assert flex.BLOCK_SIZE == (32, 32) and tuple(flex.seq_lengths) == lens
     # the flex block map holds exactly the blocks that keep at least one token pair
     tok = mask.to_dense(causal=causal)
@@ -128,14 +131,11 @@ def test_flex_block_mask_round_trip(causal, lens):
     pad = torch.nn.functional.pad(tok, (0, n_kb * 32 - lens[1], 0, n_qb * 32 - lens[0]))
     touched = pad.reshape(2, 3, n_qb, 32, n_kb, 32).any(5).any(3)
     assert torch.equal(flex.to_dense().bool()[..., :n_qb, :n_kb], touched)
-    back = BlockSparseMask.from_flex_block_mask(flex, partial="keep")
-    if not causal:
-        assert torch.equal(back.counts, mask.counts) and torch.equal(back.indices, mask.indices)
-    else:  # blocks entirely above the diagonal are dropped, the rest kept
-        assert torch.equal(back.to_dense(causal=True), mask.to_dense(causal=True))
+    back = BlockSparseMask.from_flex_block_mask(flex)  # exact: partial blocks keep their bits
+    assert torch.equal(back.to_dense(), mask.to_dense(causal=causal))
 
 
-def test_from_flex_refuses_partial_blocks_unless_asked():
+def test_from_flex_is_exact_for_partial_blocks():
     from torch.nn.attention.flex_attention import create_block_mask
 
     def causal(b, h, q_idx, kv_idx):
@@ -144,19 +144,24 @@ def test_from_flex_refuses_partial_blocks_unless_asked():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         flex = create_block_mask(causal, 1, 1, 256, 256, device="cpu", BLOCK_SIZE=64)
-    with pytest.raises(ValueError, match="partial='keep'"):
-        BlockSparseMask.from_flex_block_mask(flex)
-    mask = BlockSparseMask.from_flex_block_mask(flex, partial="keep")
-    lower = torch.tril(torch.ones(4, 4, dtype=torch.bool))
-    assert torch.equal(mask.to_block_dense()[0, 0], lower)
+    mask = BlockSparseMask.from_flex_block_mask(flex)
+    assert torch.equal(mask.to_dense()[0, 0], torch.tril(torch.ones(256, 256, dtype=torch.bool)))
+    assert mask.has_bits and mask.bit_words.shape[0] == 4  # the four diagonal tiles
+    with pytest.warns(UserWarning, match="over-attends"):
+        whole = BlockSparseMask.from_flex_block_mask(flex, partial="keep")
+    assert torch.equal(whole.to_block_dense()[0, 0], torch.tril(torch.ones(4, 4, dtype=torch.bool)))
     with pytest.raises(ValueError, match="partial must be"):
         BlockSparseMask.from_flex_block_mask(flex, partial="maybe")
+    with pytest.raises(TypeError, match="BlockMask"):
+        BlockSparseMask.from_flex_block_mask(torch.ones(2))
 
 
 def test_flex_mask_mod_states_the_whole_predicate():
     keep = torch.rand(1, 2, 3, 4) < 0.5
     mask = BlockSparseMask.from_dense(keep, 32, seq_lens=(90, 110))
-    flex = to_flex_block_mask(mask, causal=True)
+    with pytest.raises(ValueError, match="num_heads"):
+        to_flex_block_mask(mask, causal=True)  # two mask heads: query heads must be named
+    flex = to_flex_block_mask(mask, causal=True, num_heads=2)
     b, h = torch.zeros((), dtype=torch.long), torch.ones((), dtype=torch.long)
     tok = mask.to_dense(causal=True)[0, 1]
     qi, ki = torch.meshgrid(torch.arange(90), torch.arange(110), indexing="ij")

@@ -112,6 +112,21 @@ def row_ranges(rng: Optional[Tensor], batch: int, length: int, device) -> Tensor
     return rng.to(device=device, dtype=torch.int64).expand(batch, 2)
 
 
+def ranges_of(rng: Optional[Tensor], b_of: Tensor, length: int) -> Tensor:
+    """int64 ``[C, 2]``: the valid ``[start, end)`` of the batch rows ``b_of [C]``."""
+    if rng is None:
+        return torch.tensor([[0, length]], dtype=torch.int64, device=b_of.device).expand(b_of.numel(), 2)
+    rng = rng.to(device=b_of.device, dtype=torch.int64)
+    return rng[b_of % rng.shape[0]]
+
+
+def shift_of(preds: TokenPredicates, b_of: Tensor, q_len: int, kv_len: int) -> Tensor:
+    """int64 ``[C]``: ``shift_b`` of the batch rows ``b_of``."""
+    if preds.q_range is None:
+        return torch.full((b_of.numel(),), kv_len - q_len, dtype=torch.int64, device=b_of.device)
+    return ranges_of(preds.kv_range, b_of, kv_len)[:, 1] - ranges_of(preds.q_range, b_of, q_len)[:, 1]
+
+
 def diag_shift(preds: TokenPredicates, batch: int, q_len: int, kv_len: int, device) -> Tensor:
     """int64 ``[B]``: ``shift_b`` of the bottom-right alignment (see the module docstring)."""
     if preds.q_range is None:
@@ -135,14 +150,13 @@ def token_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, q_po
         bool ``[C, M, N]``.
     """
     device = q_pos.device
-    batch = int(b_of.max().item()) + 1 if b_of.numel() else 1
-    qr = row_ranges(preds.q_range, batch, q_len, device)[b_of]  # [C, 2]
-    kr = row_ranges(preds.kv_range, batch, kv_len, device)[b_of]
+    qr = ranges_of(preds.q_range, b_of, q_len)  # [C, 2]
+    kr = ranges_of(preds.kv_range, b_of, kv_len)
     q_ok = (q_pos >= qr[:, :1]) & (q_pos < qr[:, 1:]) & (q_pos < q_len)  # [C, M]
     k_ok = (k_pos >= kr[:, :1]) & (k_pos < kr[:, 1:]) & (k_pos < kv_len)  # [C, N]
     keep = q_ok[:, :, None] & k_ok[:, None, :]
     if left >= 0 or right >= 0:
-        shift = diag_shift(preds, batch, q_len, kv_len, device)[b_of]  # [C]
+        shift = shift_of(preds, b_of, q_len, kv_len)  # [C]
         d = k_pos[:, None, :] - q_pos[:, :, None] - shift[:, None, None]  # [C, M, N]
         if left >= 0:
             keep = keep & (d >= -left)
@@ -172,9 +186,8 @@ def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, 
         band and the ranges and conservative for segments and bits (a visible tile may still see nothing).
     """
     device = kb.device
-    batch = int(b_of.max().item()) + 1 if b_of.numel() else 1
-    qr = row_ranges(preds.q_range, batch, q_len, device)[b_of]  # [R, 2]
-    kr = row_ranges(preds.kv_range, batch, kv_len, device)[b_of]
+    qr = ranges_of(preds.q_range, b_of, q_len)  # [R, 2]
+    kr = ranges_of(preds.kv_range, b_of, kv_len)
     m0 = m_of * block_m
     m1 = torch.clamp(m0 + block_m, max=q_len)  # real rows of the block: [m0, m1)
     q0, q1 = torch.maximum(m0, qr[:, 0]), torch.minimum(m1, qr[:, 1])  # valid rows [q0, q1)   [R]
@@ -186,7 +199,7 @@ def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, 
     full = ((m0 >= qr[:, 0]) & (m1 <= qr[:, 1]))[:, None] & (n0 >= kr[:, :1]) & (n0 + block_n <= kr[:, 1:]) \
         & (n0 + block_n <= kv_len)
     if left >= 0 or right >= 0:
-        shift = diag_shift(preds, batch, q_len, kv_len, device)[b_of][:, None]  # [R, 1]
+        shift = shift_of(preds, b_of, q_len, kv_len)[:, None]  # [R, 1]
         d_lo = k0 - (q1[:, None] - 1) - shift  # smallest offset of a valid pair
         d_hi = (k1 - 1) - q0[:, None] - shift
         f_lo = n0 - (m1[:, None] - 1) - shift  # offsets over the whole tile (for "full")

@@ -60,24 +60,6 @@ def random_block_mask(case: Case, device, seed: int = 0) -> BlockSparseMask:
     return BlockSparseMask.from_dense(keep, case.block, (case.seq_len, case.seq_len))
 
 
-def pair_density(mask: BlockSparseMask, causal: bool) -> float:
-    """Share of (query, key) pairs computed, averaged over heads, without building Lq x Lk."""
-    if not causal:
-        return mask.density()
-    bm, bn = mask.block_size
-    q_len, kv_len = mask.seq_lens
-    n_qb, n_kb = mask.num_blocks
-    keep = mask.to_block_dense().float()  # [Bm, Hm, NQB, NKB]
-    i = torch.arange(n_qb * bm, device=mask.device).reshape(n_qb, bm)  # query positions per block
-    valid_i = i < q_len
-    j0 = torch.arange(n_kb, device=mask.device) * bn
-    j1 = torch.clamp(j0 + bn, max=kv_len)  # [NKB]
-    hi = i[:, :, None] + (kv_len - q_len) + 1  # keys j < hi are visible  [NQB, bm, 1]
-    seen = (torch.minimum(hi, j1) - j0).clamp(min=0) * valid_i[:, :, None]  # [NQB, bm, NKB]
-    pairs = seen.sum(1).float()  # [NQB, NKB]
-    return float((keep * pairs).sum() / (keep.shape[0] * keep.shape[1] * q_len * kv_len))
-
-
 def dense_flops(case: Case) -> float:
     """FLOPs of dense attention (4 * B * H * Lq * Lk * D forward; backward counts 2.5x forward)."""
     fwd = 4.0 * case.batch * case.heads * case.seq_len * case.seq_len * case.head_dim

@@ -115,8 +115,8 @@ class Problem:
         if case.kind == "block":
             self.mask = P.random_block_mask(case, device, seed)
             self.keep = P.block_keep_rows(self.mask, self.rows)
-            self.density = P.pair_density(self.mask, case.causal)
-            self.flex_mask = to_flex_block_mask(self.mask, case.causal)
+            self.density = self.mask.density(causal=case.causal)  # computed / visible pairs
+            self.flex_mask = to_flex_block_mask(self.mask, case.causal, num_heads=case.heads)
         elif case.kind == "stripe":
             cls = stripe_mask_class()
             if cls is None:
