@@ -214,6 +214,33 @@ class BlockSparseMask(TiledMask):
         return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
 
     @classmethod
+    def from_tile_predicate(cls, predicate, tiles, block_size, seq_lens, *, full=None):
+        """Exact mask of a vectorized token predicate, evaluated only on candidate tiles.
+
+        Args:
+            predicate: ``predicate(q_idx, kv_idx) -> bool`` on broadcasting int64 tensors (``[P, BM, 1]``,
+                ``[P, 1, BN]``), the same for every batch row and head.
+            tiles: bool ``[Bm, Hm, NQB, NKB]``: tiles that may hold a kept pair (others are dropped).
+            full: optional bool, same shape: tiles known to be entirely kept (not evaluated).
+        """
+        bm, bn = _as_pair(block_size)
+        q_len, kv_len = _seq_lens(seq_lens)
+        tiles = tiles.to(torch.bool)
+        full = torch.zeros_like(tiles) if full is None else (full.to(torch.bool) & tiles)
+        acc = TileAccumulator(tiles.shape[:2], tiles.shape[2:], (bm, bn), tiles.device)
+        acc.keep |= full
+        b, h, qb, kb = (tiles & ~full).nonzero(as_tuple=True)
+        step = max(1, EVAL_CHUNK_ELEMS // (bm * bn))
+        for a in range(0, qb.numel(), step):
+            sl = slice(a, a + step)
+            rows = qb[sl, None] * bm + torch.arange(bm, device=tiles.device)  # [P, BM]
+            cols = kb[sl, None] * bn + torch.arange(bn, device=tiles.device)  # [P, BN]
+            valid = (rows < q_len)[:, :, None] & (cols < kv_len)[:, None, :]
+            got = predicate(rows[:, :, None], cols[:, None, :]) & valid
+            acc.add_tiles((b[sl], h[sl], qb[sl], kb[sl]), got, valid)
+        return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
+
+    @classmethod
     def _from_accumulator(cls, acc, block_size, seq_lens):
         counts, indices, slots, words = acc.result()
         return cls(counts, indices, block_size, seq_lens, bit_slots=slots, bit_words=words, validate=False)

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 import torch
 
 from .._checks import check_positive_int
-from .base import StructuralPattern, as_layout, as_tuple, register, tile_bounds
+from ..mask import BlockSparseMask
+from .base import StructuralPattern, as_layout, as_tuple, check_qk, register, tile_bounds
 
 
 def _shift(q_len, kv_len):
@@ -62,6 +63,14 @@ class SlidingWindow(StructuralPattern):
     def structure_map(self, q_len, kv_len, *, causal=False, layout=None, device=None):
         return _band_tiles(q_len, kv_len, self.block_pair, self.left, self.right, causal, device)
 
+    def build_for(self, q_len, kv_len, *, causal=False, layout=None, device=None) -> BlockSparseMask:
+        """Token-exact: the band's tiles plus the window predicate (no over-attending at tile edges)."""
+        return super().build_for(q_len, kv_len, causal=causal, layout=layout, device=device).with_predicates(
+            window=(self.left, self.right))
+
+    def build(self, q, k, *, causal=False, layout=None):
+        return super().build(q, k, causal=causal, layout=layout).with_predicates(window=(self.left, self.right))
+
 
 @register("sink_local")
 @dataclass(frozen=True)
@@ -99,6 +108,24 @@ class SinkLocal(StructuralPattern):
         if causal:
             sink = sink & (k_first <= q_last + (kv_len - q_len))
         return band | sink
+
+    def full_map(self, q_len, kv_len, device=None):
+        """bool ``[NQB, NKB]``: tiles every valid pair of which is kept (all sink keys, or inside the band)."""
+        q_first, q_last, k_first, k_last = tile_bounds(q_len, kv_len, self.block_pair, device)
+        shift = kv_len - q_len
+        inside = (k_first - (q_last + shift) >= -self.window) & (k_last - (q_first + shift) <= self.window)
+        return (k_last < self.sink) | inside
+
+    def build_for(self, q_len, kv_len, *, causal=False, layout=None, device=None) -> BlockSparseMask:
+        """Token-exact: sink and band edge tiles carry bit masks (no over-attending at tile edges)."""
+        keep = self.block_map_for(q_len, kv_len, causal=causal, layout=layout, device=device)
+        mod = self.mask_mod_for(q_len, kv_len)
+        return BlockSparseMask.from_tile_predicate(lambda i, j: mod(0, 0, i, j), keep, self.block_pair,
+                                                   (q_len, kv_len), full=self.full_map(q_len, kv_len, device))
+
+    def build(self, q, k, *, causal=False, layout=None):
+        check_qk(q, k)
+        return self.build_for(q.shape[2], k.shape[2], causal=causal, layout=layout, device=q.device)
 
 
 @register("vertical_stripes")
