@@ -117,6 +117,9 @@ def stripe_sparse_fwd_ref(q, k, v, block_counts, block_indices, block_full, col_
                         kf[kv_row[rows, None] + ci]], 1)  # [C, N, D]
         vg = torch.cat([vblk[kv_blk_row[rows, None] + bi].reshape(n_c, w_c * block_n, head_dim),
                         vf[kv_row[rows, None] + ci]], 1)
+        # a key the mask excludes never reaches an output: zero non-finite keys, flag the rows that see one
+        bad = ~(torch.isfinite(kg).all(-1) & torch.isfinite(vg).all(-1))  # [C, N]
+        kg, vg = kg.masked_fill(bad[..., None], 0.0), vg.masked_fill(bad[..., None], 0.0)
         s = torch.bmm(qb[rows], kg.transpose(1, 2)) * scale  # [C, bm, N]
         # block part: tile (m, kb) keeps (r, t) iff diag[m*bm - kb*bn + r - t] or the key is a column;
         # the [bm, bn] diagonal pattern is a Toeplitz view of a (bm + bn - 1)-window of diag_keep
@@ -135,8 +138,9 @@ def stripe_sparse_fwd_ref(q, k, v, block_counts, block_indices, block_full, col_
             q_pos = m_of[rows, None] * block_m + tok_m  # [C, bm]
             keep = keep & (pos[:, None, :] <= q_pos[:, :, None] + (kv_len - q_len))
         o_c, lse_c = softmax_rows(s.masked_fill(~keep, float("-inf")), vg)
-        outs.append(o_c)
-        lses.append(lse_c.squeeze(-1))
+        row_bad = (keep & bad[:, None, :]).any(-1)  # [C, bm]
+        outs.append(o_c.masked_fill(row_bad[..., None], float("nan")))
+        lses.append(lse_c.squeeze(-1).masked_fill(row_bad, float("nan")))
         r0 = r1
     inverse = torch.argsort(order)
     o = torch.cat(outs)[inverse].reshape(batch, n_q_heads, n_qb * block_m, head_dim)[:, :, :q_len]

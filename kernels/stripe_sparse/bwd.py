@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.tile_jit import finite_rows
 from .._common.config import fwd_configs, dot_precision, pow2_at_least
 from .fwd import _mask_head_div
 
@@ -33,7 +34,8 @@ def _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: tl.con
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, N]
     p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, N]
-    ds = p * (dp - delta[:, None])
+    ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)
+    k = tl.where(finite_rows(k)[:, None] != 0, k, 0.0)  # an excluded key never reaches dQ
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
@@ -42,9 +44,12 @@ def _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: t
     """dv += P^T @ dO and dk += dS^T @ Q for one [BLOCK_M, N] tile."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, N]
     p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # [N, D]
+    # queries and output gradients reach dK/dV only through the pairs the tile keeps
+    do_safe = tl.where(finite_rows(do)[:, None] != 0, do, 0.0)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do_safe, input_precision=DOT_PRECISION)  # [N, D]
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, N]
-    ds = p * (dp - delta[:, None])
+    ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)
+    q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)  # [N, D]
     return dk, dv
 

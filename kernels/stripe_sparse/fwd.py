@@ -18,17 +18,22 @@ import triton
 import triton.language as tl
 
 from .._common.config import fwd_configs, dot_precision, pow2_at_least
+from .._common.tile_jit import finite_rows
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over a [BLOCK_M, N] score tile; ``keep`` applies when MASKED."""
+def _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a [BLOCK_M, N] score tile; ``keep`` applies when MASKED (and then
+    values of excluded keys are zeroed, ``bad`` flags the rows that see a non-finite value)."""
     # -- compute qk (log2 domain) ----
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, N]
     if MASKED:
         qk = tl.where(keep, qk, float("-inf"))
+        v_ok = finite_rows(v)  # [N]
+        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+        v = tl.where(v_ok[:, None] != 0, v, 0.0)
     # -- online softmax update; rows that have seen nothing keep m = -inf ----
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -36,7 +41,7 @@ def _softmax_step(acc, l_i, m_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr, 
     alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_new, bad
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "col_width", "mask_b_stride"])
@@ -73,6 +78,7 @@ def _stripe_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that saw a non-finite value
     causal_shift = kv_len - q_len  # bottom-right: query i sees key j iff j <= i + causal_shift
     last_q = pid_m * BLOCK_M + BLOCK_M - 1
     row_ok = offs_m[:, None] < q_len  # [BLOCK_M, 1]
@@ -102,9 +108,9 @@ def _stripe_sparse_fwd_kernel(
                     keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
                     if IS_CAUSAL:
                         keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, keep, qk_scale, True, DOT_PRECISION)
+                    acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, True, DOT_PRECISION)
                 else:
-                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, row_ok, qk_scale, False, DOT_PRECISION)
+                    acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, row_ok, qk_scale, False, DOT_PRECISION)
 
     # -- column part: vertical columns outside the block part, gathered TILE_C at a time ----
     col_count = tl.load(ccount_ptr + row)
@@ -120,13 +126,15 @@ def _stripe_sparse_fwd_kernel(
             keep = c_ok[None, :] & row_ok  # [BLOCK_M, TILE_C]
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, keep, qk_scale, True, DOT_PRECISION)
+            acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, True, DOT_PRECISION)
 
-    # -- epilogue: rows that saw no key give o = 0 and lse = -inf ----
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    # -- epilogue: rows that saw no key give o = 0 and lse = -inf; a NaN row keeps NaN in both ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]  # [BLOCK_M, D]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # [BLOCK_M]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
+    o = tl.where(bad[:, None] != 0, float("nan"), o)
+    lse = tl.where(bad != 0, float("nan"), lse)
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok & d_ok)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
