@@ -96,6 +96,10 @@ def resolve_backend(backend, q, block_size=None):
         head_dim = q.shape[-1]
         if not TRITON_HEAD_DIMS[0] <= head_dim <= TRITON_HEAD_DIMS[1]:
             raise ValueError(f"head dim must be in [16, 256] for the Triton kernel, got {head_dim}.")
+        if interpreting() and q.dtype == torch.bfloat16:
+            raise TypeError("backend='triton' cannot run bfloat16 in the Triton CPU interpreter (TRITON_INTERPRET=1): "
+                            "the interpreter has no bf16 dot and returns wrong values; use float16/float32, "
+                            "backend='torch', or a CUDA device.")
         if block_size is not None and any(b not in TRITON_BLOCKS for b in block_size):
             raise ValueError(f"mask.block_size must use sizes in {TRITON_BLOCKS} for the Triton kernel, "
                              f"got {block_size}.")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_attn import BlockSparseMask, sparse_attention
+from sparse_attn import BlockSparseMask, StripeSparseMask, sparse_attention, stripe_attention
 
 
 def qkv(b=1, hq=2, hkv=2, lq=64, lk=64, d=32, dtype=torch.float32):
@@ -92,3 +92,16 @@ def test_torch_backend_takes_other_block_sizes_and_fp64():
     out = sparse_attention(q, k, v, full(60, 60, block=(20, 12)), backend="torch")
     ref = torch.softmax(q @ k.transpose(-1, -2) / 32 ** 0.5, -1) @ v
     assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_bf16_triton_in_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"cannot run bfloat16 in the Triton CPU interpreter"):
+        sparse_attention(q, k, v, backend="triton")
+    with pytest.raises(TypeError, match=r"cannot run bfloat16 in the Triton CPU interpreter"):
+        sparse_attention(q, k, v, full(), backend="triton")
+    stripes = StripeSparseMask.from_vertical_slash(torch.tensor([[[0]]]), torch.tensor([[[0, 1]]]), seq_lens=(64, 64),
+                                                   block_size=32)
+    with pytest.raises(TypeError, match=r"cannot run bfloat16 in the Triton CPU interpreter"):
+        stripe_attention(q, k, v, stripes, backend="triton")
