@@ -61,6 +61,8 @@ def check_qkv(q, k, v, backend):
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}.")
     batch, n_q_heads, _, head_dim = q.shape
+    if head_dim == 0:
+        raise ValueError(f"q must have head dim (last dimension) >= 1, got shape {list(q.shape)}.")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape [B, Hkv, Lk, D], got {list(k.shape)} and {list(v.shape)}.")
     if k.shape[0] != batch or k.shape[3] != head_dim:

@@ -94,6 +94,12 @@ def test_torch_backend_takes_other_block_sizes_and_fp64():
     assert torch.allclose(out, ref, atol=1e-12)
 
 
+def test_head_dim_zero_is_a_value_error_naming_head_dim():
+    q, k, v = qkv(d=0)
+    with pytest.raises(ValueError, match=r"q must have head dim \(last dimension\) >= 1, got shape \[1, 2, 64, 0\]"):
+        sparse_attention(q, k, v)
+
+
 def test_bf16_triton_in_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = qkv(dtype=torch.bfloat16)
