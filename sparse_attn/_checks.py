@@ -55,7 +55,9 @@ def check_qkv(q, k, v, backend):
             raise ValueError(f"{name} must have shape [B, H, L, D] (rank 4), got {list(x.shape)}.")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}.")
-    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    # "auto" takes the PyTorch path for non-CUDA tensors, which runs fp64 like backend="torch"
+    torch_path = backend == "torch" or (backend == "auto" and not q.is_cuda)
+    allowed = FLOAT_DTYPES + ((torch.float64,) if torch_path else ())
     if q.dtype not in allowed:
         raise TypeError(f"q must have dtype in {[str(d) for d in allowed]} for backend={backend!r}, got {q.dtype}.")
     if not (q.device == k.device == v.device):

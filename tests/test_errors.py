@@ -111,3 +111,11 @@ def test_bf16_triton_in_the_interpreter_is_refused(monkeypatch):
                                                    block_size=32)
     with pytest.raises(TypeError, match=r"cannot run bfloat16 in the Triton CPU interpreter"):
         stripe_attention(q, k, v, stripes, backend="triton")
+
+
+def test_auto_backend_on_cpu_takes_fp64_like_the_torch_backend():
+    q, k, v = qkv(dtype=torch.float64)
+    mask = full()
+    out = sparse_attention(q, k, v, mask)  # "auto" on CPU is the PyTorch path, which runs fp64
+    assert out.dtype == torch.float64
+    assert torch.equal(out, sparse_attention(q, k, v, mask, backend="torch"))
