@@ -28,6 +28,14 @@ def check_int_tensor(x, name, ndim):
         raise ValueError(f"{name} must have rank {ndim}, got shape {list(x.shape)}.")
 
 
+def check_bool(value, name):
+    """Return ``value`` if it is a bool (``True``/``False``); anything else (``"False"``, 1, None) is a TypeError,
+    since Python's truthiness would silently turn ``"False"`` into True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} ({value!r}).")
+    return value
+
+
 def check_tensor(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")

@@ -119,3 +119,17 @@ def test_auto_backend_on_cpu_takes_fp64_like_the_torch_backend():
     out = sparse_attention(q, k, v, mask)  # "auto" on CPU is the PyTorch path, which runs fp64
     assert out.dtype == torch.float64
     assert torch.equal(out, sparse_attention(q, k, v, mask, backend="torch"))
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, 1, None, torch.tensor(True)])
+def test_check_bool_refuses_non_booleans(value):
+    from sparse_attn._checks import check_bool
+
+    with pytest.raises(TypeError, match=r"causal must be a bool \(True or False\), got " + type(value).__name__):
+        check_bool(value, "causal")
+
+
+def test_check_bool_returns_booleans():
+    from sparse_attn._checks import check_bool
+
+    assert check_bool(True, "causal") is True and check_bool(False, "return_lse") is False
