@@ -113,3 +113,45 @@ def test_candidate_grid_covers_every_family_and_searches():
         assert qual["error_max"] <= 0.1 + 1e-6  # what the search measured is what the plan builds
     with pytest.raises(ValueError, match="layout must be a TokenLayout of seq_len=100"):
         candidate_grid(100, layout=lay)
+
+
+def _corrupt(edit):
+    import copy
+    import json
+
+    search = PatternSearch([SlidingWindow(left=64, right=64)], lam=0.1, eps=0.1)
+    q = torch.randn(1, 2, 256, 32)
+    search.observe(0, q, q, q)
+    d = copy.deepcopy(search.plan().to_dict())
+    edit(d)
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("edit,exc,message", [
+    (lambda d: d.pop("layers"), ValueError, r"the plan has no \['layers'\]"),
+    (lambda d: d.__setitem__("layers", [1]), TypeError, r"plan\['layers'\] must be a dict layer -> list"),
+    (lambda d: d["layers"].__setitem__("0", "abc"), TypeError, r"plan\['layers'\]\['0'\] must be a list .*got str"),
+    (lambda d: d["layers"].__setitem__("0", []), ValueError, r"plan\['layers'\]\['0'\] must hold one entry per"),
+    (lambda d: d["layers"]["0"].__setitem__(1, "abc"), TypeError,
+     r"plan\['layers'\]\['0'\]\[1\] must be a dict with 'pattern', 'error' and 'density', got str"),
+    (lambda d: d["layers"]["0"][0].pop("error"), ValueError, r"plan\['layers'\]\['0'\]\[0\] has no \['error'\]"),
+    (lambda d: d["layers"]["0"][0].__setitem__("density", "0.5"), TypeError,
+     r"plan\['layers'\]\['0'\]\[0\]\['density'\] must be a number, got str"),
+    (lambda d: d["layers"]["0"][0].__setitem__("density", 2.0), ValueError, r"\['density'\] must be a finite number in"),
+    (lambda d: d["layers"]["0"][0]["pattern"].pop("name"), ValueError,
+     r"plan\['layers'\]\['0'\]\[0\]\['pattern'\]: a pattern config must be a dict with a 'name' key"),
+    (lambda d: d["layers"]["0"][0].__setitem__("pattern", "dense"), ValueError,
+     r"plan\['layers'\]\['0'\]\[0\]\['pattern'\]: a pattern config must be a dict"),
+    (lambda d: d["layers"]["0"][0]["pattern"].__setitem__("name", "nosuch"), ValueError,
+     r"\['pattern'\]: unknown pattern 'nosuch'"),
+    (lambda d: d.__setitem__("lam", None), TypeError, r"plan\['lam'\] must be a number, got NoneType"),
+    (lambda d: d.pop("eps"), ValueError, r"the plan has no \['eps'\]"),
+])
+def test_corrupted_plan_json_names_what_is_wrong(edit, exc, message):
+    with pytest.raises(exc, match=message):
+        SearchPlan.from_json(_corrupt(edit))
+
+
+def test_plan_json_that_does_not_parse():
+    with pytest.raises(ValueError, match="a plan must be JSON text, got text that does not parse"):
+        SearchPlan.from_json('{"version": 1, "layers": ')

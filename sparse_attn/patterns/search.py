@@ -18,6 +18,7 @@ search refuses patterns whose masks are permutations (``kmeans_routing``, ``vide
 """
 
 import json
+import math
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -89,12 +90,34 @@ class SearchPlan:
 
     @classmethod
     def from_json(cls, text) -> "SearchPlan":
-        d = json.loads(text) if isinstance(text, str) else text
+        """Inverse of :meth:`to_json` (also accepts the decoded dict); a corrupted plan raises ValueError or
+        TypeError naming the entry that is wrong."""
+        if isinstance(text, (str, bytes, bytearray)):
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"a plan must be JSON text, got text that does not parse ({e}).") from None
+        else:
+            d = text
         if not isinstance(d, dict) or d.get("version") != PLAN_VERSION:
             raise ValueError(f"a plan must be a dict with version {PLAN_VERSION}, got {str(d)[:80]!r}.")
-        layers = {k: [dict(pattern=pattern_from_dict(c["pattern"]), error=float(c["error"]),
-                           density=float(c["density"])) for c in heads] for k, heads in d["layers"].items()}
-        return cls(layers, d["lam"], d["eps"])
+        missing = [name for name in ("lam", "eps", "layers") if name not in d]
+        if missing:
+            raise ValueError(f"the plan has no {missing}; expected the keys 'version', 'lam', 'eps' and 'layers'.")
+        lam, eps = _plan_number(d["lam"], "plan['lam']"), _plan_number(d["eps"], "plan['eps']")
+        if not isinstance(d["layers"], dict):
+            raise TypeError(f"plan['layers'] must be a dict layer -> list of per-head entries, got "
+                            f"{type(d['layers']).__name__} ({str(d['layers'])[:80]!r}).")
+        layers = {}
+        for key, heads in d["layers"].items():
+            where = f"plan['layers'][{key!r}]"
+            if not isinstance(heads, list):
+                raise TypeError(f"{where} must be a list of per-head entries, got {type(heads).__name__} "
+                                f"({str(heads)[:80]!r}).")
+            if not heads:
+                raise ValueError(f"{where} must hold one entry per query head, got an empty list.")
+            layers[key] = [_plan_head(c, f"{where}[{h}]") for h, c in enumerate(heads)]
+        return cls(layers, lam, eps)
 
     def save(self, path):
         with open(path, "w", encoding="utf-8") as f:
@@ -107,6 +130,31 @@ class SearchPlan:
 
     def __repr__(self):
         return f"SearchPlan(layers={len(self.layers)}, lam={self.lam}, eps={self.eps})"
+
+
+def _plan_number(value, where, upper=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a number, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value) or value < 0 or (upper is not None and value > upper):
+        bound = f"in [0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"{where} must be a finite number {bound}, got {value!r}.")
+    return float(value)
+
+
+def _plan_head(entry, where) -> dict:
+    """One per-head entry of a saved plan: ``{"pattern": dict, "error": float, "density": float}``."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"{where} must be a dict with 'pattern', 'error' and 'density', got {type(entry).__name__} "
+                        f"({str(entry)[:80]!r}).")
+    missing = [name for name in ("pattern", "error", "density") if name not in entry]
+    if missing:
+        raise ValueError(f"{where} has no {missing}; expected the keys 'pattern', 'error' and 'density'.")
+    try:
+        pattern = pattern_from_dict(entry["pattern"])
+    except (TypeError, ValueError) as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where}['pattern']: {e}") from e
+    return dict(pattern=pattern, error=_plan_number(entry["error"], f"{where}['error']"),
+                density=_plan_number(entry["density"], f"{where}['density']", upper=1.0))
 
 
 class PatternSearch:
