@@ -12,7 +12,9 @@ across steps.
   ``share_roles``.
 * **Shapes**: an entry remembers ``q``/``k`` shapes, dtype, device, causality, layout and
   pattern; a lookup with anything else invalidates it and builds anew, so a stale mask is
-  never applied to other shapes.
+  never applied to other shapes. Patterns compare by value (``==``: the frozen dataclasses of
+  :mod:`sparse_attn.patterns` are equal when their configurations are), so a plan that hands
+  out an equal new pattern object at every call still reuses its masks.
 * **Generations**: :meth:`StepCache.reset` (called by integrations when step 0 comes again or
   the timestep goes back up) drops every entry and all warm-start state.
 * **Warm-start state**: a pattern with ``build_stateful(q, k, *, causal, layout, state)
@@ -195,6 +197,17 @@ def nbytes(obj, _depth=0) -> int:
     return walk(obj, _depth)
 
 
+def _same_pattern(a, b) -> bool:
+    """``a`` and ``b`` are the same pattern: the same object, or equal configurations (``==``). Patterns
+    without ``__eq__`` compare by identity; a comparison that fails (tensor fields) counts as different."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- e.g. "the truth value of a tensor is ambiguous": not provably equal
+        return False
+
+
 @dataclass
 class _Entry:
     signature: tuple
@@ -342,7 +355,7 @@ class StepCache:
         key = self._key(layer, role, head_group)
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, bool(causal), layout)
         entry = self._entries.get(key)
-        if entry is not None and (entry.signature != signature or entry.pattern is not pattern):
+        if entry is not None and (entry.signature != signature or not _same_pattern(entry.pattern, pattern)):
             del self._entries[key]
             entry = None
             self.stats.invalidations += 1

@@ -162,3 +162,27 @@ def test_memory_reported_and_bounded():
     tiny = StepCache(max_bytes=1)
     tiny.get_mask(pat, q, k, layer=0)
     assert len(tiny) == 0 and tiny.nbytes == 0
+
+
+@pytest.mark.parametrize("make", ["config", "sparse_vdit"])
+def test_a_search_plan_reuses_its_masks(make):
+    """plan.pattern_for makes a new (equal) PerHead at every call: the cache compares patterns by value."""
+    from sparse_attn.integrations.presets import sparse_vdit
+    from sparse_attn.integrations.sdpa import SparseConfig
+    from sparse_attn.patterns import PatternSearch, SlidingWindow
+
+    q, k = qk(256)
+    search = PatternSearch([SlidingWindow(left=64, right=64)], lam=1.0, eps=1.0, include_skip=False)
+    search.observe(0, q, k, k)
+    plan = search.plan()
+    assert plan.pattern_for(0) is not None and plan.pattern_for(0) is not plan.pattern_for(0)
+    config = SparseConfig(plan, cache=StepCache()) if make == "config" else sparse_vdit(plan)
+    steps = 5
+    for step in range(steps):
+        config.cache.set_step(step)
+        config.cache.get_mask(config.pattern_for(0), q, k, layer=0)
+    stats = config.cache.stats
+    assert (stats.builds, stats.reuses, stats.invalidations) == (1, steps - 1, 0)
+    other = SlidingWindow(left=32, right=32)  # an unequal pattern still invalidates the entry
+    config.cache.get_mask(other, q, k, layer=0)
+    assert (stats.builds, stats.invalidations) == (2, 1)
