@@ -398,26 +398,33 @@ class BlockSparseMask(TiledMask):
         ``Bm'`` is ``max(Bm, predicate batch)``. With ``causal`` the bottom-right causal predicate is ANDed
         in, as in :func:`sparse_attention`.
         """
+        return self.rows_to_dense(0, self.q_len, causal=causal)
+
+    def rows_to_dense(self, r0: int, r1: int, causal: bool = False) -> torch.Tensor:
+        """:meth:`to_dense` of the query rows ``r0:r1`` only: bool ``[Bm', Hm, r1 - r0, Lk]`` (exact)."""
         bm, bn = self.block_size
-        n_qb, n_kb = self.num_blocks
+        n_kb = self.num_blocks[1]
+        rows = torch.arange(r0, r1, device=self.device)
+        qb = rows // bm  # [R]
         tiles = self.to_block_dense()  # [Bm, Hm, NQB, NKB]
-        tok = tiles[:, :, :, None, :, None].expand(-1, -1, -1, bm, -1, bn)
+        tok = tiles[:, :, qb].repeat_interleave(bn, dim=3)[..., : self.kv_len]  # [Bm, Hm, R, Lk]
         if self.has_bits:
             ok = torch.arange(self.indices.shape[-1], device=self.device) < self.counts[..., None]
             slot = torch.full((*tiles.shape[:3], n_kb + 1), -1, dtype=torch.int64, device=self.device)
-            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())  # padding -> spare column
-            slot = torch.where(tiles, slot[..., :n_kb], -1)
-            bits = unpack_bits(self.bit_words[slot.clamp(min=0)], bn) | (slot < 0)[..., None, None]
-            tok = tok & bits.transpose(3, 4)  # [Bm, Hm, NQB, BM, NKB, BN]
-        tok = tok.reshape(*tiles.shape[:2], n_qb * bm, n_kb * bn)[:, :, : self.q_len, : self.kv_len]
+            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())  # padding -> spare
+            slot = torch.where(tiles, slot[..., :n_kb], -1)[:, :, qb]  # [Bm, Hm, R, NKB]
+            words = self.bit_words[slot.clamp(min=0), (rows % bm)[:, None]]  # [Bm, Hm, R, NKB, WORDS]
+            bits = unpack_bits(words[..., None, :], bn)[..., 0, :]  # [Bm, Hm, R, NKB, BN]
+            bits = bits | (slot < 0)[..., None]
+            tok = tok & bits.flatten(-2)[..., : self.kv_len]
         left, right = band(causal, self.window)
         batch = max(self.counts.shape[0], self.predicate_batch)
         if left >= 0 or right >= 0 or self.predicate_batch > 1 or self.q_range is not None \
                 or self.kv_range is not None or self.q_segments is not None:
-            q_pos = torch.arange(self.q_len, device=self.device).expand(batch, -1)
+            q_pos = rows.expand(batch, -1)
             k_pos = torch.arange(self.kv_len, device=self.device).expand(batch, -1)
             pred = token_keep(self.token_predicates(), left, right, torch.arange(batch, device=self.device), q_pos,
-                              k_pos, self.q_len, self.kv_len)  # [B', Lq, Lk]
+                              k_pos, self.q_len, self.kv_len)  # [B', R, Lk]
             tok = tok & pred[:, None]
         return tok
 

@@ -17,13 +17,10 @@ CHUNK_BYTES = 128 * 1024 * 1024
 
 
 def _rows_keep(mask, r0, r1, n_q_heads, n_kv_heads, device):
-    """Token-level keep ``[Bm, Hq|1, r1 - r0, Lk]`` of query rows ``r0:r1`` (block granularity for block masks)."""
+    """Token-level keep ``[Bm, Hq|1, r1 - r0, Lk]`` of query rows ``r0:r1``."""
     q_len, kv_len = mask.seq_lens
     if isinstance(mask, BlockSparseMask):
-        bm, bn = mask.block_size
-        blocks = mask.to_block_dense()  # [Bm, Hm, NQB, NKB]
-        rows = blocks[:, :, torch.arange(r0, r1, device=blocks.device) // bm]  # [Bm, Hm, R, NKB]
-        keep = rows.repeat_interleave(bn, dim=3)[..., :kv_len]
+        keep = mask.rows_to_dense(r0, r1)  # [Bm', Hm, R, Lk], token-exact (bits and predicates)
     elif hasattr(mask, "col_keep") and hasattr(mask, "diag_keep"):  # StripeSparseMask
         i = torch.arange(r0, r1, device=mask.device)[:, None]
         j = torch.arange(kv_len, device=mask.device)[None, :]

@@ -337,7 +337,9 @@ class StripeSparseMask(TiledMask):
         return keep
 
     def density(self, causal: bool = False) -> float:
-        """Share of the (query, key) token pairs that attention computes, averaged over ``(Bm, Hm)``.
+        """Share of the visible (query, key) token pairs that attention computes (kept / ``Lq * Lk``, or /
+        the causally visible pairs with ``causal``, as :meth:`BlockSparseMask.density`), averaged over
+        ``(Bm, Hm)``.
 
         Exact and computed from the lists (no dense map): ``|V| * rows + sum of slash lengths``
         minus the pairs that lie on both a column and a slash.
@@ -358,7 +360,10 @@ class StripeSparseMask(TiledMask):
         row = v[..., :, None] + s[..., None, :]  # the pair (v + s, v) lies on column v and slash s
         both = (row >= 0) & (row < q_len) & v_ok[..., :, None] & s_ok[..., None, :]
         pairs = (v_rows * v_ok).sum() + (s_len * s_ok).sum() - both.sum()
-        return pairs.item() / (self.block_counts.shape[0] * self.block_counts.shape[1] * q_len * kv_len)
+        visible = q_len * kv_len
+        if causal:
+            visible = int(torch.clamp(torch.arange(q_len) + shift + 1, 0, kv_len).sum())
+        return pairs.item() / (self.block_counts.shape[0] * self.block_counts.shape[1] * max(1, visible))
 
     # ---- checks and printing -----------------------------------------------------------
     def validate(self) -> "StripeSparseMask":

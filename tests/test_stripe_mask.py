@@ -143,7 +143,9 @@ def test_density_matches_dense_map(lens, causal):
     slash = torch.randint(1 - kv_len, q_len, (1, 2, 7))
     mask = StripeSparseMask.from_vertical_slash(vertical, slash, seq_lens=lens, block_size=32)
     dense = mask.to_dense(causal=causal)
-    assert mask.density(causal=causal) == pytest.approx(dense.double().mean().item(), abs=1e-12)
+    i, j = torch.arange(q_len)[:, None], torch.arange(kv_len)[None]
+    visible = int((j <= i + kv_len - q_len).sum()) if causal else q_len * kv_len  # density: kept / visible pairs
+    assert mask.density(causal=causal) == pytest.approx(dense.sum().item() / (4 * visible), abs=1e-12)
 
 
 def test_causal_to_dense_is_bottom_right():

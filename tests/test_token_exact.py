@@ -233,3 +233,21 @@ def test_lengths_not_multiple_of_the_block_are_not_refused():
     back = BlockSparseMask.from_flex_block_mask(flex)
     assert torch.equal(back.to_dense(), mask.to_dense())
     assert math.isclose(back.density(), mask.density())
+
+
+def test_quality_report_is_token_exact():
+    """attention_quality measures the pairs a token-exact mask keeps (not whole tiles), and its density is
+    the mask's density (one definition)."""
+    from sparse_attn import attention_quality
+
+    flex, tok = _case("sliding_window", 97, 97)
+    mask = BlockSparseMask.from_flex_block_mask(flex)
+    q, k, v = torch.randn(1, 2, 97, 32), torch.randn(1, 2, 97, 32), torch.randn(1, 2, 97, 32)
+    report = attention_quality(q, k, v, mask, causal=True)
+    assert report["density_mean"] == pytest.approx(mask.density(causal=True), abs=1e-12)
+    out = sparse_attention(q, k, v, mask, causal=True)
+    ref, _ = math_attention(q, k, v, tok)
+    dense, _ = math_attention(q, k, v, None, causal=True)
+    expected = ((ref - dense).norm(dim=(-1, -2)) / dense.norm(dim=(-1, -2)))[0]
+    assert torch.allclose(report["error"][0], expected, atol=1e-5)
+    assert (out.double() - ref).abs().max() < 1e-5
