@@ -214,6 +214,27 @@ class BlockSparseMask(TiledMask):
         return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
 
     @classmethod
+    def from_segments(cls, q_segments, kv_segments, block_size, *, seq_lens=None):
+        """Document masking (packed sequences): query ``i`` sees key ``j`` iff their segment ids are equal.
+
+        Args:
+            q_segments, kv_segments: int ``[B|1, Lq]`` / ``[B|1, Lk]`` ids, non-decreasing along tokens (each
+                document contiguous); the tiles kept are those where both sides' id ranges meet, and the
+                segment predicate makes them exact.
+        """
+        bm, bn = _as_pair(block_size)
+        for name, seg in (("q_segments", q_segments), ("kv_segments", kv_segments)):
+            check_int_tensor(seg, name, ndim=2)
+            if bool((seg[:, 1:] < seg[:, :-1]).any()):
+                raise ValueError(f"{name} must be non-decreasing along tokens (contiguous documents).")
+        q_lo, q_hi = block_segment_bounds(q_segments, bm)  # [Bs, NQB]
+        k_lo, k_hi = block_segment_bounds(kv_segments, bn)  # [Bs, NKB]
+        tiles = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
+        lens = (q_segments.shape[1], kv_segments.shape[1]) if seq_lens is None else seq_lens
+        return cls.from_dense(tiles[:, None], (bm, bn), lens).with_predicates(q_segments=q_segments,
+                                                                                kv_segments=kv_segments)
+
+    @classmethod
     def from_tile_predicate(cls, predicate, tiles, block_size, seq_lens, *, full=None):
         """Exact mask of a vectorized token predicate, evaluated only on candidate tiles.
 

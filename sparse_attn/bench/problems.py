@@ -89,6 +89,53 @@ def block_keep_rows(mask: BlockSparseMask, rows: torch.Tensor) -> torch.Tensor:
     return blocks.repeat_interleave(mask.block_size[1], dim=-1)[..., : mask.kv_len]
 
 
+def token_exact_mask(case: Case, device, seed: int = 0):
+    """``(mask, mask_mod)`` of a ``document`` or ``window`` case: the token-exact mask (segments / window
+    predicate) and the same predicate as a FlexAttention ``mask_mod`` (causal included)."""
+    n, causal = case.seq_len, case.causal
+    if case.kind == "document":
+        gen = torch.Generator(device="cpu").manual_seed(seed + 3)
+        cuts = torch.sort(torch.randperm(n - 1, generator=gen)[: max(case.docs, 1) - 1] + 1).values
+        doc = torch.zeros(n, dtype=torch.int32)
+        doc[cuts] = 1
+        doc = torch.cumsum(doc, 0).to(torch.int32).to(device)
+        mask = BlockSparseMask.from_segments(doc[None], doc[None], case.block)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = doc[q_idx] == doc[kv_idx]
+            return keep & (kv_idx <= q_idx) if causal else keep
+    else:
+        left = case.window
+        tiles = _band_blocks(n, case.block, left, device)  # the call's causal flag cuts the upper half
+        mask = BlockSparseMask.from_dense(tiles, case.block, (n, n)).with_predicates(
+            window=(left, -1 if causal else left))
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            d = q_idx - kv_idx
+            return (d <= left) & (d >= 0) if causal else d.abs() <= left
+    return mask, mask_mod
+
+
+def _band_blocks(n, block, left, device):
+    """bool ``[1, 1, NB, NB]``: tiles meeting the band ``|i - j| <= left``."""
+    nb = -(-n // block)
+    first = torch.arange(nb, device=device) * block
+    last = torch.clamp(first + block, max=n) - 1
+    return ((first[None, :] - last[:, None] <= left) & (first[:, None] - last[None, :] <= left))[None, None]
+
+
+def token_keep_rows(mask: BlockSparseMask, rows: torch.Tensor) -> torch.Tensor:
+    """Token-level keep of the sampled rows of a token-exact mask: bool ``[Bm, Hm, S, Lk]``."""
+    return torch.cat([mask.rows_to_dense(int(r), int(r) + 1) for r in rows.tolist()], dim=2)
+
+
+def partial_tile_share(mask: BlockSparseMask, causal: bool) -> float:
+    """Share of the visible kept tiles that are partial (apply predicates in the kernel)."""
+    *_, visible, full, _ = mask._rows(causal)
+    n = int(visible.sum())
+    return (n - int(full.sum())) / n if n else 0.0
+
+
 def expand_heads(keep: torch.Tensor, n_q_heads: int) -> torch.Tensor:
     """Broadcast a ``[Bm, Hm, ...]`` mask over query heads (Hm in 1, Hkv, Hq)."""
     hm = keep.shape[1]

@@ -135,8 +135,19 @@ class Problem:
                 self.cover = P.stripe_cover_mask(is_vert, is_slash, case)
             self.cover_keep = P.block_keep_rows(self.cover, self.rows)
             self.flex_mask = self._stripe_flex_mask(is_vert, is_slash)
+        elif case.kind in ("document", "window"):
+            self.mask, mask_mod = P.token_exact_mask(case, device, seed)
+            self.keep = P.token_keep_rows(self.mask, self.rows)
+            self.density = self.mask.density(causal=case.causal)
+            self.notes.append(f"{self.mask.density(causal=False):.3f} of all pairs; partial tiles: "
+                              f"{P.partial_tile_share(self.mask, case.causal):.1%}")
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            # FlexAttention on the same mask_mod, with its own 128-token blocks
+            self.flex_mask = create_block_mask(mask_mod, 1, 1, case.seq_len, case.seq_len, device=device,
+                                               BLOCK_SIZE=128, _compile=device.type == "cuda")
         else:
-            raise ValueError(f"case.kind must be 'block' or 'stripe', got {case.kind!r}.")
+            raise ValueError(f"case.kind must be 'block', 'stripe', 'document' or 'window', got {case.kind!r}.")
         self._refs: Dict[str, tuple] = {}
 
     def _stripe_density(self) -> float:

@@ -21,7 +21,10 @@ class Case:
 
     ``kind="block"`` uses a random block mask with ``round(density * NKB)`` key blocks per
     query block (per head); ``kind="stripe"`` uses ``verticals`` key columns and ``slashes``
-    diagonals per head (density then follows from them). ``mode`` is ``"fwd"`` or ``"fwdbwd"``.
+    diagonals per head (density then follows from them); ``kind="document"`` packs ``docs``
+    documents of random lengths (token-exact segment mask, causal when ``causal``);
+    ``kind="window"`` is a sliding window of ``window`` keys to the left (token-exact).
+    ``mode`` is ``"fwd"`` or ``"fwdbwd"``.
     """
 
     seq_len: int
@@ -37,6 +40,8 @@ class Case:
     kind: str = "block"
     verticals: int = 0
     slashes: int = 0
+    docs: int = 0
+    window: int = 0
 
     @property
     def n_kv_heads(self) -> int:
@@ -45,7 +50,7 @@ class Case:
     def check(self) -> "Case":
         """``ValueError`` naming the field when a value is outside what the benchmark runs."""
         allowed = {"dtype": ("float16", "bfloat16", "float32"), "mode": ("fwd", "fwdbwd"),
-                   "kind": ("block", "stripe")}
+                   "kind": ("block", "stripe", "document", "window")}
         for name, values in allowed.items():
             if getattr(self, name) not in values:
                 raise ValueError(f"{name} must be one of {values}, got {getattr(self, name)!r}.")
@@ -60,8 +65,8 @@ class Case:
 
     def label(self) -> str:
         """Short human-readable description used in progress bars and error messages."""
-        tail = (f"dens={self.density:.0%}" if self.kind == "block"
-                else f"v={self.verticals},s={self.slashes}")
+        tail = {"block": f"dens={self.density:.0%}", "stripe": f"v={self.verticals},s={self.slashes}",
+                "document": f"docs={self.docs}", "window": f"window={self.window}"}[self.kind]
         return (f"{self.kind} L={self.seq_len} H={self.heads} D={self.head_dim} {self.dtype} "
                 f"{tail}{' causal' if self.causal else ''} {self.mode}")
 
@@ -82,14 +87,20 @@ def with_fields(cases: Sequence[Case], **fields) -> List[Case]:
     return [replace(c, **fields) for c in cases]
 
 
-# The row of issue 2's CPU bar: L = 8192, 8 heads, D = 64, 64x64 blocks, 10% density.
+# The CPU speed bar: L = 8192, 8 heads, D = 64, 64x64 blocks, 10% density.
 CPU_BAR = Case(seq_len=8 * K, heads=8, head_dim=64, block=64, density=0.1, dtype="float32")
+# Token-exact rows: packed documents and a sliding window (partial tiles with in-kernel predicates).
+TOKEN_EXACT_CPU = [Case(seq_len=4 * K, heads=8, head_dim=64, kind="document", docs=8, causal=True),
+                   Case(seq_len=4 * K, heads=8, head_dim=64, kind="window", window=500, causal=True)]
 
 SWEEPS: Dict[str, List[Case]] = {
     # A few seconds on a laptop CPU; used by the tests.
     "tiny": grid(seq_len=[256, 512], heads=2, head_dim=32, density=[0.25, 1.0]),
     # ``sparse-attn bench --quick`` on a CPU-only machine (< 2 minutes on 2 cores).
-    "quick-cpu": grid(seq_len=2 * K, heads=8, head_dim=64, density=[0.1, 0.3, 1.0]) + [CPU_BAR],
+    "quick-cpu": grid(seq_len=2 * K, heads=8, head_dim=64, density=[0.1, 0.3, 1.0]) + [CPU_BAR] + TOKEN_EXACT_CPU,
+    # token-exact masks on CPU (document packing, sliding window) at two lengths
+    "cpu-token-exact": grid(seq_len=[4 * K, 8 * K], heads=8, head_dim=64, kind="document", docs=8, causal=True)
+    + grid(seq_len=[4 * K, 8 * K], heads=8, head_dim=64, kind="window", window=500, causal=True),
     # ``sparse-attn bench --quick`` on a GPU (about a minute, most of it compiling FlexAttention).
     "quick-gpu": grid(seq_len=[4 * K, 16 * K], heads=16, head_dim=128, dtype="bfloat16",
                       density=[0.1, 0.3, 1.0]),
@@ -108,6 +119,11 @@ SWEEPS: Dict[str, List[Case]] = {
     # stripe rows of gpu_check (issue 4): 1000 verticals + 4096 slashes, causal.
     "gpu-check-stripe": grid(seq_len=[64 * K, 128 * K], heads=16, head_dim=128, dtype="bfloat16",
                              kind="stripe", verticals=1000, slashes=4096, causal=True),
+    # token-exact rows of gpu_check: packed documents and a sliding window, vs Flex on the same mask_mod
+    "gpu-check-token-exact": grid(seq_len=[16 * K, 64 * K], heads=16, head_dim=128, dtype="bfloat16",
+                                  kind="document", docs=16, causal=True)
+    + grid(seq_len=[16 * K, 64 * K], heads=16, head_dim=128, dtype="bfloat16", kind="window", window=4096,
+           causal=True),
     # The full GPU sweep for docs/benchmarks.md.
     "gpu": grid(seq_len=[2 * K, 4 * K, 8 * K, 16 * K, 32 * K, 64 * K], heads=16, head_dim=[64, 128],
                 dtype=["bfloat16", "float16"], density=[0.05, 0.1, 0.2, 0.3, 0.5, 1.0], mode=["fwd", "fwdbwd"]),
