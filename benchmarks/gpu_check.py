@@ -8,6 +8,8 @@
    (sweep ``gpu-check``), each row checked against float64 math on sampled rows first;
 3. forward+backward rows (sweep ``gpu-check-bwd``) when the backward pass exists;
 4. stripe rows (sweep ``gpu-check-stripe``) when ``StripeSparseMask`` exists;
+4b. token-exact rows (sweep ``gpu-check-token-exact``): packed documents and a sliding window, partial
+   tiles with in-kernel predicates, vs Flex on the same ``mask_mod``;
 5. the issue-6 routing bar: k-means routing mask build (10 / 2 warm iterations) vs dense SDPA, bf16, 32k.
 
 Prints one compact table (one line per case) and the bars of issues 2/3/4; writes CSV/JSON.
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
     else:
         sections = [("gpu-check", None), ("gpu-check-bwd", reason),
                     ("gpu-check-stripe", None if stripe_mask_class() else
-                     "stripe kernel not installed (sparse_attn.stripe_mask, issue 4)")]
+                     "stripe kernel not installed (sparse_attn.stripe_mask, issue 4)"),
+                    ("gpu-check-token-exact", None)]
     rows, skipped = [], []
     for name, why_not in sections:
         if why_not:
