@@ -7,7 +7,7 @@ from sparse_attn_kernels.block_sparse.cpu import block_sparse_attn_cpu
 from sparse_attn_kernels._common.predicates import TokenPredicates
 from sparse_attn_kernels.reference import block_sparse_attn_ref
 
-from ._checks import check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
+from ._checks import check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
 from .mask import BlockSparseMask
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
@@ -59,6 +59,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
         >>> sparse_attention(q, k, v, mask).shape
         torch.Size([1, 2, 100, 32])
     """
+    check_bool(causal, "causal")
+    check_bool(return_lse, "return_lse")
     if isinstance(mask, StripeSparseMask):
         _no_window(window, "StripeSparseMask")
         return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)

@@ -7,7 +7,7 @@ import torch
 
 from sparse_attn_kernels.reference_stripe import stripe_sparse_fwd_ref
 
-from ._checks import check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
+from ._checks import check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
 from .stripe_mask import StripeSparseMask
 
 def _check_mask(mask, q, k):
@@ -38,6 +38,8 @@ def stripe_attention(q, k, v, mask, *, causal=False, scale=None, return_lse=Fals
         >>> stripe_attention(q, k, v, mask, causal=True).shape
         torch.Size([1, 2, 100, 32])
     """
+    check_bool(causal, "causal")
+    check_bool(return_lse, "return_lse")
     check_qkv(q, k, v, backend)
     _check_mask(mask, q, k)
     backend = resolve_backend(backend, q, mask.block_size)

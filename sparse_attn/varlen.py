@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_scale, check_tensor, resolve_backend
+from ._checks import check_bool, check_scale, check_tensor, resolve_backend
 from .mask import BlockSparseMask
 from .ops import sparse_attention
 
@@ -108,6 +108,8 @@ def sparse_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         >>> sparse_attention_varlen(q, k, v, cu, cu, 150, 150, causal=True).shape
         torch.Size([250, 4, 32])
     """
+    check_bool(causal, "causal")
+    check_bool(return_lse, "return_lse")
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(x, name)
         if x.dim() != 3:

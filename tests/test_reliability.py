@@ -76,3 +76,15 @@ def test_bad_seq_lens_name_the_argument(seq_lens, error):
 def test_from_flex_block_mask_refuses_other_types(value):
     with pytest.raises(TypeError, match="BlockMask"):
         BlockSparseMask.from_flex_block_mask(value)
+
+
+@pytest.mark.parametrize("kw", [dict(causal="False"), dict(return_lse="no"), dict(causal=1)])
+def test_booleans_must_be_booleans(kw):
+    q = k = v = torch.randn(1, 1, 64, 16)
+    name = next(iter(kw))
+    with pytest.raises(TypeError, match=name):
+        sparse_attention(q, k, v, **kw)
+    stripe = StripeSparseMask.from_vertical_slash(torch.tensor([[[0]]]), torch.tensor([[[0]]]), seq_lens=(64, 64),
+                                                  block_size=32)
+    with pytest.raises(TypeError, match=name):
+        sparse_attention(q, k, v, stripe, **kw)
