@@ -17,6 +17,13 @@ across steps.
   out an equal new pattern object at every call still reuses its masks.
 * **Generations**: :meth:`StepCache.reset` (called by integrations when step 0 comes again or
   the timestep goes back up) drops every entry and all warm-start state.
+* **New inputs**: a mask is only reused for the inputs of one generation. While nobody drives
+  the steps (no :meth:`~StepCache.set_step` or :meth:`~StepCache.observe_timestep` call yet, as
+  in LLM prefill through transformers), a second lookup of the same ``(layer, role, head_group)``
+  is a new input (the next prompt): the cache starts a new generation before it, so a
+  content-based mask built for one prompt is never applied to another prompt of the same
+  length. Once steps are driven, a second lookup within one step is another call of that step
+  (reused, as the policy says).
 * **Warm-start state**: a pattern with ``build_stateful(q, k, *, causal, layout, state)
   -> (mask, state)`` gets back the state it returned at its previous build of that entry
   (k-means centroids, a cached LSE); other patterns are called as ``build(q, k, causal=,
@@ -235,7 +242,8 @@ class StepCache:
 
     Integrations drive it: they call :meth:`set_step` (or :meth:`observe_timestep`) once per
     denoising step, and :meth:`get_mask` at every attention call; ``None`` from
-    :meth:`get_mask` means "run dense".
+    :meth:`get_mask` means "run dense". Without either call (LLM prefill), every repeated lookup
+    of a key starts a new generation: masks are never reused across prompts.
 
     Args:
         policy: a :class:`CachePolicy` (default: build once, reuse forever).
@@ -265,6 +273,8 @@ class StepCache:
         self.generation = 0
         self._last_timestep = None
         self._calls_in_step = 0
+        self._driven = False  # set_step / observe_timestep called: steps say which calls share masks
+        self._seen = set()  # (layer, role, head_group) looked up in the current step of this generation
         self.stats = _Counters()
         self.build_log = []
 
@@ -277,6 +287,7 @@ class StepCache:
         self.generation += 1
         self._last_timestep = None
         self._calls_in_step = 0
+        self._seen.clear()
         self.stats.resets += 1
         if num_steps is not None:
             self.num_steps = check_positive_int(num_steps, "num_steps")
@@ -288,12 +299,14 @@ class StepCache:
         same step (a run of one step), call :meth:`reset`.
         """
         step = check_positive_int(step, "step", allow_zero=True)
+        self._driven = True
         if step < self.step:
             self.reset()
         if num_steps is not None:
             self.num_steps = check_positive_int(num_steps, "num_steps")
         if step != self.step:
             self._calls_in_step = 0
+            self._seen.clear()
         self.step = step
 
     def observe_timestep(self, timestep, num_steps: Optional[int] = None) -> str:
@@ -309,6 +322,7 @@ class StepCache:
         elif isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
             raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}.")
         timestep = float(timestep)
+        self._driven = True
         if num_steps is not None:
             self.num_steps = check_positive_int(num_steps, "num_steps")
         last = self._last_timestep
@@ -320,6 +334,7 @@ class StepCache:
         elif timestep < last:
             self.step += 1
             self._calls_in_step = 0
+            self._seen.clear()
         self._last_timestep = timestep
         role = f"call{self._calls_in_step}"
         self._calls_in_step += 1
@@ -352,6 +367,10 @@ class StepCache:
         """
         if not (hasattr(pattern, "build") or hasattr(pattern, "build_stateful")):
             raise TypeError(f"pattern must have a build(q, k, *, causal, layout) method, got {type(pattern).__name__}.")
+        seen = (layer, role, head_group)
+        if seen in self._seen and not self._driven:  # no steps: a second call of this key is a new input
+            self.reset()
+        self._seen.add(seen)
         key = self._key(layer, role, head_group)
         signature = (tuple(q.shape), tuple(k.shape), q.dtype, q.device, bool(causal), layout)
         entry = self._entries.get(key)

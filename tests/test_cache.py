@@ -186,3 +186,27 @@ def test_a_search_plan_reuses_its_masks(make):
     other = SlidingWindow(left=32, right=32)  # an unequal pattern still invalidates the entry
     config.cache.get_mask(other, q, k, layer=0)
     assert (stats.builds, stats.invalidations) == (2, 1)
+
+
+def test_without_steps_a_repeated_lookup_is_a_new_input():
+    """Nobody drives the steps (LLM prefill): the second lookup of a key is the next prompt, a new generation."""
+    cache, pat = StepCache(), StatefulPattern()
+    q, k = qk()
+    first = cache.get_mask(pat, q, k, layer=0)
+    cache.get_mask(pat, q, k, layer=1)  # another layer of the same forward: no new generation
+    assert cache.generation == 0 and pat.builds == 2
+    q2, k2 = qk()  # the next prompt, same length
+    second = cache.get_mask(pat, q2, k2, layer=0)
+    assert second is not first and pat.builds == 3 and cache.generation == 1
+    assert pat.seen_states == [None, None, None]  # warm-start state of the other prompt dropped too
+    assert cache.stats.reuses == 0 and len(cache) == 1
+
+
+def test_with_steps_a_repeated_lookup_in_one_step_is_reused():
+    cache, pat = StepCache(), DensePattern()
+    q, k = qk()
+    cache.set_step(0)
+    first = cache.get_mask(pat, q, k, layer=0)
+    assert cache.get_mask(pat, q, k, layer=0) is first  # another call of step 0 (e.g. shared CFG roles)
+    cache.set_step(1)
+    assert cache.get_mask(pat, q, k, layer=0) is first and cache.generation == 0 and pat.builds == 1

@@ -271,3 +271,26 @@ def test_key_padding_suffix_runs_sparse_and_exact():
         assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=ragged), ref_ragged)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert p.stats["sparse"] == 1 and p.stats["fallback:attn_mask"] == 1 and pat.builds == 1
+
+
+def test_scoped_patch_never_applies_one_input_s_content_mask_to_another():
+    """Without step() calls, the second forward is a new input: the cache starts a new generation."""
+    from sparse_attn.patterns import BlockTopK
+
+    model, pattern = _Model(), BlockTopK(k=2, block_size=32)
+    x1, x2, ctx = torch.randn(1, 256, 64), torch.randn(1, 256, 64), torch.randn(1, 256, 64)
+    scope = dict(model=model, modules=r"self_attn\.\d+")
+    with torch.no_grad():
+        with patch_sdpa(SparseConfig(pattern, min_seq_len=64), **scope):
+            fresh = model(x2, ctx)  # built for x2 itself
+        with patch_sdpa(SparseConfig(pattern, min_seq_len=64, cache=StepCache(CachePolicy())), **scope) as p:
+            model(x1, ctx)
+            cached = model(x2, ctx)
+            cache = p.config.cache
+        with patch_sdpa(SparseConfig(pattern, min_seq_len=64, cache=StepCache(CachePolicy())), **scope) as p:
+            p.step(0)  # steps driven by hand: the second forward at step 0 is another call of it and reuses
+            model(x1, ctx)
+            stale = model(x2, ctx)
+    assert not torch.allclose(stale, fresh, atol=1e-4)  # x1's masks give other outputs: the check can fail
+    torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-5)
+    assert cache.generation == 1 and cache.stats.reuses == 0 and p.config.cache.stats.reuses == 2

@@ -212,3 +212,47 @@ def test_smollm2_perplexity(name, capsys):
     assert len(meter.shares) == model.config.num_hidden_layers and hf.stats[name]["sparse"] == 30
     assert share <= 0.30
     assert sparse <= 1.03 * dense
+
+
+def test_a_new_prompt_of_the_same_length_never_gets_the_previous_mask(llama, name):
+    """A content-based pattern with a StepCache: each prefill is a new generation, so the second prompt's logits
+    are those of a fresh build, not of the first prompt's mask."""
+    from sparse_attn.patterns import BlockTopK
+
+    pattern = BlockTopK(k=2, block_size=32)
+    first, second = torch.randint(0, 128, (1, 256)), torch.randint(0, 128, (1, 256))
+    cache = StepCache()
+    with torch.no_grad():
+        hf.register(SparseConfig(pattern, min_seq_len=64), name=name)  # no cache: a build at every call
+        llama.set_attn_implementation(name)
+        fresh = llama(second).logits
+        hf.register(SparseConfig(pattern, cache=cache, min_seq_len=64), name=name)
+        llama(first)
+        cached = llama(second).logits
+        stale = first_mask_logits(llama, name, pattern, first, second)
+        llama.set_attn_implementation("sdpa")
+    assert not torch.allclose(stale, fresh, atol=1e-4)  # the masks of the two prompts differ: the check can fail
+    torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-5)
+    assert cache.generation == 1 and cache.stats.builds == 2 * 2 and cache.stats.reuses == 0
+
+
+def first_mask_logits(llama, name, pattern, first, second):
+    """Logits of ``second`` with the masks built from ``first`` (what a stale cache would apply)."""
+    masks = {}
+
+    class Record:
+        def build(self, q, k, *, causal=False, layout=None):
+            return masks.setdefault(len(masks), pattern.build(q, k, causal=causal, layout=layout))
+
+    class Replay:
+        def __init__(self):
+            self.calls = 0
+
+        def build(self, q, k, *, causal=False, layout=None):
+            self.calls += 1
+            return masks[self.calls - 1]
+
+    hf.register(SparseConfig(Record(), min_seq_len=64), name=name)
+    llama(first)
+    hf.register(SparseConfig(Replay(), min_seq_len=64), name=name)
+    return llama(second).logits
