@@ -10,6 +10,7 @@ Example:
     True
 """
 
+from ._scoring import padding
 from .base import (Pattern, StructuralPattern, get_pattern, list_patterns, pattern_from_dict, pattern_from_json,
                    register)
 from .static import Dense, SinkLocal, Skip, SlidingWindow, VerticalStripes
@@ -26,7 +27,7 @@ from .grid import candidate_grid
 from .synthetic import build_cost_table, pattern_table, planted_qkv
 
 __all__ = [
-    "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
+    "padding", "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
     "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",

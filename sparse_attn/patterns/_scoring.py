@@ -5,6 +5,8 @@ selection rules (per-row top-k, cumulative mass) used by the content-based patte
 ``TRITON_INTERPRET=1``); ``=torch`` forces the references.
 """
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -12,6 +14,49 @@ import torch
 from sparse_attn_kernels import reference_scoring as ref
 
 _TRITON_BLOCKS = (16, 32, 64, 128)
+# (q_range, kv_range) of the batch being scored (padding), set by :func:`padding`
+_PADDING: "contextvars.ContextVar" = contextvars.ContextVar("sparse_attn_scoring_padding", default=None)
+
+
+@contextlib.contextmanager
+def padding(q_range=None, kv_range=None):
+    """Inside the block, content patterns score only the valid tokens of each batch row: tiles with no
+    valid query or no valid key get score -inf and mass 0, so no budget goes to padding.
+
+    Args:
+        q_range, kv_range: int ``[B|1, 2]`` valid ``[start, end)`` per batch row (None: all valid).
+    """
+    token = _PADDING.set((q_range, kv_range))
+    try:
+        yield
+    finally:
+        _PADDING.reset(token)
+
+
+def valid_tiles(q_len, kv_len, block_m, block_n, device):
+    """bool ``[B|1, 1, NQB, NKB]``: tiles holding a valid query and a valid key under :func:`padding`, or None."""
+    pad = _PADDING.get()
+    if pad is None:
+        return None
+    q_range, kv_range = pad
+    batch = max(1, *(r.shape[0] for r in pad if r is not None))
+
+    def blocks(rng, length, block):
+        first = torch.arange(-(-length // block), device=device) * block  # [N]
+        last = torch.clamp(first + block, max=length)
+        if rng is None:
+            return torch.ones((batch, first.numel()), dtype=torch.bool, device=device)
+        rng = rng.to(device=device, dtype=torch.int64).expand(batch, 2)
+        return (first[None] < rng[:, 1:]) & (last[None] > rng[:, :1])  # [B, N]
+
+    qv, kv = blocks(q_range, q_len, block_m), blocks(kv_range, kv_len, block_n)
+    return (qv[:, :, None] & kv[:, None, :])[:, None]
+
+
+def mask_padding(scores, q_len, kv_len, block_m, block_n, fill):
+    """``scores [B, H, NQB, NKB]`` with tiles outside :func:`padding` set to ``fill``."""
+    valid = valid_tiles(q_len, kv_len, block_m, block_n, scores.device)
+    return scores if valid is None else scores.masked_fill(~valid, fill)
 
 
 def use_triton(x, *block_sizes) -> bool:

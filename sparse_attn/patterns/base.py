@@ -151,6 +151,14 @@ def block_map_from_predicate(pred, q_len, kv_len, block_size, device=None, causa
     return out
 
 
+def drop_padding(keep, q, k, block_size):
+    """``keep [B|1, H, NQB, NKB]`` without the tiles that hold no valid query or key under
+    :func:`sparse_attn.patterns.padding` (unchanged outside it)."""
+    from . import _scoring as S
+    valid = S.valid_tiles(q.shape[2], k.shape[2], *block_size, keep.device)
+    return keep if valid is None else keep & valid
+
+
 class Pattern:
     """Base of every pattern: subclasses are frozen dataclasses with a ``block_size`` field."""
 
@@ -170,7 +178,8 @@ class Pattern:
         """
         check_qk(q, k)
         keep = self.block_map(q, k, causal=bool(causal), layout=layout)
-        return BlockSparseMask.from_dense(keep, self.block_pair, (q.shape[2], k.shape[2]))
+        return BlockSparseMask.from_dense(drop_padding(keep, q, k, self.block_pair), self.block_pair,
+                                          (q.shape[2], k.shape[2]))
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None) -> torch.Tensor:
         """bool ``[Bm, Hm, NQB, NKB]``. ``forced`` (broadcastable bool) are tiles kept anyway;

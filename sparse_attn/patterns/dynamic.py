@@ -37,7 +37,8 @@ def pooled_scores(q, k, block_size, causal, scale):
     bm, bn = block_size
     qp = S.block_mean_pool(q, bm)  # [B, Hq, NQB, D]
     kp = S.block_mean_pool(k, bn)  # [B, Hkv, NKB, D]
-    return S.pooled_block_scores(qp, kp, scale, q.shape[2], k.shape[2], bm, bn, causal)
+    scores = S.pooled_block_scores(qp, kp, scale, q.shape[2], k.shape[2], bm, bn, causal)
+    return S.mask_padding(scores, q.shape[2], k.shape[2], bm, bn, float("-inf"))
 
 
 @register("block_topk")

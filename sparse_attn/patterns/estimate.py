@@ -15,7 +15,7 @@ from .._checks import check_positive_int
 from ..layout import resolve_layout
 from ..mask import BlockSparseMask
 from . import _scoring as S
-from .base import as_tuple, check_qk, register, tile_bounds
+from .base import as_tuple, check_qk, drop_padding, register, tile_bounds
 from .dynamic import ContentPattern, _check_scale, visible_tiles
 
 
@@ -31,7 +31,8 @@ class _MassPattern(ContentPattern):
         (same ``causal`` and scale) and skips pass 1."""
         check_qk(q, k)
         keep = self.block_map(q, k, causal=bool(causal), layout=layout, lse=lse)
-        return BlockSparseMask.from_dense(keep, self.block_pair, (q.shape[2], k.shape[2]))
+        return BlockSparseMask.from_dense(drop_padding(keep, q, k, self.block_pair), self.block_pair,
+                                          (q.shape[2], k.shape[2]))
 
     def _mass(self, q, k, causal, lse, kv_start=0):
         scale = self._scale(q)
@@ -84,6 +85,7 @@ class ExactImportance(_MassPattern):
     def block_map(self, q, k, *, causal=False, layout=None, forced=None, lse=None):
         kv_len, n_heads = k.shape[2], q.shape[1]
         imp, ok = self._importance(q, k, causal, lse, 0)
+        imp = S.mask_padding(imp, q.shape[2], kv_len, *self.block_pair, float("-inf"))  # no budget on padding
         fz = self._forced(forced, imp.shape)
         keep = S.topk_rows(imp, self._budget(ok, n_heads), fz)
         if 0 < self.gen_len < kv_len:
@@ -161,7 +163,7 @@ class LSEMass(_MassPattern):
                 text = (lay.text_blocks(bm, w.shape[2], q.device)[:, None]
                         | lay.text_blocks(bn, w.shape[3], q.device)[None, :]) & vis
                 fz = text.expand(w.shape) if fz is None else fz | text
-        scores = w.masked_fill(~vis, float("-inf"))
+        scores = S.mask_padding(w.masked_fill(~vis, float("-inf")), q_len, kv_len, *self.block_pair, float("-inf"))
 
         def keep_fn(budget):
             return S.topk_rows(scores, budget.long(), fz)

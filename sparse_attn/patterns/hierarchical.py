@@ -72,7 +72,7 @@ def own_and_visible(q_len, kv_len, block_m, chunk, causal, device=None):
 
 def select_chunks(g, own, cand, rule, k, tau):
     """bool like ``g [..., NC]``: own chunks plus the rule's choice among ``cand`` (bool, broadcastable)."""
-    cand = cand & ~own
+    cand = cand & ~own & torch.isfinite(g)  # -inf: padding (patterns._scoring.padding)
     if rule == "topk":
         masked = g.masked_fill(~cand, -math.inf)
         n = min(k, g.shape[-1])
@@ -135,6 +135,7 @@ class ChunkSelect(Pattern):
         """bool ``[B, Hq, NQB, NC]``: the chunks each query block keeps."""
         bm = self.block_pair[0]
         g = chunk_scores(q, k, bm, self.chunk_size, self.length_norm)
+        g = S.mask_padding(g, q.shape[2], k.shape[2], bm, self.chunk_size, float("-inf"))  # no budget on padding
         own, visible = own_and_visible(q.shape[2], k.shape[2], bm, self.chunk_size, causal, q.device)
         return select_chunks(g, own, visible, self.rule, self.k, self.tau)
 
