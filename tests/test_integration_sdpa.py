@@ -294,3 +294,55 @@ def test_scoped_patch_never_applies_one_input_s_content_mask_to_another():
     assert not torch.allclose(stale, fresh, atol=1e-4)  # x1's masks give other outputs: the check can fail
     torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=1e-5)
     assert cache.generation == 1 and cache.stats.reuses == 0 and p.config.cache.stats.reuses == 2
+
+
+def _round_trip(cfg):
+    import json
+
+    saved = cfg.to_dict()
+    back = SparseConfig.from_dict(json.loads(json.dumps(saved)))
+    assert back.to_dict() == saved  # policy, max_bytes, num_steps, num_layers, min_seq_len, backend, layout
+    assert (back.cache is None) == (cfg.cache is None) and (cfg.cache is None or back.cache is not cfg.cache)
+    return back
+
+
+def _small_plan():
+    from sparse_attn.patterns import PatternSearch, SlidingWindow
+
+    search = PatternSearch([SlidingWindow(left=64, right=64)], lam=1.0, eps=1.0, include_skip=False)
+    q = torch.randn(1, 2, 256, 32)
+    search.observe(0, q, q, q)
+    return search.plan()
+
+
+def test_every_preset_round_trips_through_json():
+    from sparse_attn.integrations.presets import get_preset, list_presets
+    from sparse_attn.patterns import Dense, PerHead, SlidingWindow
+
+    per_layer = {0: PerHead(patterns=(Dense(), SlidingWindow(left=64, right=64))), 1: None}
+    needs = {"sparsed": [{"num_steps": 20}], "sparse_vdit": [{"plan": per_layer}, {"plan": _small_plan()}]}
+    for name in list_presets():  # a new preset that needs arguments must be added to `needs`
+        for kw in needs.get(name, [{}]):
+            cfg = get_preset(name, **kw)
+            back = _round_trip(cfg)
+            assert back.pattern == cfg.pattern and type(back.pattern) is type(cfg.pattern), name
+            if cfg.cache is not None:
+                assert (back.cache.policy, back.cache.max_bytes, back.cache.num_steps) == (
+                    cfg.cache.policy, cfg.cache.max_bytes, cfg.cache.num_steps), name
+
+
+def test_plans_and_layer_ids_round_trip_through_json():
+    from sparse_attn.integrations.calibrate import calibrate
+    from sparse_attn.patterns import BlockTopK, PatternSearch, SearchPlan, SinkLocal
+
+    plan = _small_plan()
+    back = _round_trip(SparseConfig(plan, cache=StepCache(num_steps=7, num_layers=3)))
+    assert isinstance(back.pattern, SearchPlan) and back.pattern == plan and back.cache.num_layers == 3
+    lenient = _round_trip(SparseConfig(plan.get))
+    assert lenient.pattern.__self__ == plan and lenient.pattern_for("absent") is None  # still plan.get
+    ids = {0: SinkLocal(), "blk": BlockTopK(k=2), (3, 1): None, "7": SinkLocal(sink=32)}
+    assert _round_trip(SparseConfig(ids)).pattern == ids  # int, str, tuple and digit-str ids keep their type
+    with pytest.raises(TypeError, match="observes calibration calls and is not saved"):
+        calibrate(PatternSearch([SinkLocal()])).to_dict()
+    with pytest.raises(TypeError, match="only a pattern, a mapping layer -> pattern or a SearchPlan"):
+        SparseConfig(lambda layer: None).to_dict()

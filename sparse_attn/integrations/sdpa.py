@@ -27,6 +27,7 @@ Example:
 
 import contextvars
 import dataclasses
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -105,7 +106,21 @@ class SparseConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}.")
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (patterns need ``to_dict``, as those of :mod:`sparse_attn.patterns` have)."""
+        """JSON-ready dict: ``SparseConfig.from_dict(json.loads(json.dumps(d)))`` gives a config with the same
+        dict (equal patterns, plan, cache policy, ``max_bytes``, ``num_steps``, ``num_layers``, ``min_seq_len``,
+        ``backend``, ``layout``) and a fresh, empty cache.
+
+        Saves patterns with ``to_dict`` (those of :mod:`sparse_attn.patterns`, the presets' wrappers), mappings
+        ``layer -> pattern`` (int, str, tuple or None layer ids) and :class:`~sparse_attn.patterns.SearchPlan`
+        plans (``SparseConfig(plan)`` or ``SparseConfig(plan.get)``); other callables and plan objects raise
+        TypeError.
+        """
+        from ..patterns.search import SearchPlan
+
+        if getattr(self, "observe", None) is not None:
+            raise TypeError(f"a {type(self).__name__} observes calibration calls and is not saved; save the plan "
+                            "(search.plan().save(path)) and load it into a SparseConfig instead.")
+
         def enc(p):
             if p is None:
                 return None
@@ -113,16 +128,23 @@ class SparseConfig:
                 raise TypeError(f"pattern {type(p).__name__} has no to_dict(); only registry patterns can be saved.")
             return p.to_dict()
 
-        if is_pattern(self.pattern):
-            out = {"pattern": enc(self.pattern)}
-        elif isinstance(self.pattern, Mapping):
-            out = {"per_layer": {str(layer): enc(p) for layer, p in self.pattern.items()}}
+        p = self.pattern
+        if isinstance(p, SearchPlan):
+            out = {"plan": p.to_dict()}
+        elif isinstance(getattr(p, "__self__", None), SearchPlan) and getattr(p, "__name__", None) == "get":
+            out = {"plan": p.__self__.to_dict(), "plan_missing_layers": "dense"}
+        elif is_pattern(p):
+            out = {"pattern": enc(p)}
+        elif isinstance(p, Mapping):
+            out = {"per_layer": {_layer_key(layer): enc(pat) for layer, pat in p.items()}}
         else:
-            raise TypeError(f"only a pattern or a mapping layer -> pattern can be saved, got "
-                            f"{type(self.pattern).__name__}.")
+            raise TypeError(f"only a pattern, a mapping layer -> pattern or a SearchPlan (or its .get) can be saved, "
+                            f"got {type(p).__name__}.")
         cache = self.cache
         out.update(policy=None if cache is None else cache.policy.to_dict(),
-                   max_bytes=None if cache is None else cache.max_bytes, min_seq_len=self.min_seq_len,
+                   max_bytes=None if cache is None else cache.max_bytes,
+                   num_steps=None if cache is None else cache.num_steps,
+                   num_layers=None if cache is None else cache.num_layers, min_seq_len=self.min_seq_len,
                    backend=self.backend, layout=None if self.layout is None else self.layout.to_dict())
         return out
 
@@ -131,23 +153,31 @@ class SparseConfig:
         """Inverse of :meth:`to_dict` (a fresh, empty cache)."""
         from ..cache import CachePolicy
         from ..layout import TokenLayout
-        from ..patterns import pattern_from_dict
+        from ..patterns.search import SearchPlan
 
-        if not isinstance(d, dict) or ("pattern" in d) == ("per_layer" in d):
-            raise ValueError(f"a SparseConfig dict needs exactly one of 'pattern' and 'per_layer', got {d!r}.")
-        known = {"pattern", "per_layer", "policy", "max_bytes", "min_seq_len", "backend", "layout"}
+        kinds = ("pattern", "per_layer", "plan")
+        if not isinstance(d, dict) or sum(kind in d for kind in kinds) != 1:
+            raise ValueError(f"a SparseConfig dict needs exactly one of {list(kinds)}, got {str(d)[:200]!r}.")
+        known = {*kinds, "plan_missing_layers", "policy", "max_bytes", "num_steps", "num_layers", "min_seq_len",
+                 "backend", "layout"}
         if set(d) - known:
             raise ValueError(f"unknown SparseConfig fields {sorted(set(d) - known)}; expected some of {sorted(known)}.")
-
-        def dec(p):
-            return None if p is None else pattern_from_dict(p)
         if "pattern" in d:
-            pattern = dec(d["pattern"])
+            pattern = _decode_pattern(d["pattern"])
+        elif "per_layer" in d:
+            if not isinstance(d["per_layer"], dict):
+                raise TypeError(f"per_layer must be a dict layer -> pattern, got {type(d['per_layer']).__name__}.")
+            pattern = {_layer_from_key(k): _decode_pattern(v) for k, v in d["per_layer"].items()}
         else:
-            pattern = {int(k) if k.lstrip("-").isdigit() else k: dec(v) for k, v in d["per_layer"].items()}
+            plan = SearchPlan.from_json(d["plan"])
+            missing = d.get("plan_missing_layers", "raise")
+            if missing not in ("raise", "dense"):
+                raise ValueError(f"plan_missing_layers must be 'raise' or 'dense', got {missing!r}.")
+            pattern = plan.get if missing == "dense" else plan
         cache = None
         if d.get("policy") is not None:
-            cache = StepCache(CachePolicy.from_dict(d["policy"]), max_bytes=d.get("max_bytes") or (1 << 30))
+            cache = StepCache(CachePolicy.from_dict(d["policy"]), max_bytes=d.get("max_bytes") or (1 << 30),
+                              num_steps=d.get("num_steps"), num_layers=d.get("num_layers"))
         layout = None if d.get("layout") is None else TokenLayout.from_dict(d["layout"])
         return cls(pattern, cache=cache, min_seq_len=d.get("min_seq_len", 128), backend=d.get("backend", "auto"),
                    layout=layout)
@@ -166,6 +196,45 @@ class SparseConfig:
         if got is not None and not is_pattern(got):
             raise TypeError(f"the pattern for layer {layer!r} must have a build method, got {type(got).__name__}.")
         return got
+
+
+def _layer_key(layer) -> str:
+    """A layer id as a JSON object key: the JSON text of the id (``0`` -> ``"0"``, ``"blk"`` -> ``'"blk"'``,
+    ``(3, 1)`` -> ``"[3, 1]"``), so ints, strings, tuples and None come back as they were."""
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if x is None or isinstance(x, (int, str)) and not isinstance(x, bool):
+            return x
+        raise TypeError(f"per-layer keys must be ints, strs, None or tuples of them to be saved, got {x!r}.")
+    return json.dumps(plain(layer))
+
+
+def _layer_from_key(key):
+    """Inverse of :func:`_layer_key`; also reads the older plain keys (``"0"`` -> 0, ``"blk"`` -> ``"blk"``)."""
+    try:
+        value = json.loads(key)
+    except ValueError:
+        return int(key) if key.lstrip("-").isdigit() else key
+
+    def tup(x):
+        return tuple(tup(v) for v in x) if isinstance(x, list) else x
+    if not (value is None or isinstance(value, (int, str, list)) and not isinstance(value, bool)):
+        return key  # an older plain key that happens to parse as JSON ("1.5", "true")
+    return tup(value)
+
+
+def _decode_pattern(p):
+    """A saved pattern: a registry pattern, or a wrapper of the presets (``lse_warm_start``)."""
+    from ..patterns import pattern_from_dict
+
+    if p is None:
+        return None
+    if isinstance(p, dict) and p.get("name") == "lse_warm_start":
+        from .presets import LSEWarmStart
+
+        return LSEWarmStart.from_dict(p)
+    return pattern_from_dict(p)
 
 
 def as_config(config, **overrides) -> SparseConfig:

@@ -128,6 +128,14 @@ class SearchPlan:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
 
+    def __eq__(self, other):
+        """Equal plans: the same lam, eps and, per layer and head, an equal pattern, error and density."""
+        if not isinstance(other, SearchPlan):
+            return NotImplemented
+        return (self.lam, self.eps, self.layers) == (other.lam, other.eps, other.layers)
+
+    __hash__ = None  # mutable (layers is a dict)
+
     def __repr__(self):
         return f"SearchPlan(layers={len(self.layers)}, lam={self.lam}, eps={self.eps})"
 
