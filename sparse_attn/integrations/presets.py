@@ -30,7 +30,7 @@ class Preset:
     make: Callable[..., SparseConfig]
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(repr=False)
 class LSEWarmStart:
     """Carries the row LSE of the first build to later builds (AdaSpa: step 30 reuses step 10's LSE).
 
