@@ -146,7 +146,7 @@ class DiffusersHandle:
         self.layers = {}
         self._num_steps, self._layout_arg, self._pipeline = num_steps, layout, pipeline
         # a call with Lq != Lk inside a wrapped module is cross-attention after all: original SDPA
-        self._route = _Route(config, scoped=True, self_attention_only=True)
+        self._route = _Route(config, scoped=True, self_attention_only=True, where="diffusers.apply")
         self._role, self._layout = None, None
         self._originals: List[tuple] = []
         self._hooks = []

@@ -29,6 +29,7 @@ import contextvars
 import dataclasses
 import json
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -245,20 +246,93 @@ def as_config(config, **overrides) -> SparseConfig:
     return SparseConfig(pattern=config, **overrides)
 
 
+class DenseFallbackWarning(UserWarning):
+    """Every attention call an integration has seen so far ran dense: nothing is sparse (see its ``stats``)."""
+
+
+#: an integration warns (once) after this many calls that ran dense for reasons the config did not choose,
+#: if none of its calls ran with a mask that drops pairs
+WARN_AFTER_DENSE_CALLS = 8
+#: a "sparse" call whose mask keeps every visible pair: it does the work of dense attention
+FULL_MASK = "mask keeps every pair"
+# dense by the config's own choice (per-layer None, policy warm-up, calibration, scoping): never warned about
+_CHOSEN_DENSE = frozenset({"dense layer", "dense step", "calibration", "outside the chosen modules",
+                           "cross-attention"})
+_DENSE_HINTS = {
+    "short": "calls shorter than min_seq_len={min_seq_len} run dense (the LLM presets default to 1024): pass a "
+             "smaller min_seq_len",
+    "attention_mask": "calls with an attention mask (padded batches, chunked prefill) run the original attention: "
+                      "run prompts one at a time or batch prompts of one length",
+    "attn_mask": "calls with an attn_mask other than a key-padding prefix run the original attention",
+    "decode": "decode steps (one query) always run dense; only prefill runs sparse",
+    FULL_MASK: "the pattern's masks keep every visible pair (a window or a budget at least as long as the "
+               "sequence, e.g. the presets' window 1024 or vertical/slash 1000/6096 on a 1-2k-token prompt): "
+               "use smaller windows or budgets for sequences of this length",
+}
+
+
+class _DenseWatch:
+    """Warns once (:class:`DenseFallbackWarning`) when every call so far ran dense, with the reason counts.
+
+    ``prefix`` is how the integration's ``stats`` name dense calls (``"fallback:"``, ``"dense:"``); ``where``
+    names the integration and where its counts are. A call whose mask drops pairs ends the watch (checked with
+    ``mask.density(causal)``, for the calls before it only). Skipped while torch.compile traces.
+    """
+
+    def __init__(self, where: str, prefix: str):
+        self.where, self.prefix = where, prefix
+        self.done, self.full_masks = False, 0
+
+    def sparse_call(self, mask, causal, stats, config):
+        if self.done or torch.compiler.is_compiling():
+            return
+        density = getattr(mask, "density", None)
+        try:
+            kept = float(density(causal=bool(causal))) if callable(density) else 0.0
+        except Exception:  # noqa: BLE001 -- a mask without a usable density counts as sparse
+            kept = 0.0
+        if kept < 1.0:
+            self.done = True  # a call really ran sparse
+            return
+        self.full_masks += 1
+        self._check(stats, config)
+
+    def dense_call(self, stats, config):
+        if not self.done and not torch.compiler.is_compiling():
+            self._check(stats, config)
+
+    def _check(self, stats, config):
+        reasons = {k[len(self.prefix):]: n for k, n in stats.items() if k.startswith(self.prefix) and n}
+        if self.full_masks:
+            reasons[FULL_MASK] = self.full_masks
+        unchosen = sum(n for reason, n in reasons.items() if reason not in _CHOSEN_DENSE)
+        if unchosen < WARN_AFTER_DENSE_CALLS:
+            return
+        self.done = True
+        hints = "; ".join(h.format(min_seq_len=getattr(config, "min_seq_len", None)) for r, h in _DENSE_HINTS.items()
+                          if r in reasons)
+        hints = hints[:1].upper() + hints[1:] + ". " if hints else ""
+        warnings.warn(f"sparse_attn {self.where}: all {sum(reasons.values())} attention calls so far ran dense, "
+                      f"none sparse; calls per reason: {dict(sorted(reasons.items()))}. {hints}"
+                      "(This warning comes once.)", DenseFallbackWarning, stacklevel=3)
+
+
 class _Route:
     """State of one active patch: its config, scoping and counters."""
 
-    def __init__(self, config: SparseConfig, scoped: bool, self_attention_only: bool):
+    def __init__(self, config: SparseConfig, scoped: bool, self_attention_only: bool, where: str = "patch_sdpa"):
         self.config = config
         self.scoped = scoped
         self.self_attention_only = self_attention_only
         self.stats = Counter()
         self.ordinal = 0  # layer id of unscoped calls: their rank within the current step
         self.role = None
+        self.watch = _DenseWatch(f"{where} (counts: its .stats)", "fallback:")
 
     def fallback(self, reason, args):
         self.stats["fallback"] += 1
         self.stats["fallback:" + reason] += 1
+        self.watch.dense_call(self.stats, self.config)
         return _call_original(*args)
 
     def call(self, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -303,6 +377,7 @@ class _Route:
         if mask is None:
             return self.fallback("dense step", args)
         self.stats["sparse"] += 1
+        self.watch.sparse_call(mask, is_causal, self.stats, self.config)
         return sparse_attention(query, key, value, mask, causal=bool(is_causal), scale=scale,
                                 backend=self.config.backend)
 
@@ -520,4 +595,4 @@ def original_sdpa() -> Callable:
     return _ORIG_SDPA
 
 
-__all__ = ["SparseConfig", "SDPAPatch", "as_config", "is_pattern", "original_sdpa", "patch_sdpa", "sparse_sdpa"]
+__all__ = ["SparseConfig", "SDPAPatch", "DenseFallbackWarning", "WARN_AFTER_DENSE_CALLS", "as_config", "is_pattern", "original_sdpa", "patch_sdpa", "sparse_sdpa"]

@@ -31,7 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..ops import sparse_attention
-from .sdpa import _SCOPE, SparseConfig, as_config
+from .sdpa import _SCOPE, SparseConfig, _DenseWatch, as_config
 
 _CONFIGS: Dict[str, Optional[SparseConfig]] = {}
 _ACTIVE: "contextvars.ContextVar[Optional[SparseConfig]]" = contextvars.ContextVar("sparse_attn_hf", default=None)
@@ -67,6 +67,8 @@ def _dense_reason(cfg, module, query, key, value, attention_mask, dropout, kwarg
 
 def _make_forward(name):
     counter = stats[name] = Counter()  # fresh counts at each registration
+    watch = _DenseWatch(f"transformers {name!r} (counts: sparse_attn.integrations.transformers.stats[{name!r}])",
+                        "dense:")
 
     def sparse_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             **kwargs):
@@ -106,9 +108,11 @@ def _make_forward(name):
                 mask = pattern.build(query, key, causal=bool(causal), layout=None)
         if reason is not None:
             counter["dense:" + reason] += 1
+            watch.dense_call(counter, cfg)
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
         counter["sparse"] += 1
+        watch.sparse_call(mask, causal, counter, cfg)
         out = sparse_attention(query, key, value, mask, causal=bool(causal), scale=scaling, backend=cfg.backend)
         return out.transpose(1, 2).contiguous(), None
 
