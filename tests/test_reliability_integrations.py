@@ -112,3 +112,31 @@ def test_patch_sdpa_warns_once_and_not_for_chosen_dense_calls():
                 F.scaled_dot_product_attention(q, k, v)
         assert _dense_warnings(steps) == []
     assert p.stats["fallback:dense step"] == 2 * WARN_AFTER_DENSE_CALLS
+
+
+def test_patched_model_compiles_with_fullgraph_once_the_masks_are_built(name):
+    """torch.compile(fullgraph=True) of a patched Llama: config lookup, mask reuse and the kernel in one graph."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 256))
+    cache = StepCache()
+    config = SparseConfig(BlockTopK(k=2, block_size=32) | SinkLocal(sink=32, window=32, block_size=32),
+                          cache=cache, min_seq_len=64)
+    hf.register(None, name=name)  # the config comes from use(): compiled code reads it too
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad(), hf.use(config):
+            cache.set_step(0)  # steps driven: the next forwards at step 0 reuse the masks built now
+            eager = model(ids).logits
+            assert cache.stats.builds == LAYERS and hf.stats[name]["sparse"] == LAYERS
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            dense = model(ids).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(compiled, dense, atol=1e-3)  # the compiled model ran sparse, not dense
+    assert cache.stats.builds == LAYERS and cache.stats.reuses == LAYERS
+    assert dict(hf.stats[name]) == {"sparse": 2 * LAYERS}

@@ -14,6 +14,10 @@ sinks, position biases, cross-attention, and layers the config keeps dense.
 ``generate()`` rejects unknown keyword arguments, so per-call settings go through a context
 variable: ``with use(config): model.generate(...)``.
 
+``torch.compile(model, fullgraph=True)`` traces a patched model in one graph once the masks are
+built (a :class:`~sparse_attn.cache.StepCache` at a reuse step); building a mask cannot be traced.
+See docs/integrations.md (transformers, torch.compile) for what compiled code sees.
+
 Example:
     >>> from sparse_attn.integrations.transformers import register   # doctest: +SKIP
     >>> register(SparseConfig(my_pattern, min_seq_len=512))            # doctest: +SKIP
@@ -28,13 +32,15 @@ from typing import Dict, Optional
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from ..ops import sparse_attention
 from .sdpa import _SCOPE, SparseConfig, _DenseWatch, as_config
 
 _CONFIGS: Dict[str, Optional[SparseConfig]] = {}
 _ACTIVE: "contextvars.ContextVar[Optional[SparseConfig]]" = contextvars.ContextVar("sparse_attn_hf", default=None)
+# use() blocks, innermost last: what compiled code reads (torch.compile cannot trace ContextVar.get)
+_USE_STACK: list = []
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "position_bias", "s_aux", "sinks")
 
 #: calls per attention implementation name: ``"sparse"`` and ``"dense:<reason>"``.
@@ -43,7 +49,9 @@ stats: Dict[str, Counter] = {}
 
 def _dense_reason(cfg, module, query, key, value, attention_mask, dropout, kwargs):
     if attention_mask is not None:
-        return "attention_mask"
+        # under torch.compile without a KV cache, transformers materializes the causal mask (it cannot rule
+        # out packed sequences in position_ids without reading them): that call runs dense
+        return "attention_mask (compiled, no KV cache)" if torch.compiler.is_compiling() else "attention_mask"
     if dropout and module.training:
         return "dropout"
     for name in _UNSUPPORTED_KWARGS:
@@ -65,6 +73,15 @@ def _dense_reason(cfg, module, query, key, value, attention_mask, dropout, kwarg
     return None
 
 
+def _config(name) -> Optional[SparseConfig]:
+    """The config of a call: the innermost :func:`use`, else the registered one. Eager code reads the context
+    variable (per thread / task); code traced by torch.compile reads the process-wide stack of :func:`use`
+    blocks instead, since Dynamo cannot trace ``ContextVar.get`` (guards recompile when either changes)."""
+    if torch.compiler.is_compiling():
+        return _USE_STACK[-1] if _USE_STACK else _CONFIGS.get(name)
+    return _ACTIVE.get() or _CONFIGS.get(name)
+
+
 def _make_forward(name):
     counter = stats[name] = Counter()  # fresh counts at each registration
     watch = _DenseWatch(f"transformers {name!r} (counts: sparse_attn.integrations.transformers.stats[{name!r}])",
@@ -73,7 +90,7 @@ def _make_forward(name):
     def sparse_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             **kwargs):
         """Attention function of ``AttentionInterface``: ``[B, Hq, Lq, D]`` in, ``([B, Lq, Hq, D], None)`` out."""
-        cfg = _ACTIVE.get() or _CONFIGS.get(name)
+        cfg = _config(name)
         if cfg is None:
             raise ValueError(f"attention implementation {name!r} has no SparseConfig: pass one to "
                              f"register(config, name={name!r}) or run the model inside use(config).")
@@ -98,7 +115,8 @@ def _make_forward(name):
             key, value = key[:, :, :q_len], value[:, :, :q_len]
         mask = None
         if reason is None:
-            scope = _SCOPE.get() or {}
+            # roles come from an enclosing patch_sdpa scope; compiled code cannot read it (a ContextVar)
+            scope = {} if torch.compiler.is_compiling() else (_SCOPE.get() or {})
             if cfg.cache is not None:
                 mask = cfg.cache.get_mask(pattern, query, key, layer=layer, role=scope.get("role"),
                                           causal=bool(causal), layout=None)
@@ -120,6 +138,21 @@ def _make_forward(name):
     return sparse_attn_forward
 
 
+def _mask_builder(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+                  attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """transformers' ``sdpa_mask``; while torch.compile traces, it also returns None (no mask: plain causal
+    attention) where eager ``sdpa_mask`` does for a call without a padding mask, so that compiled prefill
+    runs sparse too. (``sdpa_mask`` never skips under torch.compile before torch 2.14: it would hand every
+    compiled call a materialized causal mask, which the sparse path must treat as an arbitrary mask.)"""
+    if (torch.compiler.is_compiling() and allow_is_causal_skip and attention_mask is None and local_size is None
+            and mask_function is causal_mask_function and not isinstance(q_offset, torch.Tensor)
+            and (q_length == 1 or q_length == kv_length)):
+        return None
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+
+
 def register(config=None, name: str = "sparse_attn") -> str:
     """Register attention implementation ``name`` in ``AttentionInterface`` and ``AttentionMaskInterface``.
 
@@ -136,7 +169,7 @@ def register(config=None, name: str = "sparse_attn") -> str:
         raise ValueError(f"name must be a new attention implementation name, got {name!r}.")
     _CONFIGS[name] = None if config is None else as_config(config)
     AttentionInterface.register(name, _make_forward(name))
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, _mask_builder)
     return name
 
 
@@ -152,11 +185,14 @@ def unregister(name: str = "sparse_attn"):
 @contextlib.contextmanager
 def use(config):
     """Run the ``with`` block with ``config`` for every registered sparse implementation."""
-    token = _ACTIVE.set(as_config(config))
+    config = as_config(config)
+    token = _ACTIVE.set(config)
+    _USE_STACK.append(config)
     try:
         yield
     finally:
         _ACTIVE.reset(token)
+        _USE_STACK.pop()
 
 
 __all__ = ["register", "unregister", "use", "stats"]
