@@ -235,6 +235,32 @@ class BlockSparseMask(TiledMask):
                                                                                 kv_segments=kv_segments)
 
     @classmethod
+    def from_tile_evaluator(cls, evaluate, tiles, block_size, seq_lens, *, full=None):
+        """Exact mask from a per-tile token evaluator, called only on candidate tiles not known to be full.
+
+        Args:
+            evaluate: ``evaluate(b, h, qb, kb) -> bool [P, BLOCK_M, BLOCK_N]`` for int64 ``[P]`` tile indices.
+            tiles: bool ``[Bm, Hm, NQB, NKB]``: tiles that may hold a kept pair (others are dropped).
+            full: optional bool, same shape: tiles known to be entirely kept (not evaluated).
+        """
+        bm, bn = _as_pair(block_size)
+        q_len, kv_len = _seq_lens(seq_lens)
+        tiles = tiles.to(torch.bool)
+        full = torch.zeros_like(tiles) if full is None else (full.to(torch.bool).expand(tiles.shape) & tiles)
+        acc = TileAccumulator(tiles.shape[:2], tiles.shape[2:], (bm, bn), tiles.device)
+        acc.keep |= full
+        b, h, qb, kb = (tiles & ~full).nonzero(as_tuple=True)
+        step = max(1, EVAL_CHUNK_ELEMS // (bm * bn))
+        for a in range(0, qb.numel(), step):
+            sl = slice(a, a + step)
+            rows = qb[sl, None] * bm + torch.arange(bm, device=tiles.device)  # [P, BM]
+            cols = kb[sl, None] * bn + torch.arange(bn, device=tiles.device)  # [P, BN]
+            valid = (rows < q_len)[:, :, None] & (cols < kv_len)[:, None, :]
+            got = evaluate(b[sl], h[sl], qb[sl], kb[sl]) & valid
+            acc.add_tiles((b[sl], h[sl], qb[sl], kb[sl]), got, valid)
+        return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
+
+    @classmethod
     def from_tile_predicate(cls, predicate, tiles, block_size, seq_lens, *, full=None):
         """Exact mask of a vectorized token predicate, evaluated only on candidate tiles.
 
@@ -245,21 +271,12 @@ class BlockSparseMask(TiledMask):
             full: optional bool, same shape: tiles known to be entirely kept (not evaluated).
         """
         bm, bn = _as_pair(block_size)
-        q_len, kv_len = _seq_lens(seq_lens)
-        tiles = tiles.to(torch.bool)
-        full = torch.zeros_like(tiles) if full is None else (full.to(torch.bool) & tiles)
-        acc = TileAccumulator(tiles.shape[:2], tiles.shape[2:], (bm, bn), tiles.device)
-        acc.keep |= full
-        b, h, qb, kb = (tiles & ~full).nonzero(as_tuple=True)
-        step = max(1, EVAL_CHUNK_ELEMS // (bm * bn))
-        for a in range(0, qb.numel(), step):
-            sl = slice(a, a + step)
-            rows = qb[sl, None] * bm + torch.arange(bm, device=tiles.device)  # [P, BM]
-            cols = kb[sl, None] * bn + torch.arange(bn, device=tiles.device)  # [P, BN]
-            valid = (rows < q_len)[:, :, None] & (cols < kv_len)[:, None, :]
-            got = predicate(rows[:, :, None], cols[:, None, :]) & valid
-            acc.add_tiles((b[sl], h[sl], qb[sl], kb[sl]), got, valid)
-        return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
+
+        def evaluate(b, h, qb, kb):
+            rows = qb[:, None] * bm + torch.arange(bm, device=qb.device)
+            cols = kb[:, None] * bn + torch.arange(bn, device=qb.device)
+            return predicate(rows[:, :, None], cols[:, None, :])
+        return cls.from_tile_evaluator(evaluate, tiles, (bm, bn), seq_lens, full=full)
 
     @classmethod
     def _from_accumulator(cls, acc, block_size, seq_lens):
@@ -448,6 +465,36 @@ class BlockSparseMask(TiledMask):
                               k_pos, self.q_len, self.kv_len)  # [B', R, Lk]
             tok = tok & pred[:, None]
         return tok
+
+    def full_tiles(self, causal: bool = False) -> torch.Tensor:
+        """bool ``[Bm', Hm, NQB, NKB]``: tiles every valid pair of which attention sees (no in-tile masking)."""
+        n_qb, n_kb = self.num_blocks
+        _, _, kb, _, _, full, (_, _, _, batch, heads) = self._rows(causal)
+        out = torch.zeros((batch * heads * n_qb, n_kb + 1), dtype=torch.bool, device=self.device)
+        out.scatter_(1, torch.where(full, kb, n_kb), True)
+        return out[:, :n_kb].view(batch, heads, n_qb, n_kb)
+
+    def tile_tokens(self, b, h, qb, kb, causal: bool = False) -> torch.Tensor:
+        """bool ``[P, BLOCK_M, BLOCK_N]``: the pairs attention sees in tiles ``(b, h, qb, kb)`` (int64 ``[P]``),
+        False where the tile is not kept or past the lengths (exact: bits and predicates applied)."""
+        bm, bn = self.block_size
+        n_kb = self.num_blocks[1]
+        bt, h = b % self.counts.shape[0], h % self.counts.shape[1]
+        tiles = self.to_block_dense()
+        kept = tiles[bt, h, qb, kb]  # [P]
+        rows = qb[:, None] * bm + torch.arange(bm, device=self.device)  # [P, BM]
+        cols = kb[:, None] * bn + torch.arange(bn, device=self.device)  # [P, BN]
+        left, right = band(causal, self.window)
+        pred = token_keep(self.token_predicates(), left, right, b, rows, cols, self.q_len, self.kv_len)
+        out = pred & kept[:, None, None]
+        if self.has_bits:
+            ok = torch.arange(self.indices.shape[-1], device=self.device) < self.counts[..., None]
+            slot = torch.full((*tiles.shape[:3], n_kb + 1), -1, dtype=torch.int64, device=self.device)
+            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())
+            s = slot[bt, h, qb, kb]  # [P]
+            bits = unpack_bits(self.bit_words[s.clamp(min=0)], bn) | (s < 0)[:, None, None]
+            out = out & bits
+        return out
 
     def _rows(self, causal: bool):
         """Per (batch, head, query block) row: b_of, m_of ``[R]``, kb, slots ``[R, W]``, visible, full ``[R, W]``."""

@@ -182,3 +182,27 @@ def test_window_patterns_are_token_exact(lens, causal):
         out = sparse_attention(q, k, v, mask, causal=causal)
         ref, _ = math_attention(q, k, v, tok[None, None])
         check_close(out, ref, math_attention(q, k, v, tok[None, None], dtype=torch.float32)[0])
+
+
+def test_unions_and_per_head_mixes_keep_exact_members_exact():
+    """A union or per-head mix with a token-exact member attends exactly its pairs; tiles a tile-granular
+    member keeps stay whole."""
+    from sparse_attn.patterns import BlockTopK, PerHead, Union
+
+    q, k = torch.randn(1, 3, 200, 32), torch.randn(1, 3, 200, 32)
+    i, j = torch.arange(200)[:, None], torch.arange(200)[None]
+    window = SlidingWindow(left=20, right=0, block_size=32)
+    topk = BlockTopK(k=1, block_size=32)
+    union = Union(patterns=(window, topk)).build(q, k, causal=True)
+    win_tok = window.mask_mod_for(200, 200)(0, 0, i, j)
+    topk_tiles = topk.block_map(q, k, causal=True, forced=window.block_map(q, k, causal=True)) & \
+        ~window.block_map(q, k, causal=True)
+    topk_tok = topk_tiles.repeat_interleave(32, 2).repeat_interleave(32, 3)[..., :200, :200]
+    assert torch.equal(union.to_dense(), win_tok | topk_tok)
+    mixed = PerHead(patterns=(window, Dense(block_size=32), SinkLocal(sink=8, window=16, block_size=32)))
+    m = mixed.build(q, k, causal=True)
+    dense = m.to_dense(causal=True)[0]
+    causal = j <= i
+    assert torch.equal(dense[0], win_tok & causal)
+    assert torch.equal(dense[1], causal)
+    assert torch.equal(dense[2], SinkLocal(sink=8, window=16).mask_mod_for(200, 200)(0, 0, i, j) & causal)

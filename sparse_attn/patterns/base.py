@@ -167,6 +167,8 @@ class Pattern:
     # what build() returns: "block" (a BlockSparseMask from block_map: combinable in union/per_head into
     # one launch), "stripe", "permuted" or "routed" (per_head runs those as separate head groups)
     mask_kind: ClassVar[str] = "block"
+    # True when build() returns a token-exact mask (window predicate or bit-masked tiles), not whole tiles
+    token_exact: ClassVar[bool] = False
 
     # ---- the protocol -------------------------------------------------------------------
     def build(self, q, k, *, causal: bool = False, layout: Optional[TokenLayout] = None):

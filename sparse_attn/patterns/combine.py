@@ -95,11 +95,44 @@ class Union(Pattern):
         keep = self.block_map_for(q_len, kv_len, causal=causal, layout=layout, device=device)
         return BlockSparseMask.from_dense(keep, self.block_pair, (q_len, kv_len))
 
+    @property
+    def token_exact(self):
+        return any(p.token_exact for p in self.patterns)
+
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
         keep = forced
         for p in sorted(self.patterns, key=lambda p: not p.structural):
             keep = p.block_map(q, k, causal=causal, layout=layout, forced=keep)
         return keep
+
+    def build(self, q, k, *, causal=False, layout=None):
+        """Tile-granular unless a member is token-exact: then its pairs stay exact, and a tile kept whole
+        by another member (or full in an exact member) is full."""
+        if not self.token_exact:
+            return super().build(q, k, causal=causal, layout=layout)
+        check_qk(q, k)
+        keep = full = None
+        exact = []
+        for p in sorted(self.patterns, key=lambda p: not p.structural):
+            if p.token_exact:
+                m = p.build(q, k, causal=causal, layout=layout)
+                exact.append(m)
+                tiles, whole = m.to_block_dense(), m.full_tiles()
+                keep = tiles if keep is None else keep | tiles
+            else:
+                new = p.block_map(q, k, causal=causal, layout=layout, forced=keep)
+                whole = new if keep is None else new & ~keep  # the tiles this member added: kept whole
+                keep = new
+            full = whole if full is None else full | whole
+        shape = torch.broadcast_shapes(keep.shape, full.shape)
+
+        def evaluate(b, h, qb, kb):
+            out = exact[0].tile_tokens(b, h, qb, kb)
+            for m in exact[1:]:
+                out = out | m.tile_tokens(b, h, qb, kb)
+            return out
+        return BlockSparseMask.from_tile_evaluator(evaluate, keep.expand(shape), self.block_pair,
+                                                   (q.shape[2], k.shape[2]), full=full.expand(shape))
 
 
 @register("per_head")
@@ -154,6 +187,8 @@ class PerHead(Pattern):
         carry per-head budgets) and its mask is then cut to the heads that chose it.
         """
         if self.mask_kind == "block":
+            if any(p.token_exact for p in self.patterns):
+                return self._build_exact(q, k, causal, layout)
             return super().build(q, k, causal=causal, layout=layout)
         check_qk(q, k)
         n_heads, n_kv = q.shape[1], k.shape[1]
@@ -176,3 +211,39 @@ class PerHead(Pattern):
                 full = self.patterns[heads[0]].build(q, k, causal=causal, layout=layout)
                 groups.append((heads, select_heads(full, idx, n_heads, n_kv)))
         return HeadGroupsMask(sorted(groups, key=lambda g: g[0][0]), n_heads, seq_lens)
+
+    def _build_exact(self, q, k, causal, layout):
+        """Per-head mix with token-exact members: each head keeps its member's exact pairs."""
+        check_qk(q, k)
+        n_heads = q.shape[1]
+        if len(self.patterns) != n_heads:
+            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
+        masks = {}
+        for p in self.patterns:  # each distinct pattern is built once, over all heads
+            key = p.to_json()
+            if key not in masks:
+                m = p.build(q, k, causal=causal, layout=layout)
+                if m.batch_heads[1] not in (1, n_heads):  # per kv head: one entry per query head
+                    g = n_heads // m.batch_heads[1]
+                    m = m.map_heads(lambda x: x.repeat_interleave(g, 1))
+                masks[key] = m
+        member = [masks[p.to_json()] for p in self.patterns]
+        batch = max(max(m.batch_heads[0], m.predicate_batch) for m in member)
+
+        def per_head(views):
+            return torch.stack([v[:, min(h, v.shape[1] - 1)].expand(batch, *v.shape[2:])
+                                for h, v in enumerate(views)], 1)
+        tiles = per_head([m.to_block_dense() for m in member])
+        full = per_head([m.full_tiles() for m in member])
+        keys = [p.to_json() for p in self.patterns]
+        head_key = torch.tensor([list(masks).index(key) for key in keys])
+
+        def evaluate(b, h, qb, kb):
+            out = torch.zeros((qb.numel(), *self.block_pair), dtype=torch.bool, device=qb.device)
+            for i, m in enumerate(masks.values()):
+                sel = head_key.to(h.device)[h] == i
+                if bool(sel.any()):
+                    out[sel] = m.tile_tokens(b[sel], h[sel], qb[sel], kb[sel])
+            return out
+        return BlockSparseMask.from_tile_evaluator(evaluate, tiles, self.block_pair, (q.shape[2], k.shape[2]),
+                                                   full=full)

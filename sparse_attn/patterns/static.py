@@ -5,7 +5,7 @@ Diagonals are bottom-right aligned like ``causal``: query ``i`` sits at key posi
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,7 @@ class SlidingWindow(StructuralPattern):
     left: int = 256
     right: int = 256
     block_size: int = 64
+    token_exact: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive_int(self.left, "left", allow_zero=True)
@@ -86,6 +87,7 @@ class SinkLocal(StructuralPattern):
     sink: int = 64
     window: int = 256
     block_size: int = 64
+    token_exact: ClassVar[bool] = True
 
     def __post_init__(self):
         check_positive_int(self.sink, "sink", allow_zero=True)
