@@ -140,3 +140,22 @@ def test_patched_model_compiles_with_fullgraph_once_the_masks_are_built(name):
     assert not torch.allclose(compiled, dense, atol=1e-3)  # the compiled model ran sparse, not dense
     assert cache.stats.builds == LAYERS and cache.stats.reuses == LAYERS
     assert dict(hf.stats[name]) == {"sparse": 2 * LAYERS}
+
+
+def test_svg2_preset_runs_with_registered_kmeans_routing():
+    """docs/integrations.md: svg2 is k-means routing, dense for 20% of steps, rebuilt each step from warm centroids."""
+    from sparse_attn.integrations.presets import get_preset
+
+    steps = 5
+    config = get_preset("svg2", num_steps=steps, min_seq_len=64, q_clusters=4, k_clusters=4)
+    assert config.pattern.name == "kmeans_routing"
+    q = k = v = torch.randn(1, 2, 256, 32)
+    with torch.no_grad(), patch_sdpa(config) as p:
+        for step in range(steps):
+            p.step(step)
+            F.scaled_dot_product_attention(q, k, v)
+    warm = config.cache.policy.dense_steps(steps)
+    assert 0 < warm < steps
+    assert p.stats["fallback:dense step"] == warm and p.stats["sparse"] == steps - warm
+    assert [s for _, s, _, _ in config.cache.build_log] == list(range(warm, steps))
+    assert config.cache.state(0) is not None  # centroids carried to the next build
