@@ -57,13 +57,13 @@ def test_transformers_warns_once_when_every_call_ran_dense(llama, name, case):
     length = 128
     if case == "short":  # the LLM presets' min_seq_len (1024) on a short prompt
         config = SparseConfig(BlockTopK(k=1, block_size=32), min_seq_len=4 * length)
-    elif case == "attention_mask":  # a padded batch
+    elif case == "attention_mask":  # a mask with a hole (not padding ranges): transformers' own SDPA
         config = SparseConfig(BlockTopK(k=1, block_size=32), min_seq_len=length // 2)
     else:  # a window as long as the prompt: "sparse" calls that keep every pair
         config = SparseConfig(SinkLocal(sink=32, window=2 * length, block_size=32), min_seq_len=length // 2)
     ids = torch.randint(0, 128, (2, length))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    mask[1, length // 2] = 0
     kwargs = {"attention_mask": mask} if case == "attention_mask" else {}
     hf.register(config, name=name)
     llama.set_attn_implementation(name)
