@@ -66,3 +66,18 @@ def test_pattern_table_rows():
         assert 0.0 <= r["density"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 + 1e-6
     with pytest.raises(TypeError, match="names"):
         pattern_table(seq_len=768, names="block_topk")
+
+
+def test_pattern_table_covers_every_registered_pattern():
+    from sparse_attn.patterns import list_patterns
+    from sparse_attn.patterns.synthetic import table_configs
+
+    heads = 2
+    assert {p.name for p, _, _ in table_configs(512, heads)} == set(list_patterns())
+    rows = pattern_table(seq_len=512, heads=heads, head_dim=16)
+    assert {r["pattern"] for r in rows} == set(list_patterns())
+    for r in rows:
+        assert 0.0 <= r["density"] <= 1.0 and 0.0 <= r["recall_min"] <= r["recall"] <= 1.0 + 1e-6, r
+    by_name = {r["pattern"]: r for r in rows}
+    assert by_name["dense"]["density"] == 1.0 and by_name["dense"]["error"] == pytest.approx(0.0, abs=1e-6)
+    assert by_name["skip"]["density"] == 0.0 and by_name["skip"]["recall"] == 0.0

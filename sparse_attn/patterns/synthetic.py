@@ -156,8 +156,10 @@ def planted_qkv(structure, seq_len=4096, *, heads=4, head_dim=64, batch=1, seed=
                    tuple(sorted(cols)), causal=structure in ("local", "sink_local"))
 
 
-def table_configs(seq_len):
-    """``[(pattern, structure, causal)]`` rows of :func:`pattern_table` (parameters chosen for <= 20% density)."""
+def table_configs(seq_len, heads=4):
+    """``[(pattern, structure, causal)]`` rows of :func:`pattern_table`: every registered pattern, with parameters
+    chosen for <= 20% density where the pattern has a budget (``dense`` and ``skip`` are the two reference rows,
+    density 1 and 0). ``heads`` sizes the ``per_head`` row (one pattern per query head of the ``mixed`` input)."""
     from .base import get_pattern
     lay = video_layout(seq_len)
     cols = tuple(range(4)) + tuple(range(512, seq_len, 512))
@@ -180,6 +182,26 @@ def table_configs(seq_len):
     rows = list(structural)
     for structure, causal in (("sink_local", True), ("video", False), ("clusters", False), ("mixed", False)):
         rows.extend((p, structure, causal) for p in content)
+    # the mixed input's heads are sink_local, clusters, local, columns (repeating): one pattern for each
+    per_head_kind = {"sink_local": get_pattern("sink_local", sink=64, window=128),
+                     "clusters": get_pattern("block_topk", k=0.15),
+                     "local": get_pattern("sliding_window", left=128, right=128),
+                     "columns": get_pattern("vertical_stripes", columns=cols)}
+    kinds = (["sink_local", "clusters", "local", "columns"] * heads)[:heads]
+    n_chunks = -(-seq_len // 256)
+    rows += [
+        (get_pattern("dense"), "mixed", False),
+        (get_pattern("skip"), "mixed", False),
+        (get_pattern("union", patterns=(get_pattern("sink_local", sink=64, window=128),
+                                        get_pattern("block_topk", k=0.1))), "sink_local", True),
+        (get_pattern("per_head", patterns=tuple(per_head_kind[kind] for kind in kinds)), "mixed", False),
+        (get_pattern("chunk_select", chunk_size=256, k=max(1, n_chunks // 8)), "sink_local", True),
+        (get_pattern("chunk_select", chunk_size=256, k=max(1, n_chunks // 8)), "clusters", False),
+        (get_pattern("kmeans_routing"), "clusters", False),  # permuted masks: non-causal only
+        (get_pattern("equal_size_routing"), "clusters", False),
+        (get_pattern("region_routing", topk=4), "video", False),
+        (get_pattern("video_chunk_select"), "video", False),
+    ]
     return rows
 
 
@@ -198,7 +220,7 @@ def pattern_table(seq_len=8192, names=None, *, heads=4, head_dim=64, seed=0) -> 
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
         raise TypeError(f"names must be a sequence of pattern names or None, got {names!r}.")
     rows, cache = [], {}
-    for pat, structure, causal in table_configs(seq_len):
+    for pat, structure, causal in table_configs(seq_len, heads):
         if names is not None and pat.name not in names:
             continue
         if structure not in cache:
@@ -234,7 +256,7 @@ def build_cost_table(seq_len=8192, *, heads=4, head_dim=64, repeats=3, seed=0) -
 
     dense_ms = best(lambda: torch.nn.functional.scaled_dot_product_attention(inp.q, inp.k, inp.v))
     rows, seen = [], set()
-    for pat, _, _ in table_configs(seq_len):
+    for pat, _, _ in table_configs(seq_len, heads):
         if pat.structural or pat.name in seen:
             continue
         seen.add(pat.name)
