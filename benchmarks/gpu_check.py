@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     else:
         sections = [("gpu-check", None), ("gpu-check-bwd", reason),
                     ("gpu-check-stripe", None if stripe_mask_class() else
-                     "stripe kernel not installed (sparse_attn.stripe_mask, issue 4)"),
+                     "stripe kernel not installed (no sparse_attn.stripe_mask module)"),
                     ("gpu-check-token-exact", None)]
     rows, skipped = [], []
     for name, why_not in sections:

@@ -28,7 +28,7 @@ _COMPILED = {}
 
 
 def stripe_mask_class():
-    """``StripeSparseMask`` if the stripe kernel (issue 4) is installed, else None."""
+    """``StripeSparseMask`` if the stripe kernel is installed, else None."""
     try:
         from ..stripe_mask import StripeSparseMask
     except ImportError:
@@ -120,7 +120,7 @@ class Problem:
         elif case.kind == "stripe":
             cls = stripe_mask_class()
             if cls is None:
-                raise RuntimeError("stripe kernel not installed (sparse_attn.stripe_mask, issue 4)")
+                raise RuntimeError("stripe kernel not installed (no sparse_attn.stripe_mask module)")
             vertical, slash = P.stripe_indices(case, device, seed)
             is_vert, is_slash = P.stripe_tables(vertical, slash, case.seq_len)
             build = lambda: cls.from_vertical_slash(vertical, slash, seq_lens=(case.seq_len, case.seq_len),  # noqa: E731
