@@ -42,6 +42,10 @@ def _csv_list(kind):
     return parse
 
 
+class UsageError(Exception):
+    """Bad command-line input: :func:`main` prints ``sparse-attn <command>: <message>`` and exits with 2."""
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,6 +197,8 @@ def cmd_patterns(args) -> int:
     from .bench.machine import machine_header
 
     names = args.names or None
+    if names is not None:
+        _check_table_names(names, args.seq_len)
     print(f"sparse-attn patterns: seq_len={args.seq_len}, patterns={names or 'all'}", flush=True)
     if args.no_progress:
         rows = pattern_table(seq_len=args.seq_len, names=names)
@@ -215,8 +221,7 @@ def cmd_patterns(args) -> int:
         if bar is not None:
             bar.close()
     if not rows:
-        print("sparse-attn patterns: pattern_table returned no rows.", file=sys.stderr)
-        return 2
+        raise UsageError(f"the quality table has no row for {names or 'any pattern'} at seq_len={args.seq_len}.")
     _print_dicts(rows)
     if args.out:
         out = Path(args.out)
@@ -233,6 +238,22 @@ def cmd_patterns(args) -> int:
             writer.writerows(rows)
         print(f"wrote {out / 'patterns.csv'}, {out / 'patterns.json'}")
     return 0
+
+
+def _check_table_names(names, seq_len) -> None:
+    """Every name is a registered pattern that the quality table covers; else a UsageError saying which is not."""
+    from .patterns import list_patterns
+    from .patterns.synthetic import table_configs
+
+    known = list_patterns()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"unknown pattern name(s) {unknown}; registered patterns: {known}.")
+    tabulated = sorted({p.name for p, _, _ in table_configs(seq_len)})
+    missing = [n for n in names if n not in tabulated]
+    if missing:
+        raise UsageError(f"{missing} are registered but have no row in the quality table "
+                         f"(sparse_attn.patterns.synthetic.table_configs covers {tabulated}).")
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -264,15 +285,28 @@ def build_inspect_mask(args, device):
     if args.name in names:
         layout = None
         if args.layout:
-            layout = json.loads(args.layout)
+            try:
+                layout = json.loads(args.layout)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"--layout must be a TokenLayout as JSON, got {args.layout!r} ({err}).") from None
             try:
                 from .layout import TokenLayout
 
                 layout = TokenLayout.from_dict(layout)
             except ImportError:
                 pass
-        pattern = get_pattern(args.name, **dict(args.param or []))
-        return pattern.build(q, k, causal=args.causal, layout=layout)
+            except (TypeError, ValueError) as err:
+                raise UsageError(f"--layout: {err}") from None
+        params = dict(args.param or [])
+        try:
+            pattern = get_pattern(args.name, **params)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--param for {args.name}: {err}") from None
+        try:
+            return pattern.build(q, k, causal=args.causal, layout=layout)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{args.name} with {params or 'default parameters'} does not build for "
+                             f"seq_len={args.seq_len}: {err}") from None
     if args.name == "random-blocks":
         from .bench.problems import random_block_mask
 
@@ -285,7 +319,7 @@ def build_inspect_mask(args, device):
         return BlockSparseMask.full(args.seq_len, args.seq_len, args.block, device=device)
     known = names + list(BUILTIN_MASKS)
     extra = "" if get_pattern else " (the pattern layer, sparse_attn.patterns, is not installed)"
-    raise SystemExit(f"sparse-attn inspect: pattern must be one of {known}{extra}, got {args.name!r}.")
+    raise UsageError(f"pattern must be one of {known}{extra}, got {args.name!r}.")
 
 
 def block_map(mask, causal: bool) -> torch.Tensor:
@@ -420,7 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"sparse-attn {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -169,9 +169,30 @@ def test_bench_bad_options_say_what_is_wrong(args, expected):
         main(["bench", *args])
 
 
-def test_inspect_unknown_name_lists_the_choices():
-    with pytest.raises(SystemExit, match="random-blocks"):
-        main(["inspect", "no-such-pattern"])
+def test_inspect_unknown_name_lists_the_choices(capsys):
+    assert main(["inspect", "no-such-pattern"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-attn inspect: pattern must be one of [") and "random-blocks" in err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["sliding_window", "--param", "left=abc"], "--param for sliding_window: left must be an int, got str ('abc')"),
+    (["sliding_window", "--param", "nosuch=1"], "--param for sliding_window:"),
+    (["window_3d", "--layout", "{not json"], "--layout must be a TokenLayout as JSON"),
+])
+def test_inspect_bad_options_exit_2_with_a_message(args, expected, capsys):
+    assert main(["inspect", *args, "--seq-len", "256"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-attn inspect: ") and expected in err and "Traceback" not in err
+
+
+def test_patterns_names_are_checked(capsys):
+    pytest.importorskip("sparse_attn.patterns.synthetic")
+    assert main(["patterns", "--seq-len", "256", "--names", "nosuch,sliding_window"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown pattern name(s) ['nosuch']; registered patterns: [" in err and "'kmeans_routing'" in err
+    assert main(["patterns", "--seq-len", "256", "--names", "kmeans_routing", "--no-progress"]) == 0
+    assert "kmeans_routing" in capsys.readouterr().out
 
 
 def test_ascii_map_pools_large_maps():
