@@ -342,6 +342,41 @@ def block_map(mask, causal: bool) -> torch.Tensor:
     return tok.reshape(b, h, lq // bm, bm, lk // bn, bn).mean((3, 5))
 
 
+DENSITY_LABEL = "density (kept pairs / visible pairs)"
+_COUNT_LIMIT = 2 ** 26  # token pairs per head up to which inspect counts the kept pairs exactly
+
+
+def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    """Pairs a query may see: ``Lq * Lk``, or with ``causal`` those with ``j <= i + (Lk - Lq)`` (bottom-right)."""
+    if not causal:
+        return q_len * kv_len
+    i = torch.arange(q_len)
+    return int(torch.clamp(i + (kv_len - q_len) + 1, 0, kv_len).sum())
+
+
+def head_densities(mask, causal: bool) -> Optional[List[float]]:
+    """Per head of batch 0: kept (query, key) pairs / visible pairs, counted on the token map (with ``causal``
+    the kept pairs are those the causal predicate leaves, the visible ones the causal ones). None when the map
+    has more than ``2**26`` pairs per head."""
+    q_len, kv_len = mask.seq_lens
+    if q_len * kv_len > _COUNT_LIMIT:
+        return None
+    visible = visible_pairs(q_len, kv_len, causal)
+    if visible == 0:
+        return None
+    tok = mask.to_dense(causal=causal)[0]  # [Hm, Lq, Lk] bool
+    return [int(t.sum()) / visible for t in tok]
+
+
+def _describe(mask) -> str:
+    """Kind, shapes and block size of a mask (no density: inspect prints one, labelled, per head)."""
+    parts = [f"seq_lens={tuple(mask.seq_lens)}"]
+    for attr in ("batch_heads", "block_size"):
+        if hasattr(mask, attr):
+            parts.append(f"{attr}={tuple(getattr(mask, attr))}")
+    return f"{type(mask).__name__}(" + ", ".join(parts) + ")"
+
+
 def ascii_map(tiles: torch.Tensor, width: int = 64) -> str:
     """ASCII picture of a ``[NQB, NKB]`` map of kept shares, pooled to at most ``width`` columns."""
     ramp = ":-=+*#%"  # partly kept tiles, by the share of their pairs kept
@@ -360,11 +395,17 @@ def cmd_inspect(args) -> int:
     device = _device(args.device)
     mask = build_inspect_mask(args, device)
     tiles = block_map(mask, args.causal).cpu()  # [Bm, Hm, NQB, NKB]
-    print(repr(mask).splitlines()[0])
+    densities = head_densities(mask, args.causal)
+    print(_describe(mask))
+    visible = "the causally visible pairs, j <= i + Lk - Lq" if args.causal else "all Lq x Lk pairs"
+    print(f"{DENSITY_LABEL}, visible = {visible}; counted per head on the token map" if densities is not None else
+          f"{DENSITY_LABEL}: not counted (more than {_COUNT_LIMIT} pairs per head; use a shorter --seq-len)")
     heads = list(range(min(tiles.shape[1], args.draw_heads)))
+
+    def dens(h):
+        return "" if densities is None else f"{densities[h]:.1%}"
     for h in heads:
-        share = tiles[0, h].mean().item()
-        print(f"[batch 0, head {h}] kept share of tiles' pairs: {share:.1%}")
+        print(f"[batch 0, head {h}] {DENSITY_LABEL}: {dens(h) or 'not counted'}")
         print(ascii_map(tiles[0, h]))
     out = Path(args.out or f"{args.name}_L{args.seq_len}.png")
     from .bench.report import matplotlib_pyplot
@@ -382,7 +423,7 @@ def cmd_inspect(args) -> int:
     for ax, h in zip(axes[0], heads):
         img = ax.imshow(tiles[0, h].numpy(), cmap="Blues", interpolation="nearest",
                         norm=matplotlib.colors.PowerNorm(0.4, vmin=0, vmax=1))  # faint tiles stay visible
-        ax.set(title=f"head {h}: {tiles[0, h].mean().item():.1%} kept", xlabel=f"key block ({bn} tokens)",
+        ax.set(title=f"head {h}" + (f": density {dens(h)}" if dens(h) else ""), xlabel=f"key block ({bn} tokens)",
                ylabel=f"query block ({bm} tokens)")
     fig.colorbar(img, ax=axes[0].tolist(), shrink=0.8, label="share of the tile's pairs kept")
     fig.suptitle(f"{args.name}  L={args.seq_len}{'  causal' if args.causal else ''}", fontsize=9)

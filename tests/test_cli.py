@@ -186,6 +186,36 @@ def test_inspect_bad_options_exit_2_with_a_message(args, expected, capsys):
     assert err.startswith("sparse-attn inspect: ") and expected in err and "Traceback" not in err
 
 
+def test_inspect_prints_one_density_per_head_labelled(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="inspect draws with matplotlib (bench extra)")
+    from sparse_attn.bench.problems import random_block_mask
+    from sparse_attn.bench.sweeps import Case
+    from sparse_attn.cli import DENSITY_LABEL
+
+    length, block = 512, 64
+    rc = main(["inspect", "random-blocks", "--seq-len", str(length), "--block", str(block), "--density", "0.25",
+               "--out", str(tmp_path / "m.png")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "density=" not in out and "kept share" not in out
+    mask = random_block_mask(Case(seq_len=length, heads=2, head_dim=64, density=0.25, block=block), "cpu", 0)
+    tiles = (length // block) ** 2  # whole tiles: kept pairs / all pairs = kept tiles / all tiles
+    for h in range(2):
+        expected = mask.counts[0, h].sum().item() / tiles
+        lines = [ln for ln in out.splitlines() if ln.startswith(f"[batch 0, head {h}]")]
+        assert lines == [f"[batch 0, head {h}] {DENSITY_LABEL}: {expected:.1%}"]
+    assert len(re.findall(r"\d%", out)) == 2  # one density per drawn head, nothing else in percent
+
+
+def test_inspect_causal_density_counts_causally_visible_pairs(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="inspect draws with matplotlib (bench extra)")
+    from sparse_attn.cli import DENSITY_LABEL
+
+    length = 256  # "full" keeps every tile: under --causal that is every visible pair, density 100%
+    assert main(["inspect", "full", "--seq-len", str(length), "--causal", "--out", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"[batch 0, head 0] {DENSITY_LABEL}: 100.0%" in out and "causally visible" in out
+
+
 def test_patterns_names_are_checked(capsys):
     pytest.importorskip("sparse_attn.patterns.synthetic")
     assert main(["patterns", "--seq-len", "256", "--names", "nosuch,sliding_window"]) == 2
