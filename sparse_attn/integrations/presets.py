@@ -160,7 +160,9 @@ def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, min_seq
     ``mean(q_blk) . mean(k_blk)``, plus the own (causal) block, a local window and sink keys."""
     from ..patterns import BlockTopK, SinkLocal
 
-    pattern = BlockTopK(k=k, block_size=block_size) | SinkLocal(sink=sink, window=window, block_size=block_size)
+    # whole tiles: MoBA always attends its own (causal) block, which the diagonal tiles are
+    pattern = BlockTopK(k=k, block_size=block_size) | SinkLocal(sink=sink, window=window, block_size=block_size,
+                                                                 exact=False)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 

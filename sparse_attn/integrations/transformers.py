@@ -6,10 +6,14 @@ mask silently disappears). Then ``from_pretrained(..., attn_implementation="spar
 or ``model.set_attn_implementation("sparse_attn")`` runs every attention layer through
 :func:`~sparse_attn.sparse_attention`, with K/V of grouped-query attention never repeated.
 
-Calls the sparse path does not take run transformers' own SDPA function unchanged: decode
-steps (``q_len == 1``), prompts shorter than ``min_seq_len``, calls with an attention mask
-(padding, chunked prefill), dropout in training, soft-capping, sliding windows, attention
-sinks, position biases, cross-attention, and layers the config keeps dense.
+Padded batches (left or right padding), a chunked prefill after a KV cache and a static cache's empty
+slots run sparse and exact: their attention mask is read as valid ranges per batch row
+(:mod:`sparse_attn.integrations.hf_masks`), which the kernels apply as predicates, and content
+patterns score only the valid tokens. Calls the sparse path does not take run transformers' own SDPA
+function unchanged: decode steps (``q_len == 1``), prompts shorter than ``min_seq_len``, attention
+masks that are not padding ranges (holes, packed documents, custom masks), dropout in training,
+soft-capping, sliding windows, attention sinks, position biases, cross-attention, and layers the
+config keeps dense.
 
 ``generate()`` rejects unknown keyword arguments, so per-call settings go through a context
 variable: ``with use(config): model.generate(...)``.
@@ -34,7 +38,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from ..mask import BlockSparseMask
 from ..ops import sparse_attention
+from ..patterns import padding
+from .hf_masks import padding_ranges
 from .sdpa import _SCOPE, SparseConfig, _DenseWatch, as_config
 
 _CONFIGS: Dict[str, Optional[SparseConfig]] = {}
@@ -47,8 +54,8 @@ _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "position_bias", "s_aux", "s
 stats: Dict[str, Counter] = {}
 
 
-def _dense_reason(cfg, module, query, key, value, attention_mask, dropout, kwargs):
-    if attention_mask is not None:
+def _dense_reason(cfg, module, query, key, value, attention_mask, ranges, dropout, kwargs):
+    if attention_mask is not None and ranges is None:
         # under torch.compile without a KV cache, transformers materializes the causal mask (it cannot rule
         # out packed sequences in position_ids without reading them): that call runs dense
         return "attention_mask (compiled, no KV cache)" if torch.compiler.is_compiling() else "attention_mask"
@@ -94,14 +101,21 @@ def _make_forward(name):
         if cfg is None:
             raise ValueError(f"attention implementation {name!r} has no SparseConfig: pass one to "
                              f"register(config, name={name!r}) or run the model inside use(config).")
-        reason = _dense_reason(cfg, module, query, key, value, attention_mask, dropout, kwargs)
         layer = getattr(module, "layer_idx", None)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        # a padded batch, a chunked prefill after a cache or a static cache's empty slots: the mask is exactly
+        # valid ranges (+ causal) per batch row, which the kernels apply as predicates
+        ranges = None
+        if attention_mask is not None and not torch.compiler.is_compiling():
+            ranges = padding_ranges(attention_mask, bool(causal))
+        reason = _dense_reason(cfg, module, query, key, value, attention_mask, ranges, dropout, kwargs)
         q_len = query.shape[2]
         # no mask and more keys than queries only happens for an empty static cache at prefill: the keys
         # past q_len are empty slots (transformers' SDPA path crops them too); the sparse path drops them
-        crop = bool(causal) and key.shape[2] > q_len
+        crop = bool(causal) and key.shape[2] > q_len and attention_mask is None
         observe = getattr(cfg, "observe", None)
+        if reason is None and observe is not None and ranges is not None:
+            reason = "calibration (padded batch)"
         if reason is None and observe is not None:  # calibration (CalibrationConfig): observe, then run dense
             observe(layer, query, key[:, :, :q_len] if crop else key, value[:, :, :q_len] if crop else value,
                     causal=bool(causal), scale=scaling)
@@ -117,13 +131,19 @@ def _make_forward(name):
         if reason is None:
             # roles come from an enclosing patch_sdpa scope; compiled code cannot read it (a ContextVar)
             scope = {} if torch.compiler.is_compiling() else (_SCOPE.get() or {})
-            if cfg.cache is not None:
-                mask = cfg.cache.get_mask(pattern, query, key, layer=layer, role=scope.get("role"),
-                                          causal=bool(causal), layout=None)
-                if mask is None:
-                    reason = "dense step"
-            else:
-                mask = pattern.build(query, key, causal=bool(causal), layout=None)
+            with padding(*ranges) if ranges is not None else contextlib.nullcontext():  # no budget on padding
+                if cfg.cache is not None:
+                    mask = cfg.cache.get_mask(pattern, query, key, layer=layer, role=scope.get("role"),
+                                              causal=bool(causal), layout=None)
+                    if mask is None:
+                        reason = "dense step"
+                else:
+                    mask = pattern.build(query, key, causal=bool(causal), layout=None)
+            if mask is not None and ranges is not None:
+                if isinstance(mask, BlockSparseMask):
+                    mask = mask.with_predicates(q_range=ranges[0], kv_range=ranges[1])
+                else:
+                    reason, mask = f"padded batch ({type(mask).__name__} takes no ranges)", None
         if reason is not None:
             counter["dense:" + reason] += 1
             watch.dense_call(counter, cfg)

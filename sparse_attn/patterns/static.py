@@ -37,6 +37,7 @@ class SlidingWindow(StructuralPattern):
     Args:
         left, right: band half-widths in tokens (``causal`` cuts the right side).
         block_size: tile size of the produced mask.
+        exact: token-exact band (default); False keeps every tile the band touches, whole.
 
     Example:
         >>> mask = SlidingWindow(left=128, right=128).build_for(1024, 1024)
@@ -45,7 +46,11 @@ class SlidingWindow(StructuralPattern):
     left: int = 256
     right: int = 256
     block_size: int = 64
-    token_exact: ClassVar[bool] = True
+    exact: bool = True
+
+    @property
+    def token_exact(self) -> bool:
+        return self.exact
 
     def __post_init__(self):
         check_positive_int(self.left, "left", allow_zero=True)
@@ -65,12 +70,14 @@ class SlidingWindow(StructuralPattern):
         return _band_tiles(q_len, kv_len, self.block_pair, self.left, self.right, causal, device)
 
     def build_for(self, q_len, kv_len, *, causal=False, layout=None, device=None) -> BlockSparseMask:
-        """Token-exact: the band's tiles plus the window predicate (no over-attending at tile edges)."""
-        return super().build_for(q_len, kv_len, causal=causal, layout=layout, device=device).with_predicates(
-            window=(self.left, self.right))
+        """Token-exact: the band's tiles plus the window predicate (no over-attending at tile edges);
+        ``exact=False`` keeps whole tiles."""
+        mask = super().build_for(q_len, kv_len, causal=causal, layout=layout, device=device)
+        return mask.with_predicates(window=(self.left, self.right)) if self.exact else mask
 
     def build(self, q, k, *, causal=False, layout=None):
-        return super().build(q, k, causal=causal, layout=layout).with_predicates(window=(self.left, self.right))
+        mask = super().build(q, k, causal=causal, layout=layout)
+        return mask.with_predicates(window=(self.left, self.right)) if self.exact else mask
 
 
 @register("sink_local")
@@ -78,7 +85,8 @@ class SlidingWindow(StructuralPattern):
 class SinkLocal(StructuralPattern):
     """A-shape (StreamingLLM): the first ``sink`` keys plus a band ``|d| <= window`` around the diagonal.
 
-    With ``causal=True`` the band keeps only its left half, which is the StreamingLLM mask.
+    With ``causal=True`` the band keeps only its left half, which is the StreamingLLM mask. Token-exact by
+    default; ``exact=False`` keeps every tile the sinks and the band touch, whole.
 
     Example:
         >>> mask = SinkLocal(sink=64, window=256).build_for(2048, 2048, causal=True)
@@ -87,7 +95,11 @@ class SinkLocal(StructuralPattern):
     sink: int = 64
     window: int = 256
     block_size: int = 64
-    token_exact: ClassVar[bool] = True
+    exact: bool = True
+
+    @property
+    def token_exact(self) -> bool:
+        return self.exact
 
     def __post_init__(self):
         check_positive_int(self.sink, "sink", allow_zero=True)
@@ -119,8 +131,11 @@ class SinkLocal(StructuralPattern):
         return (k_last < self.sink) | inside
 
     def build_for(self, q_len, kv_len, *, causal=False, layout=None, device=None) -> BlockSparseMask:
-        """Token-exact: sink and band edge tiles carry bit masks (no over-attending at tile edges)."""
+        """Token-exact: sink and band edge tiles carry bit masks (no over-attending at tile edges);
+        ``exact=False`` keeps the whole tiles the sink and the band touch (e.g. MoBA's own block)."""
         keep = self.block_map_for(q_len, kv_len, causal=causal, layout=layout, device=device)
+        if not self.exact:
+            return BlockSparseMask.from_dense(keep, self.block_pair, (q_len, kv_len))
         mod = self.mask_mod_for(q_len, kv_len)
         return BlockSparseMask.from_tile_predicate(lambda i, j: mod(0, 0, i, j), keep, self.block_pair,
                                                    (q_len, kv_len), full=self.full_map(q_len, kv_len, device))
