@@ -6,9 +6,9 @@
 lives in a :class:`contextvars.ContextVar`, so nothing global changes and the original SDPA
 is back on exit, also after an exception. What the sparse path does not handle goes to the
 original SDPA unchanged (counted in :attr:`SDPAPatch.stats`): dropout, an ``attn_mask`` other than
-a bool key-padding mask ``[B|1, 1, 1, Lk]`` that keeps the same prefix of keys in every row (that one
-is exact as attention over the kept keys),
-decode (``q_len == 1``), sequences shorter than ``min_seq_len``, top-left causal with
+a bool key-padding mask ``[B|1, 1, 1, Lk]`` (one contiguous run of keys per batch row: applied exactly as
+a key range) or a bool mask that keeps or drops whole tiles of the pattern's block size (intersected with
+the pattern's tiles), decode (``q_len == 1``), sequences shorter than ``min_seq_len``, top-left causal with
 ``Lq > Lk``, value head dim different from the query's, unsupported dtypes, layers or steps
 that the config or the cache policy keep dense.
 
@@ -25,6 +25,7 @@ Example:
     (1, True)
 """
 
+import contextlib
 import contextvars
 import dataclasses
 import json
@@ -39,7 +40,9 @@ from torch.overrides import TorchFunctionMode
 
 from .._checks import check_positive_int
 from ..cache import StepCache
+from ..mask import BlockSparseMask, ranges_from_attention_mask
 from ..ops import sparse_attention
+from ..patterns import padding
 
 _ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
 _BACKENDS = ("auto", "triton", "torch")
@@ -345,6 +348,12 @@ class _Route:
         n_valid = None if is_causal else _key_padding_len(attn_mask, query, key)
         if n_valid is not None:  # keys past n_valid are padding for every row: attention over the prefix is exact
             key, value, attn_mask = key[:, :, :n_valid], value[:, :, :n_valid], None
+        # other bool masks that the kernels express exactly: key padding per batch row (a range), or a mask
+        # that keeps or drops whole tiles (checked at the pattern's block size once it is known)
+        kv_range, bool_mask = None, None
+        if attn_mask is not None and not is_causal and _is_bool_mask(attn_mask, query, key):
+            kv_range = _key_padding_ranges(attn_mask, key)
+            bool_mask, attn_mask = (None if kv_range is not None else attn_mask), None
         reason = _unsupported(self.config, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if reason is not None:
             return self.fallback(reason, args)
@@ -370,16 +379,72 @@ class _Route:
         if layout is not None and not getattr(layout, "seq_len", None) == q_len == key.shape[-2]:
             layout = None
         cache = self.config.cache
-        if cache is not None:
-            mask = cache.get_mask(pattern, query, key, layer=layer, role=role, causal=bool(is_causal), layout=layout)
-        else:
-            mask = pattern.build(query, key, causal=bool(is_causal), layout=layout)
+        with padding(kv_range=kv_range) if kv_range is not None else contextlib.nullcontext():
+            if cache is not None:
+                mask = cache.get_mask(pattern, query, key, layer=layer, role=role, causal=bool(is_causal),
+                                      layout=layout)
+            else:
+                mask = pattern.build(query, key, causal=bool(is_causal), layout=layout)
         if mask is None:
             return self.fallback("dense step", args)
+        if kv_range is not None or bool_mask is not None:
+            if not isinstance(mask, BlockSparseMask):
+                return self.fallback(f"attn_mask with a {type(mask).__name__}", args)
+            mask = mask.with_predicates(kv_range=kv_range) if kv_range is not None else \
+                _and_tile_mask(mask, bool_mask)
+            if mask is None:
+                return self.fallback("attn_mask", args)
         self.stats["sparse"] += 1
         self.watch.sparse_call(mask, is_causal, self.stats, self.config)
         return sparse_attention(query, key, value, mask, causal=bool(is_causal), scale=scale,
                                 backend=self.config.backend)
+
+
+def _is_bool_mask(attn_mask, query, key) -> bool:
+    """A bool ``attn_mask`` of rank 4, ``[B|1, H|1, Lq|1, Lk]`` (SDPA broadcasting)."""
+    if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+            and isinstance(key, torch.Tensor) and key.dim() == 4 and query.dim() == 4):
+        return False
+    b, h, lq, lk = attn_mask.shape
+    return (b in (1, query.shape[0]) and h in (1, query.shape[1]) and lq in (1, query.shape[2])
+            and lk == key.shape[2])
+
+
+def _key_padding_ranges(attn_mask, key):
+    """int32 ``[B|1, 2]`` when ``attn_mask [B|1, 1, 1, Lk]`` keeps one contiguous run of keys per batch row."""
+    if attn_mask.shape[1:3] != (1, 1):
+        return None
+    try:
+        rng = ranges_from_attention_mask(attn_mask.reshape(attn_mask.shape[0], key.shape[2]))
+    except ValueError:
+        return None
+    return rng if bool((rng[:, 1] > rng[:, 0]).all()) else None
+
+
+def _and_tile_mask(mask, attn_mask):
+    """``mask`` restricted to a bool ``attn_mask [B|1, H|1, Lq|1, Lk]`` that keeps or drops whole tiles of the
+    mask's block size (None when some tile is partly kept: not block-structured)."""
+    bm, bn = mask.block_size
+    q_len, kv_len = mask.seq_lens
+    n_qb, n_kb = mask.num_blocks
+    am = attn_mask.expand(*attn_mask.shape[:2], q_len, kv_len)
+    pad = torch.nn.functional.pad(am, (0, n_kb * bn - kv_len, 0, n_qb * bm - q_len))
+    valid = torch.nn.functional.pad(torch.ones(q_len, kv_len, dtype=torch.bool, device=am.device),
+                                    (0, n_kb * bn - kv_len, 0, n_qb * bm - q_len))
+    t = pad.view(*am.shape[:2], n_qb, bm, n_kb, bn)
+    v = valid.view(n_qb, bm, n_kb, bn)
+    any_ = (t & v).any(5).any(3)  # [B|1, H|1, NQB, NKB]
+    all_ = (t | ~v).all(5).all(3)
+    if not torch.equal(any_, all_):
+        return None
+    try:
+        tiles = mask.to_block_dense() & any_
+        full = mask.full_tiles() & any_
+        shape = torch.broadcast_shapes(tiles.shape, full.shape)
+    except RuntimeError:  # mask heads (per kv head) and attn_mask heads (per query head) do not broadcast
+        return None
+    return BlockSparseMask.from_tile_evaluator(mask.tile_tokens, tiles.expand(shape), mask.block_size,
+                                               mask.seq_lens, full=full.expand(shape))
 
 
 def _key_padding_len(attn_mask, query, key) -> Optional[int]:
