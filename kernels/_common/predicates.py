@@ -86,9 +86,9 @@ def pack_bits(keep: Tensor) -> Tensor:
 
 def unpack_bits(words: Tensor, block_n: int) -> Tensor:
     """int32 words ``[..., BLOCK_M, WORDS]`` -> bool ``[..., BLOCK_M, BLOCK_N]``."""
-    col = torch.arange(block_n, device=words.device)
-    w = words.index_select(-1, col // 32)  # [..., BM, BN]
-    return torch.bitwise_and(torch.bitwise_right_shift(w, (col % 32).to(w.dtype)), 1).bool()
+    shifts = torch.arange(32, dtype=words.dtype, device=words.device)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(words[..., None], shifts), 1)  # [..., BM, WORDS, 32]
+    return bits.flatten(-2)[..., :block_n].bool()
 
 
 def block_segment_bounds(segments: Tensor, block: int) -> Tuple[Tensor, Tensor]:
@@ -245,9 +245,30 @@ def unflat(args) -> TokenPredicates:
     return TokenPredicates((left, right), *tensors)
 
 
+def _gathered_bits(preds: TokenPredicates, slots: Tensor, block_m: int, block_n: int) -> Tensor:
+    """bool ``[C, BLOCK_M, n * BLOCK_N]``: the bits of the entries ``slots [C, n]`` in gather order (all set
+    where ``slot < 0``), unpacked straight into that layout (the words, 32x smaller, are permuted instead)."""
+    c, n = slots.shape
+    n_words = words_per_row(block_n)
+    words = preds.bit_words
+    if words.shape[0] == 0:
+        words = torch.zeros((1, block_m, n_words), dtype=torch.int32, device=slots.device)
+    flat = slots.reshape(-1).long()
+    w = words[flat.clamp(min=0)].view(c, n, block_m, n_words).permute(0, 2, 1, 3)  # [C, bm, n, WORDS]
+    shifts = torch.arange(32, dtype=w.dtype, device=w.device)
+    bits = torch.bitwise_and(torch.bitwise_right_shift(w[..., None], shifts), 1).bool()  # [C, bm, n, WORDS, 32]
+    bits = bits.flatten(-2)[..., :block_n].reshape(c, block_m, n * block_n)
+    none = flat < 0
+    if bool(none.any()):
+        bits = bits | none.view(c, 1, n, 1).expand(c, 1, n, block_n).reshape(c, 1, n * block_n)
+    # rows with no bit set in any of their tiles, from the words (32x less data than the bits)
+    empty = ~((w != 0).any(-1).any(-1) | none.view(c, n).any(-1, keepdim=True))  # [C, bm]
+    return bits, empty
+
+
 def entries_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, m_of: Tensor, kb: Tensor,
                  slots: Optional[Tensor], tok_m: Tensor, block_m: int, block_n: int, q_len: int,
-                 kv_len: int) -> Tensor:
+                 kv_len: int, want_empty: bool = False):
     """Token pairs that attention sees in the listed tiles of some work rows.
 
     Args:
@@ -257,16 +278,29 @@ def entries_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, m_
             for GQA-packed rows).
 
     Returns:
-        bool ``[C, M, n * BLOCK_N]`` (keys in gather order).
+        bool ``[C, M, n * BLOCK_N]`` (keys in gather order); with ``want_empty`` also bool ``[C, M]``: the
+        rows that see none of these pairs.
     """
     c = kb.shape[0]
     key_pos = (kb[:, :, None] * block_n + torch.arange(block_n, device=kb.device)).reshape(c, -1)  # [C, n*bn]
     q_pos = m_of[:, None] * block_m + tok_m  # [C, M]
-    keep = token_keep(preds, left, right, b_of, q_pos, key_pos, q_len, kv_len)
+    closed_form = (left >= 0 or right >= 0 or preds.q_range is not None or preds.kv_range is not None
+                   or preds.q_segments is not None)
+    if slots is None or closed_form:
+        keep = token_keep(preds, left, right, b_of, q_pos, key_pos, q_len, kv_len)
+    else:  # bits only: just the key length, and only where a tile reaches past it (rows past Lq are discarded)
+        keep = (key_pos < kv_len)[:, None, :] if bool((key_pos >= kv_len).any()) else None
+    empty = None
     if slots is not None:
-        bits = tile_bits(preds, slots, block_n)  # [C, n, bm, bn]
-        bits = bits.permute(0, 2, 1, 3).reshape(c, block_m, -1)  # [C, bm, n*bn]
-        keep = keep & bits[:, tok_m]
+        bits, bit_empty = _gathered_bits(preds, slots, block_m, block_n)  # [C, bm, n*bn], [C, bm]
+        if tok_m.numel() != block_m or not bool((tok_m == torch.arange(block_m, device=tok_m.device)).all()):
+            bits, bit_empty = bits[:, tok_m], bit_empty[:, tok_m]  # GQA-packed rows: one bit row per query row
+        if keep is None:
+            keep, empty = bits, bit_empty
+        else:
+            keep = keep & bits
+    if want_empty:
+        return keep, (~keep.any(-1) if empty is None else empty)
     return keep
 
 

@@ -65,6 +65,9 @@ class _Rows(BlockRows):
         self.full_idx, _, self.n_full = _compact(self.idx, full, None)
         self.part_idx, self.part_slots, self.n_part = _compact(self.idx, visible & ~full, self.slots)
         self.tok_m = torch.arange(block_m, device=q.device).repeat(self.g_u)  # [G*bm]
+        # partial tiles that only carry bits (no band, range or segment): the packed-words fast path
+        self.bits_only = preds.bit_slots is not None and self.left < 0 and self.right < 0 and \
+            preds.q_range is None and preds.kv_range is None and preds.q_segments is None
 
     def key_blocks(self, x):
         """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn*D] (zero padded): one gather row per block."""
@@ -93,11 +96,55 @@ class _Rows(BlockRows):
         return g.view(len(rows), 1, n * self.block_n, self.head_dim), flat_idx
 
     def partial_keep(self, rows, n):
-        """bool ``[C, G*bm, n*bn]``: the pairs attended in the partial tiles of ``rows``."""
+        """bool ``[C, G*bm, n*bn]``: the pairs attended in the partial tiles of ``rows``, and ``[C, G*bm]`` the
+        rows that see none of them."""
         slots = None if self.part_slots is None else self.part_slots[rows, :n]
         return entries_keep(self.preds, self.left, self.right, self.b_of[rows], self.m_of[rows],
                             self.part_idx[rows, :n], slots, self.tok_m, self.block_m, self.block_n,
-                            self.q_len, self.kv_len)
+                            self.q_len, self.kv_len, want_empty=True)
+
+
+_BYTE_TABLES = {}
+
+
+def _byte_table(dtype, device):
+    """``[256, 8]`` additive values of the 8 bits of a byte: 0 where the bit is set, -inf elsewhere."""
+    key = (dtype, str(device))
+    if key not in _BYTE_TABLES:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+        _BYTE_TABLES[key] = torch.where(bits.bool(), 0.0, float("-inf")).to(dtype=dtype, device=device)
+    return _BYTE_TABLES[key]
+
+
+def _bits_additive(r, rows, n, dtype, buf):
+    """The additive mask ``[C, 1, G*bm, n*bn]`` and empty rows ``[C, G*bm]`` of bit-masked partial tiles with
+    no closed-form predicate, straight from the packed words: one table lookup per byte writes the floats
+    (no bool mask, no shifts over every pair)."""
+    bm, bn = r.block_m, r.block_n
+    slots = r.part_slots[rows, :n]  # [C, n]
+    c = slots.shape[0]
+    words = r.preds.bit_words
+    n_words = words.shape[-1]
+    flat = slots.reshape(-1).clamp(min=0)
+    w = words.index_select(0, flat).view(c, n, bm, n_words)
+    byte = w.view(torch.uint8).view(c, n, bm, 4 * n_words).permute(0, 2, 1, 3)  # [C, bm, n, 4*WORDS] (little end.)
+    table = _byte_table(dtype, w.device)
+    total = c * bm * n * 4 * n_words * 8
+    out = buf[:total] if buf is not None and buf.numel() >= total else None
+    vals = torch.index_select(table, 0, byte.reshape(-1).int(), out=None if out is None else out.view(-1, 8))
+    add = vals.view(c, bm, n, 4 * n_words * 8)[..., :bn].reshape(c, bm, n * bn)
+    none = slots < 0
+    if bool(none.any()):  # entries without bits: the whole tile is kept
+        add = add.masked_fill(none[:, None, :, None].expand(c, 1, n, bn).reshape(c, 1, n * bn), 0.0)
+    empty = ~((w != 0).any(-1).any(1) | none.any(-1, keepdim=True))  # [C, bm]
+    key_pos = (r.part_idx[rows, :n, None] * bn + torch.arange(bn, device=w.device)).reshape(c, 1, -1)
+    if bool((key_pos >= r.kv_len).any()):  # the ragged key tail
+        past = key_pos >= r.kv_len
+        add = add.masked_fill(past, float("-inf"))
+        empty = empty | torch.isinf(add).all(-1)
+    if r.g_u > 1:  # GQA-packed rows: the bit rows of each head of the group
+        add, empty = add[:, r.tok_m], empty[:, r.tok_m]
+    return add.unsqueeze(1), empty
 
 
 def _cap(block_n, head_dim, dtype, chunk_bytes):
@@ -105,15 +152,35 @@ def _cap(block_n, head_dim, dtype, chunk_bytes):
     return max(1, chunk_bytes // (2 * block_n * head_dim * torch.empty((), dtype=dtype).element_size()))
 
 
-def _additive(keep, dtype):
-    """[C, 1, M, N] additive mask: 0 where kept, -inf elsewhere."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf")).unsqueeze(1)
+def _additive(keep, dtype, buf=None):
+    """[C, 1, M, N] additive mask: 0 where kept, -inf elsewhere (written into ``buf`` when given: a reused
+    buffer costs no page faults)."""
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
+    ninf = torch.full((), float("-inf"), dtype=dtype, device=keep.device)
+    if buf is None or buf.numel() < keep.numel():
+        return torch.where(keep, zero, ninf).unsqueeze(1)
+    out = buf[: keep.numel()].view(keep.shape)
+    return torch.where(keep, zero, ninf, out=out).unsqueeze(1)
 
 
-def _clean(x):
-    """``x [C, 1, N, D]`` with non-finite key rows zeroed, and those rows ``[C, N]``."""
-    bad = ~torch.isfinite(x).all(-1).squeeze(1)
-    return x.masked_fill(bad[:, None, :, None], 0.0), bad
+def _bad_keys(kb, vb, block_n):
+    """bool ``[B*Hkv*NKB, bn]``: keys whose K or V holds a non-finite value, or None when all are finite
+    (one pass over K and V; the common case then costs nothing more)."""
+    # a sum is finite when every value is (one fast reduction); a non-finite sum (NaN/Inf, or an overflow of
+    # large finite values) takes the exact per-key check
+    if bool(torch.isfinite(kb.sum(dtype=torch.float32))) and bool(torch.isfinite(vb.sum(dtype=torch.float32))):
+        return None
+    rows = kb.shape[0]
+    return ~(torch.isfinite(kb.view(rows, block_n, -1)).all(-1) & torch.isfinite(vb.view(rows, block_n, -1)).all(-1))
+
+
+def _clean(kg, vg, bad, flat_idx):
+    """Gathered ``kg, vg [C, 1, N, D]`` with the non-finite keys (``bad`` rows of ``flat_idx``) zeroed, and
+    those keys ``[C, N]`` (None when every key is finite)."""
+    if bad is None:
+        return kg, vg, None
+    b = bad.index_select(0, flat_idx).view(kg.shape[0], -1)  # [C, N]
+    return kg.masked_fill(b[:, None, :, None], 0.0), vg.masked_fill(b[:, None, :, None], 0.0), b
 
 
 def _merge(o_acc, lse_acc, rows, o_c, lse_c):
@@ -164,18 +231,29 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
         lse.index_copy_(0, rows, lse_c.squeeze(1).to(acc))
     # -- partial tiles: additive mask over these tiles only, merged into the full part ----
     bad_rows = torch.zeros(qr.shape[:2], dtype=torch.bool, device=q.device)
+    bad_keys = _bad_keys(kb, vb, block_n) if r.n_part.any() else None
+    add_buf = torch.empty(n_buf * max(block_n, 32 * -(-block_n // 32)) * block_m * r.g_u, dtype=q.dtype,
+                          device=q.device)
     for rows, n in r.plan(r.n_part, cap):
-        kg, _ = r.gather(kb, rows, r.part_idx, n, buf_k)
+        kg, flat_idx = r.gather(kb, rows, r.part_idx, n, buf_k)
         vg, _ = r.gather(vb, rows, r.part_idx, n, buf_v)
-        (kg, bad_k), (vg, bad_v) = _clean(kg), _clean(vg)
-        keep = r.partial_keep(rows, n)  # [C, G*bm, n*bn]
-        o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=_additive(keep, q.dtype),
-                           scale=scale)
-        empty = ~keep.any(-1)  # [C, G*bm]
+        kg, vg, bad = _clean(kg, vg, bad_keys, flat_idx)
+        if r.bits_only:
+            add, empty = _bits_additive(r, rows, n, q.dtype, add_buf)
+            keep = add[:, 0] == 0 if bad is not None else None
+        else:
+            keep, empty = r.partial_keep(rows, n)  # [C, G*bm, n*bn], [C, G*bm]
+            add = _additive(keep, q.dtype, add_buf)
+        o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=add, scale=scale)
         o_c = o_c.squeeze(1).to(acc).masked_fill(empty[..., None], 0.0)
         lse_c = lse_c.squeeze(1).to(acc).masked_fill(empty, float("-inf"))
-        _merge(o, lse, rows, o_c, lse_c)
-        bad_rows.index_copy_(0, rows, bad_rows.index_select(0, rows) | (keep & (bad_k | bad_v)[:, None]).any(-1))
+        if bool((r.n_full.index_select(0, rows) > 0).any()):
+            _merge(o, lse, rows, o_c, lse_c)
+        else:  # no full tiles in these rows: nothing to merge with
+            o.index_copy_(0, rows, o_c)
+            lse.index_copy_(0, rows, lse_c)
+        if bad is not None:
+            bad_rows.index_copy_(0, rows, bad_rows.index_select(0, rows) | (keep & bad[:, None]).any(-1))
     o = o.masked_fill(bad_rows[..., None], float("nan"))
     lse = lse.masked_fill(bad_rows, float("nan"))
     return r.scatter_rows(o.to(q.dtype)), r.scatter_rows(lse)
@@ -209,6 +287,7 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
     dvb = torch.zeros(vb.shape, dtype=acc, device=q.device)
     dqr = torch.zeros(qr.shape, dtype=acc, device=q.device)
     cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
+    bad_keys = _bad_keys(kb, vb, block_n) if r.n_part.any() else None
     for part in (False, True):
         idx, n_tiles = (r.part_idx, r.n_part) if part else (r.full_idx, r.n_full)
         for rows, n in r.plan(n_tiles, cap):
@@ -216,8 +295,8 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
             vg, _ = r.gather(vb, rows, idx, n)
             add = None
             if part:
-                (kg, _), (vg, _) = _clean(kg), _clean(vg)
-                add = _additive(r.partial_keep(rows, n), q.dtype)
+                kg, vg, _ = _clean(kg, vg, bad_keys, flat_idx)
+                add = _additive(r.partial_keep(rows, n)[0], q.dtype)
             pick = lambda x: x.index_select(0, rows).unsqueeze(1)  # noqa: E731  [C, 1, G*bm, ...]
             dq_c, dk_c, dv_c = flash_bwd(pick(dor), pick(qr), kg, vg, pick(orr), pick(lser).to(acc), 0.0, False,
                                          attn_mask=add, scale=scale)
