@@ -254,8 +254,9 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
             lse.index_copy_(0, rows, lse_c)
         if bad is not None:
             bad_rows.index_copy_(0, rows, bad_rows.index_select(0, rows) | (keep & bad[:, None]).any(-1))
-    o = o.masked_fill(bad_rows[..., None], float("nan"))
-    lse = lse.masked_fill(bad_rows, float("nan"))
+    if bad_keys is not None and bool(bad_rows.any()):
+        o.masked_fill_(bad_rows[..., None], float("nan"))
+        lse.masked_fill_(bad_rows, float("nan"))
     return r.scatter_rows(o.to(q.dtype)), r.scatter_rows(lse)
 
 
@@ -276,11 +277,15 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
     r = _Rows(q, k, counts, indices, block_m, block_n, causal, preds)
     qr, dor, orr = r.gather_queries(q), r.gather_queries(do), r.gather_queries(o)  # [R, G*bm, D]
     lser = r.gather_queries(lse.unsqueeze(-1)).squeeze(-1)  # [R, G*bm]
-    ok = torch.isfinite(qr).all(-1) & torch.isfinite(dor).all(-1) & torch.isfinite(orr).all(-1) \
-        & ~torch.isnan(lser)  # [R, G*bm]
-    bad_rows = ~ok & ~torch.isneginf(lser)
-    qr, dor, orr = (x.masked_fill(~ok[..., None], 0.0) for x in (qr, dor, orr))
-    lser = lser.masked_fill(~ok | torch.isneginf(lser), 0.0)  # empty rows: exp(-inf - 0) = 0
+    bad_rows = None
+    # one cheap test (sums, and NaN in lse) before the exact per-row one
+    if not all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in (qr, dor, orr)) or bool(lser.isnan().any()):
+        ok = torch.isfinite(qr).all(-1) & torch.isfinite(dor).all(-1) & torch.isfinite(orr).all(-1) \
+            & ~torch.isnan(lser)  # [R, G*bm]
+        bad_rows = ~ok & ~torch.isneginf(lser)
+        qr, dor, orr = (x.masked_fill(~ok[..., None], 0.0) for x in (qr, dor, orr))
+        lser = lser.masked_fill(~ok, 0.0)
+    lser = lser.masked_fill(torch.isneginf(lser), 0.0)  # empty rows: exp(-inf - 0) = 0
     kb, vb = r.key_blocks(k), r.key_blocks(v)  # [B*Hkv*NKB, bn*D]
     acc = accum_dtype(q.dtype)
     dkb = torch.zeros(kb.shape, dtype=acc, device=q.device)
@@ -303,7 +308,8 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
             dqr.index_add_(0, rows, dq_c.squeeze(1).to(acc))
             dkb.index_add_(0, flat_idx, dk_c.reshape(len(flat_idx), -1).to(acc))
             dvb.index_add_(0, flat_idx, dv_c.reshape(len(flat_idx), -1).to(acc))
-    dqr = dqr.masked_fill(bad_rows[..., None], float("nan"))
+    if bad_rows is not None:
+        dqr.masked_fill_(bad_rows[..., None], float("nan"))
     dq = r.scatter_rows(dqr).to(q.dtype).contiguous()
     kv_shape = (r.batch, r.n_kv_heads, r.n_kb * block_n, r.head_dim)
     dk = dkb.reshape(kv_shape)[:, :, : r.kv_len].to(k.dtype).contiguous()
