@@ -51,7 +51,9 @@ def plan_keep(plan_layers, layer, q, k, causal):
 # ---------------------------------------------------------------- transformers: tiny random Llama
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+
+from _tiny_llama import tiny_llama  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from sparse_attn.integrations import transformers as hf  # noqa: E402
@@ -61,10 +63,7 @@ NAME, REF = "sparse_attn_search_test", "sparse_attn_search_ref"
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=0)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaForCausalLM  # noqa: E402
 
 from sparse_attn.cache import CachePolicy, StepCache  # noqa: E402
 from sparse_attn.integrations import transformers as hf  # noqa: E402
@@ -24,10 +24,7 @@ class Recorder(DensePattern):
         return super().build(q, k, causal=causal, layout=layout)
 
 
-def tiny_llama():
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+from _tiny_llama import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")

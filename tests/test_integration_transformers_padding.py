@@ -5,7 +5,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from _tiny_llama import tiny_llama  # noqa: E402
 
 from sparse_attn import get_pattern  # noqa: E402
 from sparse_attn.integrations import transformers as hf  # noqa: E402
@@ -17,10 +19,7 @@ NAME = "sparse_attn_padding_test"
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=0)
 
 
 def _register(llama, pattern):

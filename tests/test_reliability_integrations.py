@@ -15,7 +15,7 @@ from sparse_attn.patterns import BlockTopK, SinkLocal
 from _toy_patterns import BandPattern
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from _tiny_llama import tiny_llama as _tiny_llama  # noqa: E402
 
 from sparse_attn.integrations import transformers as hf  # noqa: E402
 
@@ -23,10 +23,7 @@ LAYERS = 2
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(LAYERS, seed=0)
 
 
 @pytest.fixture(scope="module")

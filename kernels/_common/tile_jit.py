@@ -75,3 +75,68 @@ def tile_keep(q_idx, k_idx, kv_start, kv_end, shift, left, right, q_seg, kv_seg_
 def finite_rows(x):
     """int32 ``[N]``: 1 where row ``n`` of ``x [N, D]`` is all finite (``|x| < inf`` is false for NaN)."""
     return tl.min((tl.abs(x.to(tl.float32)) < float("inf")).to(tl.int32), 1)
+
+
+@triton.jit
+def packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN: tl.constexpr):
+    """First token row of batch row ``b``'s sequence in packed (varlen) q and k; 0 without packing."""
+    q_tok = b * 0
+    k_tok = b * 0
+    if VARLEN:
+        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
+        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
+    return q_tok, k_tok
+
+
+@triton.jit
+def visible_span(idx_row, count, lo, hi, first_valid, last_valid, BLOCK: tl.constexpr, ACTIVE: tl.constexpr):
+    """``[first, end)`` of the list entries that meet tokens ``[lo, hi]`` (all entries unless ``ACTIVE``);
+    empty when the program's own tokens ``[first_valid, last_valid]`` are empty."""
+    first = count * 0
+    if ACTIVE:
+        first, count = list_span(idx_row, count, lo, hi, BLOCK)
+        if last_valid < first_valid:
+            count = first
+    return first, count
+
+
+@triton.jit
+def segment_bounds(segb_ptr, blk, HAS_SEG: tl.constexpr):
+    """Smallest and largest segment id of block ``blk`` (from ``[.., NB, 2]`` bounds); zeros without segments."""
+    lo = blk * 0
+    hi = blk * 0
+    if HAS_SEG:
+        lo = tl.load(segb_ptr + blk * 2)
+        hi = tl.load(segb_ptr + blk * 2 + 1)
+    return lo, hi
+
+
+@triton.jit
+def tile_needs_mask(row0, col0, kv_start, kv_end, shift, left, right, q_lo, q_hi, k_lo, k_hi, slot,
+                    ROWS: tl.constexpr, COLS: tl.constexpr, HAS_BAND: tl.constexpr, HAS_SEG: tl.constexpr,
+                    HAS_BITS: tl.constexpr):
+    """Whether the tile of query rows ``[row0, row0 + ROWS)`` and keys ``[col0, col0 + COLS)`` is partial: it
+    crosses a key range end, a band edge, a segment boundary, or carries bits."""
+    needs = (col0 + COLS > kv_end) | (col0 < kv_start)
+    if HAS_BAND:
+        needs = needs | (col0 - (row0 + ROWS - 1) - shift < -left) | (col0 + COLS - 1 - row0 - shift > right)
+    if HAS_SEG:
+        needs = needs | (q_lo != q_hi) | (k_lo != k_hi) | (k_lo != q_lo)
+    if HAS_BITS:
+        needs = needs | (slot >= 0)
+    return needs
+
+
+@triton.jit
+def visible_keys(m0, q_start, q_end, kv_start, kv_end, shift, left, right, BLOCK_M: tl.constexpr,
+                 HAS_BAND: tl.constexpr):
+    """The valid query rows ``[first_q, last_q]`` of the block starting at ``m0`` and the keys ``[lo, hi]``
+    they can see (band: ``-left <= j - (i + shift) <= right``)."""
+    first_q = tl.maximum(m0, q_start)
+    last_q = tl.minimum(m0 + BLOCK_M, q_end) - 1
+    lo = kv_start
+    hi = kv_end - 1
+    if HAS_BAND:
+        lo = tl.maximum(lo, first_q + shift - left)
+        hi = tl.minimum(hi, last_q + shift + right)
+    return first_q, last_q, lo, hi

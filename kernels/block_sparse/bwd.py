@@ -26,7 +26,8 @@ import triton.language as tl
 
 from .._common.config import inner_tile, dot_precision, fwd_configs, pow2_at_least
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
-from .._common.tile_jit import finite_rows, list_span, row_bounds, tile_keep
+from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
+                                visible_keys, visible_span)
 from .fwd import _bstride
 
 LOG2E = 1.4426950408889634
@@ -88,11 +89,7 @@ def _block_sparse_bwd_dkdv_kernel(
     b = (pid_bh // n_kv_heads).to(tl.int64)
     h_kv = (pid_bh % n_kv_heads).to(tl.int64)
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
-    q_tok = b * 0
-    k_tok = b * 0
-    if VARLEN:
-        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
-        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
+    q_tok, k_tok = packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN)  # packed layout: the sequence's first rows
 
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -116,10 +113,7 @@ def _block_sparse_bwd_dkdv_kernel(
     if HAS_BAND:
         lo_q = tl.maximum(lo_q, first_k - shift - right)
         hi_q = tl.minimum(hi_q, last_k - shift + left)
-    key_partial = (start_n < kv_start) | (start_n + BLOCK_N > kv_end)
-    if HAS_SEG:
-        k_lo = tl.load(k_segb_ptr + b * stride_sbk + pid_n * 2)
-        k_hi = tl.load(k_segb_ptr + b * stride_sbk + pid_n * 2 + 1)
+    k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, pid_n, HAS_SEG)
     col = pid_n.to(tl.int64)
     for g in range(0, GROUP):
         h = h_kv * GROUP + g  # query head
@@ -127,12 +121,8 @@ def _block_sparse_bwd_dkdv_kernel(
         count = tl.load(counts_t_ptr + b * stride_cb + h_mask * stride_ch + col)
         idx_row = indices_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
         slot_row = slots_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
-        first = count * 0
-        if HAS_BAND or HAS_RANGE:
-            # sorted lists: the query blocks wholly outside [lo_q, hi_q] are a prefix and a suffix; skip them
-            first, count = list_span(idx_row, count, lo_q, hi_q, BLOCK_M)
-            if last_k < first_k:
-                count = first
+        # sorted lists: the query blocks wholly outside [lo_q, hi_q] are a prefix and a suffix; skip them
+        first, count = visible_span(idx_row, count, lo_q, hi_q, first_k, last_k, BLOCK_M, HAS_BAND or HAS_RANGE)
         q_base = q_ptr + b * stride_qb + h * stride_qh + q_tok * stride_qm + offs_d[None, :]
         do_base = do_ptr + b * stride_dob + h * stride_doh + q_tok * stride_dom + offs_d[None, :]
         row_base = b * stride_lb + h * stride_lh + q_tok  # lse / delta rows of this head
@@ -141,9 +131,7 @@ def _block_sparse_bwd_dkdv_kernel(
             slot = it * 0 - 1
             if HAS_BITS:
                 slot = tl.load(slot_row + it)
-            if HAS_SEG:
-                seg_lo = tl.load(q_segb_ptr + b * stride_sbq + qb * 2)
-                seg_hi = tl.load(q_segb_ptr + b * stride_sbq + qb * 2 + 1)
+            seg_lo, seg_hi = segment_bounds(q_segb_ptr + b * stride_sbq, qb, HAS_SEG)
             for sub in tl.static_range(BLOCK_M // TILE_M):
                 start_m = qb * BLOCK_M + sub * TILE_M
                 offs_m = start_m + offs_t  # [TILE_M]
@@ -156,14 +144,8 @@ def _block_sparse_bwd_dkdv_kernel(
                 qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, TILE_M]
                 p_t = tl.math.exp2(qk_t - lse[None, :])  # [BLOCK_N, TILE_M]
                 # -- predicates only on partial tiles (query rows outside their range already have P = 0) ----
-                needs_mask = key_partial
-                if HAS_BAND:
-                    needs_mask = needs_mask | (start_n - (start_m + TILE_M - 1) - shift < -left) \
-                        | (start_n + BLOCK_N - 1 - start_m - shift > right)
-                if HAS_SEG:
-                    needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
-                if HAS_BITS:
-                    needs_mask = needs_mask | (slot >= 0)
+                needs_mask = tile_needs_mask(start_m, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
+                                             k_lo, k_hi, slot, TILE_M, BLOCK_N, HAS_BAND, HAS_SEG, HAS_BITS)
                 if needs_mask:
                     q_seg = offs_m * 0
                     if HAS_SEG:
@@ -217,11 +199,7 @@ def _block_sparse_bwd_dq_kernel(
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
-    q_tok = b * 0
-    k_tok = b * 0
-    if VARLEN:
-        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
-        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
+    q_tok, k_tok = packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN)  # packed layout: the sequence's first rows
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -240,28 +218,18 @@ def _block_sparse_bwd_dq_kernel(
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh + k_tok * stride_vn + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    first_q = tl.maximum(m0, q_start)
-    last_q = tl.minimum(m0 + BLOCK_M, q_end) - 1
-    lo_key = kv_start
-    hi_key = kv_end - 1
-    if HAS_BAND:
-        lo_key = tl.maximum(lo_key, first_q + shift - left)
-        hi_key = tl.minimum(hi_key, last_q + shift + right)
+    first_q, last_q, lo_key, hi_key = visible_keys(m0, q_start, q_end, kv_start, kv_end, shift, left, right,
+                                                   BLOCK_M, HAS_BAND)
     row = pid_m.to(tl.int64)
     count = tl.load(counts_ptr + b * stride_cb + h_mask * stride_ch + row)
     idx_row = indices_ptr + b * stride_ib + h_mask * stride_ih + row * width
     slot_row = slots_ptr + b * stride_ib + h_mask * stride_ih + row * width
-    first = count * 0
-    if HAS_BAND or HAS_RANGE:
-        # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
-        first, count = list_span(idx_row, count, lo_key, hi_key, BLOCK_N)
-        if last_q < first_q:
-            count = first
+    # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
+    first, count = visible_span(idx_row, count, lo_key, hi_key, first_q, last_q, BLOCK_N, HAS_BAND or HAS_RANGE)
     q_seg = offs_m * 0
     if HAS_SEG:
         q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
-        seg_lo = tl.load(q_segb_ptr + b * stride_sbq + row * 2)
-        seg_hi = tl.load(q_segb_ptr + b * stride_sbq + row * 2 + 1)
+    seg_lo, seg_hi = segment_bounds(q_segb_ptr + b * stride_sbq, row, HAS_SEG)
     for it in range(first, count):
         kb = tl.load(idx_row + it).to(tl.int64)
         slot = it * 0 - 1
@@ -277,16 +245,9 @@ def _block_sparse_bwd_dq_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             p = tl.math.exp2(qk - lse[:, None])  # [BLOCK_M, TILE_N]
             # -- predicates only on partial tiles (rows outside their range already have P = 0) ----
-            needs_mask = (start_n + TILE_N > kv_end) | (start_n < kv_start)
-            if HAS_BAND:
-                needs_mask = needs_mask | (start_n - (m0 + BLOCK_M - 1) - shift < -left) \
-                    | (start_n + TILE_N - 1 - m0 - shift > right)
-            if HAS_SEG:
-                k_lo = tl.load(k_segb_ptr + b * stride_sbk + kb * 2)
-                k_hi = tl.load(k_segb_ptr + b * stride_sbk + kb * 2 + 1)
-                needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
-            if HAS_BITS:
-                needs_mask = needs_mask | (slot >= 0)
+            k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, kb, HAS_SEG)
+            needs_mask = tile_needs_mask(m0, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
+                                         k_lo, k_hi, slot, BLOCK_M, TILE_N, HAS_BAND, HAS_SEG, HAS_BITS)
             if needs_mask:
                 keep = tile_keep(offs_m[:, None], offs_n[None, :], kv_start, kv_end, shift, left, right,
                                  q_seg[:, None], kv_seg_ptr + b * stride_sk, words_ptr, slot, m0, kb * BLOCK_N,

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .._common.config import fwd_configs, dot_precision, inner_tile, pow2_at_least
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
-from .._common.tile_jit import finite_rows, list_span, row_bounds, tile_keep
+from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
+                                visible_keys, visible_span)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -43,11 +44,7 @@ def _block_sparse_fwd_kernel(
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
-    q_tok = b * 0  # packed (varlen) layout: the sequence's first token row
-    k_tok = b * 0
-    if VARLEN:
-        q_tok = tl.load(cu_q_ptr + b).to(tl.int64)
-        k_tok = tl.load(cu_k_ptr + b).to(tl.int64)
+    q_tok, k_tok = packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN)  # packed layout: the sequence's first rows
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -64,30 +61,19 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that saw a non-finite value
 
-    # the valid rows of this block and the keys they can see (band: -left <= j - (i + shift) <= right)
-    first_q = tl.maximum(m0, q_start)
-    last_q = tl.minimum(m0 + BLOCK_M, q_end) - 1
-    lo_key = kv_start
-    hi_key = kv_end - 1
-    if HAS_BAND:
-        lo_key = tl.maximum(lo_key, first_q + shift - left)
-        hi_key = tl.minimum(hi_key, last_q + shift + right)
+    first_q, last_q, lo_key, hi_key = visible_keys(m0, q_start, q_end, kv_start, kv_end, shift, left, right,
+                                                   BLOCK_M, HAS_BAND)
     row = pid_m.to(tl.int64)
     count = tl.load(counts_ptr + b * stride_cb + h_mask * stride_ch + row)
     idx_row = indices_ptr + b * stride_ib + h_mask * stride_ih + row * width
     slot_row = slots_ptr + b * stride_ib + h_mask * stride_ih + row * width
-    first = count * 0
-    if HAS_BAND or HAS_RANGE:
-        # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
-        first, count = list_span(idx_row, count, lo_key, hi_key, BLOCK_N)
-        if last_q < first_q:
-            count = first
+    # sorted lists: the blocks wholly outside [lo_key, hi_key] are a prefix and a suffix; skip them
+    first, count = visible_span(idx_row, count, lo_key, hi_key, first_q, last_q, BLOCK_N, HAS_BAND or HAS_RANGE)
     rows_partial = (first_q > m0) | (last_q < tl.minimum(m0 + BLOCK_M, q_len) - 1)
     q_seg = offs_m * 0
     if HAS_SEG:
         q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
-        seg_lo = tl.load(q_segb_ptr + b * stride_sbq + row * 2)
-        seg_hi = tl.load(q_segb_ptr + b * stride_sbq + row * 2 + 1)
+    seg_lo, seg_hi = segment_bounds(q_segb_ptr + b * stride_sbq, row, HAS_SEG)
     for it in range(first, count):
         kb = tl.load(idx_row + it).to(tl.int64)
         slot = it * 0 - 1
@@ -102,18 +88,11 @@ def _block_sparse_fwd_kernel(
             # -- compute qk (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             # -- predicates only on partial tiles: key edges, band edges, segment edges, bit masks ----
-            needs_mask = (start_n + TILE_N > kv_end) | (start_n < kv_start)
+            k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, kb, HAS_SEG)
+            needs_mask = tile_needs_mask(m0, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
+                                         k_lo, k_hi, slot, BLOCK_M, TILE_N, HAS_BAND, HAS_SEG, HAS_BITS)
             if HAS_RANGE:
                 needs_mask = needs_mask | rows_partial
-            if HAS_BAND:
-                needs_mask = needs_mask | (start_n - (m0 + BLOCK_M - 1) - shift < -left) \
-                    | (start_n + TILE_N - 1 - m0 - shift > right)
-            if HAS_SEG:
-                k_lo = tl.load(k_segb_ptr + b * stride_sbk + kb * 2)
-                k_hi = tl.load(k_segb_ptr + b * stride_sbk + kb * 2 + 1)
-                needs_mask = needs_mask | (seg_lo != seg_hi) | (k_lo != k_hi) | (k_lo != seg_lo)
-            if HAS_BITS:
-                needs_mask = needs_mask | (slot >= 0)
             if needs_mask:
                 keep = tile_keep(offs_m[:, None], offs_n[None, :], kv_start, kv_end, shift, left, right,
                                  q_seg[:, None], kv_seg_ptr + b * stride_sk, words_ptr, slot, m0, kb * BLOCK_N,

@@ -167,15 +167,19 @@ class PerHead(Pattern):
     def to_dict(self) -> dict:
         return {"name": self.name, "patterns": [p.to_dict() for p in self.patterns]}
 
-    def block_map(self, q, k, *, causal=False, layout=None, forced=None):
-        n_heads = q.shape[1]
-        if len(self.patterns) != n_heads:
-            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
-        maps = {}
-        for p in self.patterns:  # each distinct pattern is built once, over all heads
+    def _each_distinct(self, q, fn) -> dict:
+        """``pattern json -> fn(pattern)``: each distinct member is built once, over all heads."""
+        if len(self.patterns) != q.shape[1]:
+            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {q.shape[1]} heads.")
+        out = {}
+        for p in self.patterns:
             key = p.to_json()
-            if key not in maps:
-                maps[key] = p.block_map(q, k, causal=causal, layout=layout, forced=forced)
+            if key not in out:
+                out[key] = fn(p)
+        return out
+
+    def block_map(self, q, k, *, causal=False, layout=None, forced=None):
+        maps = self._each_distinct(q, lambda p: p.block_map(q, k, causal=causal, layout=layout, forced=forced))
         batch = max(m.shape[0] for m in maps.values())
         heads = [maps[p.to_json()][:, min(h, maps[p.to_json()].shape[1] - 1)] for h, p in enumerate(self.patterns)]
         return torch.stack([x.expand(batch, *x.shape[1:]) for x in heads], dim=1)
@@ -216,17 +220,14 @@ class PerHead(Pattern):
         """Per-head mix with token-exact members: each head keeps its member's exact pairs."""
         check_qk(q, k)
         n_heads = q.shape[1]
-        if len(self.patterns) != n_heads:
-            raise ValueError(f"per_head has {len(self.patterns)} patterns, but q has {n_heads} heads.")
-        masks = {}
-        for p in self.patterns:  # each distinct pattern is built once, over all heads
-            key = p.to_json()
-            if key not in masks:
-                m = p.build(q, k, causal=causal, layout=layout)
-                if m.batch_heads[1] not in (1, n_heads):  # per kv head: one entry per query head
-                    g = n_heads // m.batch_heads[1]
-                    m = m.map_heads(lambda x: x.repeat_interleave(g, 1))
-                masks[key] = m
+
+        def build(p):
+            m = p.build(q, k, causal=causal, layout=layout)
+            if m.batch_heads[1] not in (1, n_heads):  # per kv head: one entry per query head
+                g = n_heads // m.batch_heads[1]
+                m = m.map_heads(lambda x: x.repeat_interleave(g, 1))
+            return m
+        masks = self._each_distinct(q, build)
         member = [masks[p.to_json()] for p in self.patterns]
         batch = max(max(m.batch_heads[0], m.predicate_batch) for m in member)
 
