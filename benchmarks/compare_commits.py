@@ -13,6 +13,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ CHILD = r"""
 import json, sys, torch
 import torch.utils.benchmark as benchmark
 sys.path.insert(0, sys.argv[1])
-sys.path.insert(0, sys.argv[1] + "/kernels_pkg")
+sys.path.insert(0, sys.argv[4])
 import sparse_attn, sparse_attn_kernels
 from sparse_attn import BlockSparseMask, sparse_attention
 for m in (sparse_attn, sparse_attn_kernels):  # this tree's packages, never an installed copy
@@ -46,13 +47,10 @@ print(json.dumps(out))
 
 def run_tree(tree: Path, threads: int, min_run_time: float) -> dict:
     """Timings (ms) of one tree, in a fresh process with the tree's packages first on the path."""
-    pkg = tree / "kernels_pkg"  # the kernels install as sparse_attn_kernels: expose them under that name
-    pkg.mkdir(exist_ok=True)
-    link = pkg / "sparse_attn_kernels"
-    if not link.exists():
-        link.symlink_to(tree / "kernels")
-    res = subprocess.run([sys.executable, "-c", CHILD, str(tree.resolve()), str(threads), str(min_run_time)],
-                         capture_output=True, text=True, cwd=tree)
+    with tempfile.TemporaryDirectory() as tmp:  # kernels/ imports as sparse_attn_kernels: a link outside the tree
+        (Path(tmp) / "sparse_attn_kernels").symlink_to(tree.resolve() / "kernels")
+        res = subprocess.run([sys.executable, "-c", CHILD, str(tree.resolve()), str(threads), str(min_run_time),
+                              tmp], capture_output=True, text=True, cwd=tree)
     if res.returncode:
         raise RuntimeError(f"timing {tree} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
