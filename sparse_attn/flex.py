@@ -2,7 +2,7 @@
 
 import torch
 
-from sparse_attn_kernels._common.predicates import diag_shift, row_ranges
+from sparse_attn_kernels._common.predicates import ranges_of, shift_of
 
 from .mask import BlockSparseMask
 
@@ -59,15 +59,12 @@ def to_flex_block_mask(mask: BlockSparseMask, causal: bool = False, num_heads=No
     keep_tiles = mask.to_block_dense()  # [Bm, Hm, NQB, NKB]
     slot_tiles = None
     if mask.has_bits:
-        ok = torch.arange(mask.indices.shape[-1], device=mask.device) < mask.counts[..., None]
-        slot_tiles = torch.full((*mask.counts.shape, n_kb + 1), -1, dtype=torch.int64, device=mask.device)
-        slot_tiles.scatter_(-1, torch.where(ok, mask.indices.long(), n_kb), mask.bit_slots.long())
-        slot_tiles = slot_tiles[..., :n_kb]
+        slot_tiles = mask.slot_map()  # [Bm, Hm, NQB, NKB]
         words = mask.bit_words.long()
     mb = mask.batch_heads[0]
-    q_rng = row_ranges(preds.q_range, n_b, q_len, mask.device)  # [B', 2]
-    kv_rng = row_ranges(preds.kv_range, n_b, kv_len, mask.device)
-    shifts = diag_shift(preds, n_b, q_len, kv_len, mask.device)  # [B']
+    rows = torch.arange(n_b, device=mask.device)
+    q_rng, kv_rng = ranges_of(preds.q_range, rows, q_len), ranges_of(preds.kv_range, rows, kv_len)  # [B', 2]
+    shifts = shift_of(preds, rows, q_len, kv_len)  # [B']
     q_seg, kv_seg = preds.q_segments, preds.kv_segments
     head_of = heads if heads is not None else torch.zeros(1, dtype=torch.long, device=mask.device)
 

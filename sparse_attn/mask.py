@@ -188,7 +188,7 @@ class BlockSparseMask(TiledMask):
         q_len, kv_len = token_mask.shape[2:]
         n_blocks = (math.ceil(q_len / bm), math.ceil(kv_len / bn))
         acc = TileAccumulator(token_mask.shape[:2], n_blocks, (bm, bn), token_mask.device)
-        acc.add_rows(0, token_mask.to(torch.bool), q_len, kv_len)
+        acc.add_rows(0, token_mask.to(torch.bool))
         return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
 
     @classmethod
@@ -210,7 +210,7 @@ class BlockSparseMask(TiledMask):
         for qb0 in range(0, n_blocks[0], band_blocks):
             rows = torch.arange(qb0 * bm, min(q_len, (qb0 + band_blocks) * bm), device=device)
             tok = eval_mask_mod(mask_mod, batch, heads, rows, kv_len, device)
-            acc.add_rows(qb0, tok, rows.numel(), kv_len)
+            acc.add_rows(qb0, tok)
         return cls._from_accumulator(acc, (bm, bn), (q_len, kv_len))
 
     @classmethod
@@ -430,6 +430,15 @@ class BlockSparseMask(TiledMask):
         keep = torch.zeros((*self.counts.shape, n_kb + 1), dtype=torch.bool, device=self.device)
         return keep.scatter_(-1, target, True)[..., :n_kb]
 
+    def slot_map(self) -> torch.Tensor:
+        """int64 ``[Bm, Hm, NQB, NKB]``: the bit slot of every tile, ``-1`` where it has no bits or is not kept."""
+        n_kb = self.num_blocks[1]
+        ok = torch.arange(self.indices.shape[-1], device=self.device) < self.counts[..., None]
+        slot = torch.full((*self.counts.shape, n_kb + 1), -1, dtype=torch.int64, device=self.device)
+        if self.has_bits:  # list padding goes to a spare column
+            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())
+        return slot[..., :n_kb]
+
     def to_dense(self, causal: bool = False) -> torch.Tensor:
         """Token-level bool ``[Bm', Hm, Lq, Lk]`` (for tests and small inputs): the pairs attention sees.
 
@@ -441,24 +450,20 @@ class BlockSparseMask(TiledMask):
     def rows_to_dense(self, r0: int, r1: int, causal: bool = False) -> torch.Tensor:
         """:meth:`to_dense` of the query rows ``r0:r1`` only: bool ``[Bm', Hm, r1 - r0, Lk]`` (exact)."""
         bm, bn = self.block_size
-        n_kb = self.num_blocks[1]
         rows = torch.arange(r0, r1, device=self.device)
         qb = rows // bm  # [R]
         tiles = self.to_block_dense()  # [Bm, Hm, NQB, NKB]
         tok = tiles[:, :, qb].repeat_interleave(bn, dim=3)[..., : self.kv_len]  # [Bm, Hm, R, Lk]
         if self.has_bits:
-            ok = torch.arange(self.indices.shape[-1], device=self.device) < self.counts[..., None]
-            slot = torch.full((*tiles.shape[:3], n_kb + 1), -1, dtype=torch.int64, device=self.device)
-            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())  # padding -> spare
-            slot = torch.where(tiles, slot[..., :n_kb], -1)[:, :, qb]  # [Bm, Hm, R, NKB]
+            slot = self.slot_map()[:, :, qb]  # [Bm, Hm, R, NKB]
             words = self.bit_words[slot.clamp(min=0), (rows % bm)[:, None]]  # [Bm, Hm, R, NKB, WORDS]
             bits = unpack_bits(words[..., None, :], bn)[..., 0, :]  # [Bm, Hm, R, NKB, BN]
             bits = bits | (slot < 0)[..., None]
             tok = tok & bits.flatten(-2)[..., : self.kv_len]
         left, right = band(causal, self.window)
         batch = max(self.counts.shape[0], self.predicate_batch)
-        if left >= 0 or right >= 0 or self.predicate_batch > 1 or self.q_range is not None \
-                or self.kv_range is not None or self.q_segments is not None:
+        if left >= 0 or right >= 0 or self.q_range is not None or self.kv_range is not None \
+                or self.q_segments is not None:
             q_pos = rows.expand(batch, -1)
             k_pos = torch.arange(self.kv_len, device=self.device).expand(batch, -1)
             pred = token_keep(self.token_predicates(), left, right, torch.arange(batch, device=self.device), q_pos,
@@ -478,7 +483,6 @@ class BlockSparseMask(TiledMask):
         """bool ``[P, BLOCK_M, BLOCK_N]``: the pairs attention sees in tiles ``(b, h, qb, kb)`` (int64 ``[P]``),
         False where the tile is not kept or past the lengths (exact: bits and predicates applied)."""
         bm, bn = self.block_size
-        n_kb = self.num_blocks[1]
         bt, h = b % self.counts.shape[0], h % self.counts.shape[1]
         tiles = self.to_block_dense()
         kept = tiles[bt, h, qb, kb]  # [P]
@@ -488,10 +492,7 @@ class BlockSparseMask(TiledMask):
         pred = token_keep(self.token_predicates(), left, right, b, rows, cols, self.q_len, self.kv_len)
         out = pred & kept[:, None, None]
         if self.has_bits:
-            ok = torch.arange(self.indices.shape[-1], device=self.device) < self.counts[..., None]
-            slot = torch.full((*tiles.shape[:3], n_kb + 1), -1, dtype=torch.int64, device=self.device)
-            slot.scatter_(-1, torch.where(ok, self.indices.long(), n_kb), self.bit_slots.long())
-            s = slot[bt, h, qb, kb]  # [P]
+            s = self.slot_map()[bt, h, qb, kb]  # [P]
             bits = unpack_bits(self.bit_words[s.clamp(min=0)], bn) | (s < 0)[:, None, None]
             out = out & bits
         return out
@@ -511,12 +512,8 @@ class BlockSparseMask(TiledMask):
         m_of = torch.arange(n_qb, device=self.device).repeat(batch * heads)
         preds = self.token_predicates()
         left, right = band(causal, self.window)
-        seg = None
-        if self.q_segments is not None:
-            seg = (*block_segment_bounds(self.q_segments, self.block_size[0]),
-                   *block_segment_bounds(self.kv_segments, self.block_size[1]))
         visible, full = classify_tiles(preds, left, right, b_of, m_of, kb, slots, *self.block_size, self.q_len,
-                                       self.kv_len, seg)
+                                       self.kv_len)
         return b_of, m_of, kb, slots, visible & ok, full & ok, (preds, left, right, batch, heads)
 
     def kept_pairs(self, causal: bool = False) -> int:

@@ -152,11 +152,7 @@ def _kv_major(mask):
         indices_t = torch.sort((~keep_t).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
         slots_t = None
         if mask.has_bits:
-            n_kb = mask.num_blocks[1]
-            ok = torch.arange(mask.indices.shape[-1], device=mask.device) < mask.counts[..., None]
-            dense = torch.full((*mask.counts.shape, n_kb + 1), -1, dtype=torch.int32, device=mask.device)
-            dense.scatter_(-1, torch.where(ok, mask.indices.long(), n_kb), mask.bit_slots)
-            dense_t = dense[..., :n_kb].transpose(-1, -2)  # [Bm, Hm, NKB, NQB]
+            dense_t = mask.slot_map().to(torch.int32).transpose(-1, -2)  # [Bm, Hm, NKB, NQB]
             slots_t = torch.gather(dense_t, -1, indices_t.long()).contiguous()
         return counts_t.contiguous(), indices_t.contiguous(), slots_t
     counts_t, indices_t = mask.kv_major()

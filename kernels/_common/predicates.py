@@ -42,14 +42,6 @@ class TokenPredicates(NamedTuple):
     bit_words: Optional[Tensor] = None
     bit_slots_t: Optional[Tensor] = None
 
-    @property
-    def has_bits(self) -> bool:
-        return self.bit_slots is not None
-
-    @property
-    def has_segments(self) -> bool:
-        return self.q_segments is not None
-
 
 NO_PREDICATES = TokenPredicates()
 
@@ -105,13 +97,6 @@ def block_segment_bounds(segments: Tensor, block: int) -> Tuple[Tensor, Tensor]:
     return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
 
 
-def row_ranges(rng: Optional[Tensor], batch: int, length: int, device) -> Tensor:
-    """int64 ``[B, 2]``: the valid ``[start, end)`` per batch row (``[0, length)`` without a range)."""
-    if rng is None:
-        return torch.tensor([[0, length]], dtype=torch.int64, device=device).expand(batch, 2)
-    return rng.to(device=device, dtype=torch.int64).expand(batch, 2)
-
-
 def ranges_of(rng: Optional[Tensor], b_of: Tensor, length: int) -> Tensor:
     """int64 ``[C, 2]``: the valid ``[start, end)`` of the batch rows ``b_of [C]``."""
     if rng is None:
@@ -121,19 +106,10 @@ def ranges_of(rng: Optional[Tensor], b_of: Tensor, length: int) -> Tensor:
 
 
 def shift_of(preds: TokenPredicates, b_of: Tensor, q_len: int, kv_len: int) -> Tensor:
-    """int64 ``[C]``: ``shift_b`` of the batch rows ``b_of``."""
+    """int64 ``[C]``: ``shift_b`` of the bottom-right alignment (module docstring) of the batch rows ``b_of``."""
     if preds.q_range is None:
         return torch.full((b_of.numel(),), kv_len - q_len, dtype=torch.int64, device=b_of.device)
     return ranges_of(preds.kv_range, b_of, kv_len)[:, 1] - ranges_of(preds.q_range, b_of, q_len)[:, 1]
-
-
-def diag_shift(preds: TokenPredicates, batch: int, q_len: int, kv_len: int, device) -> Tensor:
-    """int64 ``[B]``: ``shift_b`` of the bottom-right alignment (see the module docstring)."""
-    if preds.q_range is None:
-        return torch.full((batch,), kv_len - q_len, dtype=torch.int64, device=device)
-    q_end = row_ranges(preds.q_range, batch, q_len, device)[:, 1]
-    kv_end = row_ranges(preds.kv_range, batch, kv_len, device)[:, 1]
-    return kv_end - q_end
 
 
 def token_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, q_pos: Tensor, k_pos: Tensor,
@@ -172,14 +148,13 @@ def token_keep(preds: TokenPredicates, left: int, right: int, b_of: Tensor, q_po
 
 
 def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, m_of: Tensor, kb: Tensor,
-                   slots: Optional[Tensor], block_m: int, block_n: int, q_len: int, kv_len: int,
-                   seg_bounds=None) -> Tuple[Tensor, Tensor]:
+                   slots: Optional[Tensor], block_m: int, block_n: int, q_len: int,
+                   kv_len: int) -> Tuple[Tensor, Tensor]:
     """Which list entries can hold a visible pair, and which are *full* (no in-tile masking).
 
     Args:
         b_of, m_of: int64 ``[R]`` batch row and query block of each row; kb: int64 ``[R, W]`` key blocks.
         slots: int ``[R, W]`` bit slots (``-1`` none) or None.
-        seg_bounds: ``(q_lo, q_hi, k_lo, k_hi)`` of :func:`block_segment_bounds` when segments are set.
 
     Returns:
         ``(visible, full)``, bool ``[R, W]``; ``full`` implies ``visible``. ``visible`` is exact for the
@@ -210,8 +185,9 @@ def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, 
         if right >= 0:
             visible = visible & (d_lo <= right)
             full = full & (f_hi <= right)
-    if seg_bounds is not None:
-        q_lo, q_hi, k_lo, k_hi = (x.to(device=device, dtype=torch.int64) for x in seg_bounds)
+    if preds.q_segments is not None:  # a tile is full only inside one segment on both sides
+        q_lo, q_hi = (x.to(device=device, dtype=torch.int64) for x in block_segment_bounds(preds.q_segments, block_m))
+        k_lo, k_hi = (x.to(device=device, dtype=torch.int64) for x in block_segment_bounds(preds.kv_segments, block_n))
         bq, bk = b_of % q_lo.shape[0], b_of % k_lo.shape[0]
         ql, qh = q_lo[bq, m_of][:, None], q_hi[bq, m_of][:, None]  # [R, 1]
         kl, kh = k_lo[bk[:, None], kb], k_hi[bk[:, None], kb]  # [R, W]
@@ -220,17 +196,6 @@ def classify_tiles(preds: TokenPredicates, left: int, right: int, b_of: Tensor, 
     if slots is not None:
         full = full & (slots < 0)
     return visible, full & visible
-
-
-def tile_bits(preds: TokenPredicates, slots: Tensor, block_n: int) -> Tensor:
-    """bool ``[..., BLOCK_M, BLOCK_N]`` of the entries ``slots [...]`` (all True where ``slot < 0``)."""
-    words = preds.bit_words
-    bm = words.shape[1]
-    flat = slots.reshape(-1).long()
-    bits = unpack_bits(words[flat.clamp(min=0)], block_n) if words.shape[0] else \
-        torch.zeros((flat.numel(), bm, block_n), dtype=torch.bool, device=slots.device)
-    bits = bits | (flat < 0)[:, None, None]
-    return bits.view(*slots.shape, bm, block_n)
 
 
 def flat(preds: TokenPredicates) -> tuple:
@@ -245,9 +210,10 @@ def unflat(args) -> TokenPredicates:
     return TokenPredicates((left, right), *tensors)
 
 
-def _gathered_bits(preds: TokenPredicates, slots: Tensor, block_m: int, block_n: int) -> Tensor:
+def _gathered_bits(preds: TokenPredicates, slots: Tensor, block_m: int, block_n: int) -> Tuple[Tensor, Tensor]:
     """bool ``[C, BLOCK_M, n * BLOCK_N]``: the bits of the entries ``slots [C, n]`` in gather order (all set
-    where ``slot < 0``), unpacked straight into that layout (the words, 32x smaller, are permuted instead)."""
+    where ``slot < 0``), unpacked straight into that layout (the words, 32x smaller, are permuted instead);
+    and bool ``[C, BLOCK_M]``: the rows with no bit set in any of these tiles."""
     c, n = slots.shape
     n_words = words_per_row(block_n)
     words = preds.bit_words
@@ -255,9 +221,7 @@ def _gathered_bits(preds: TokenPredicates, slots: Tensor, block_m: int, block_n:
         words = torch.zeros((1, block_m, n_words), dtype=torch.int32, device=slots.device)
     flat = slots.reshape(-1).long()
     w = words[flat.clamp(min=0)].view(c, n, block_m, n_words).permute(0, 2, 1, 3)  # [C, bm, n, WORDS]
-    shifts = torch.arange(32, dtype=w.dtype, device=w.device)
-    bits = torch.bitwise_and(torch.bitwise_right_shift(w[..., None], shifts), 1).bool()  # [C, bm, n, WORDS, 32]
-    bits = bits.flatten(-2)[..., :block_n].reshape(c, block_m, n * block_n)
+    bits = unpack_bits(w, block_n).reshape(c, block_m, n * block_n)
     none = flat < 0
     if bool(none.any()):
         bits = bits | none.view(c, 1, n, 1).expand(c, 1, n, block_n).reshape(c, 1, n * block_n)
@@ -317,9 +281,9 @@ def range_table(preds: TokenPredicates, batch: int, q_len: int, kv_len: int, dev
         return torch.stack([zero, lq, zero, lk, lk - lq], 1).to(torch.int32).contiguous()
     if preds.q_range is None and preds.kv_range is None:
         return None
-    qr = row_ranges(preds.q_range, batch, q_len, device)
-    kr = row_ranges(preds.kv_range, batch, kv_len, device)
-    shift = diag_shift(preds, batch, q_len, kv_len, device)
+    rows = torch.arange(batch, device=device)
+    qr, kr = ranges_of(preds.q_range, rows, q_len), ranges_of(preds.kv_range, rows, kv_len)
+    shift = shift_of(preds, rows, q_len, kv_len)
     return torch.cat([qr, kr, shift[:, None]], 1).to(torch.int32).contiguous()
 
 

@@ -25,8 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._common.predicates import NO_PREDICATES, band, block_segment_bounds, classify_tiles, entries_keep, flat, \
-    unflat
+from .._common.predicates import NO_PREDICATES, band, classify_tiles, entries_keep, flat, unflat
+from .._common.autograd import register_backward
 from .._common.rows import BlockRows
 from .._common.softmax import accum_dtype
 
@@ -56,11 +56,8 @@ class _Rows(BlockRows):
         super().__init__(q, k, counts, indices, block_m, block_n, preds.bit_slots)
         self.preds = preds
         self.left, self.right = band(causal, preds.window)
-        seg = None
-        if preds.q_segments is not None:
-            seg = (*block_segment_bounds(preds.q_segments, block_m), *block_segment_bounds(preds.kv_segments, block_n))
         visible, full = classify_tiles(preds, self.left, self.right, self.b_of, self.m_of, self.idx, self.slots,
-                                       block_m, block_n, self.q_len, self.kv_len, seg)
+                                       block_m, block_n, self.q_len, self.kv_len)
         visible, full = visible & self.slot_ok, full & self.slot_ok
         self.full_idx, _, self.n_full = _compact(self.idx, full, None)
         self.part_idx, self.part_slots, self.n_part = _compact(self.idx, visible & ~full, self.slots)
@@ -163,12 +160,17 @@ def _additive(keep, dtype, buf=None):
     return torch.where(keep, zero, ninf, out=out).unsqueeze(1)
 
 
+def _surely_finite(*xs) -> bool:
+    """True when every value of ``xs`` is finite, by one fast reduction each: a sum is finite when every value
+    is; a non-finite sum (NaN/Inf, or an overflow of large finite values) says False, and the caller runs
+    its exact check."""
+    return all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in xs)
+
+
 def _bad_keys(kb, vb, block_n):
     """bool ``[B*Hkv*NKB, bn]``: keys whose K or V holds a non-finite value, or None when all are finite
-    (one pass over K and V; the common case then costs nothing more)."""
-    # a sum is finite when every value is (one fast reduction); a non-finite sum (NaN/Inf, or an overflow of
-    # large finite values) takes the exact per-key check
-    if bool(torch.isfinite(kb.sum(dtype=torch.float32))) and bool(torch.isfinite(vb.sum(dtype=torch.float32))):
+    (the common case costs one reduction per tensor)."""
+    if _surely_finite(kb, vb):
         return None
     rows = kb.shape[0]
     return ~(torch.isfinite(kb.view(rows, block_n, -1)).all(-1) & torch.isfinite(vb.view(rows, block_n, -1)).all(-1))
@@ -278,8 +280,7 @@ def block_sparse_bwd_cpu(do, q, k, v, o, lse, counts, indices, block_m, block_n,
     qr, dor, orr = r.gather_queries(q), r.gather_queries(do), r.gather_queries(o)  # [R, G*bm, D]
     lser = r.gather_queries(lse.unsqueeze(-1)).squeeze(-1)  # [R, G*bm]
     bad_rows = None
-    # one cheap test (sums, and NaN in lse) before the exact per-row one
-    if not all(bool(torch.isfinite(x.sum(dtype=torch.float32))) for x in (qr, dor, orr)) or bool(lser.isnan().any()):
+    if not _surely_finite(qr, dor, orr) or bool(lser.isnan().any()):  # cheap test before the exact per-row one
         ok = torch.isfinite(qr).all(-1) & torch.isfinite(dor).all(-1) & torch.isfinite(orr).all(-1) \
             & ~torch.isnan(lser)  # [R, G*bm]
         bad_rows = ~ok & ~torch.isneginf(lser)
@@ -358,23 +359,8 @@ def _bwd_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, caus
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, counts, indices, block_m, block_n, causal, scale, left, right, *pred_tensors = inputs
-    ctx.save_for_backward(q, k, v, *output, counts, indices, *pred_tensors)
-    ctx.n_inputs = len(inputs)
-    ctx.config = (block_m, block_n, causal, scale, left, right)
-
-
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, counts, indices, *pred_tensors = ctx.saved_tensors
-    block_m, block_n, causal, scale, left, right = ctx.config
-    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_cpu(
-        do.contiguous(), q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale, left, right,
-        *pred_tensors)
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
-
-
-torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd_cpu", _backward, setup_context=_setup_context)
+register_backward("sparse_attn::block_sparse_attn_fwd_cpu", torch.ops.sparse_attn.block_sparse_attn_bwd_cpu,
+                  contiguous_grad=True)
 
 
 def block_sparse_attn_cpu(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None,
