@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._common.predicates import NO_PREDICATES, band, entries_keep, flat, unflat
+from ._common.autograd import register_backward
 from ._common.rows import BlockRows
 from ._common.softmax import accum_dtype, softmax_rows
 
@@ -198,23 +199,7 @@ def _bwd_ref_fake(do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, 
     return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
-def _ref_setup_context(ctx, inputs, output):
-    q, k, v, counts, indices, block_m, block_n, causal, scale, left, right, *pred_tensors = inputs
-    ctx.save_for_backward(q, k, v, *output, counts, indices, *pred_tensors)
-    ctx.n_inputs = len(inputs)
-    ctx.config = (block_m, block_n, causal, scale, left, right)
-
-
-def _ref_backward(ctx, do, dlse):
-    q, k, v, o, lse, counts, indices, *pred_tensors = ctx.saved_tensors
-    block_m, block_n, causal, scale, left, right = ctx.config
-    dq, dk, dv = torch.ops.sparse_attn.block_sparse_attn_bwd_ref(
-        do, q, k, v, o, lse, dlse, counts, indices, block_m, block_n, causal, scale, left, right, *pred_tensors)
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
-
-
-torch.library.register_autograd("sparse_attn::block_sparse_attn_fwd_ref", _ref_backward,
-                                setup_context=_ref_setup_context)
+register_backward("sparse_attn::block_sparse_attn_fwd_ref", torch.ops.sparse_attn.block_sparse_attn_bwd_ref)
 
 
 def block_sparse_attn_ref(q, k, v, counts, indices, block_m, block_n, causal=False, scale=None,
