@@ -91,28 +91,27 @@ class TileAccumulator:
         self.words = []
         self.n_slots = 0
 
-    def add_rows(self, qb0, tok, valid_rows, kv_len):
-        """``tok`` bool ``[Bm, Hm, rows, Lk]`` for query blocks from ``qb0`` (rows past ``valid_rows`` are
-        padding and ignored)."""
+    def add_rows(self, qb0, tok):
+        """``tok`` bool ``[Bm, Hm, rows, Lk]``: the token mask of the query rows from block ``qb0`` on."""
         bm, bn = self.bm, self.bn
-        lead = tok.shape[:2]
-        rows = tok.shape[2]
+        lead, (rows, kv_len) = tok.shape[:2], tok.shape[2:]
         n_qb, n_kb = -(-rows // bm), -(-kv_len // bn)
-        pad_r, pad_c = n_qb * bm - rows, n_kb * bn - kv_len
-        row_ok = torch.arange(n_qb * bm, device=tok.device) < valid_rows
+        row_ok = torch.arange(n_qb * bm, device=tok.device) < rows
         col_ok = torch.arange(n_kb * bn, device=tok.device) < kv_len
         valid = (row_ok[:, None] & col_ok[None, :]).view(n_qb, bm, n_kb, bn).permute(0, 2, 1, 3)  # [nq, nk, bm, bn]
-        t = torch.nn.functional.pad(tok, (0, pad_c, 0, pad_r)).view(*lead, n_qb, bm, n_kb, bn).permute(0, 1, 2, 4, 3, 5)
-        t = t & valid  # [Bm, Hm, nq, nk, bm, bn]
-        any_ = t.flatten(-2).any(-1)
-        all_ = (t | ~valid).flatten(-2).all(-1) & any_
-        self._store(qb0, any_, all_ & any_, t)
+        t = torch.nn.functional.pad(tok, (0, n_kb * bn - kv_len, 0, n_qb * bm - rows))
+        t = t.view(*lead, n_qb, bm, n_kb, bn).permute(0, 1, 2, 4, 3, 5) & valid  # [Bm, Hm, nq, nk, bm, bn]
+        index = torch.meshgrid(*(torch.arange(n, device=tok.device) for n in (*lead, n_qb, n_kb)), indexing="ij")
+        index = (index[0], index[1], index[2] + qb0, index[3])
+        self.add_tiles(tuple(x.reshape(-1) for x in index), t.reshape(-1, bm, bn),
+                       valid.expand_as(t).reshape(-1, bm, bn))
 
     def add_tiles(self, index, tiles, valid):
         """Tiles given one by one: ``index`` = ``(b, h, qb, kb)`` int64 ``[P]`` each, ``tiles`` bool
-        ``[P, BM, BN]`` (False where invalid)."""
+        ``[P, BM, BN]`` (False where invalid): a tile with no kept pair is dropped, one that keeps every valid
+        pair is full, the others keep their bits."""
         any_ = tiles.flatten(1).any(1)
-        all_ = (tiles | ~valid).flatten(1).all(1) & any_
+        all_ = (tiles | ~valid).flatten(1).all(1)
         part = any_ & ~all_
         b, h, qb, kb = index
         self.keep[b[any_], h[any_], qb[any_], kb[any_]] = True
@@ -121,18 +120,6 @@ class TileAccumulator:
             self.slot[b[part], h[part], qb[part], kb[part]] = torch.arange(
                 self.n_slots, self.n_slots + n, device=tiles.device)
             self.words.append(pack_bits(tiles[part]))
-            self.n_slots += n
-
-    def _store(self, qb0, any_, full, t):
-        nq = any_.shape[2]
-        self.keep[:, :, qb0:qb0 + nq] = any_
-        part = any_ & ~full
-        n = int(part.sum())
-        if n:
-            slots = torch.full(part.shape, -1, dtype=torch.int64, device=part.device)
-            slots[part] = torch.arange(self.n_slots, self.n_slots + n, device=part.device)
-            self.slot[:, :, qb0:qb0 + nq] = slots
-            self.words.append(pack_bits(t[part]))
             self.n_slots += n
 
     def result(self):

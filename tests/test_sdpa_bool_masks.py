@@ -1,6 +1,7 @@
 """The SDPA drop-in runs bool attn_masks sparse where they are key padding or block-structured, exactly;
 other masks fall back to the original SDPA, counted."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,22 +14,23 @@ class Full:
         return BlockSparseMask.full(q.shape[2], k.shape[2], 32, device=q.device)
 
 
-def test_key_padding_per_row_runs_sparse_and_exact():
-    q, k, v = (torch.randn(2, 2, 128, 32) for _ in range(3))
+def _key_padding_per_row():
     keep = torch.zeros(2, 1, 1, 128, dtype=torch.bool)
     keep[0, ..., 10:128] = True  # left padding
     keep[1, ..., :77] = True  # right padding
-    with patch_sdpa(Full()) as patch:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-5, rtol=1e-4)
-    assert patch.stats["sparse"] == 1
+    return keep
 
 
-def test_block_structured_mask_runs_sparse_and_exact():
-    q, k, v = (torch.randn(1, 2, 128, 32) for _ in range(3))
-    tiles = torch.rand(1, 2, 4, 4) < 0.5
+def _block_structured():
+    tiles = torch.rand(2, 2, 4, 4) < 0.5
     tiles[..., 0] = True
-    keep = tiles.repeat_interleave(32, 2).repeat_interleave(32, 3)
+    return tiles.repeat_interleave(32, 2).repeat_interleave(32, 3)
+
+
+@pytest.mark.parametrize("make_mask", [_key_padding_per_row, _block_structured], ids=["key-padding", "tiles"])
+def test_expressible_masks_run_sparse_and_exact(make_mask):
+    q, k, v = (torch.randn(2, 2, 128, 32) for _ in range(3))
+    keep = make_mask()
     with patch_sdpa(Full()) as patch:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-5, rtol=1e-4)

@@ -345,15 +345,18 @@ class _Route:
             return self.fallback("outside the chosen modules", args)
         if self.self_attention_only and isinstance(key, torch.Tensor) and query.shape[-2] != key.shape[-2]:
             return self.fallback("cross-attention", args)
-        n_valid = None if is_causal else _key_padding_len(attn_mask, query, key)
-        if n_valid is not None:  # keys past n_valid are padding for every row: attention over the prefix is exact
-            key, value, attn_mask = key[:, :, :n_valid], value[:, :, :n_valid], None
-        # other bool masks that the kernels express exactly: key padding per batch row (a range), or a mask
-        # that keeps or drops whole tiles (checked at the pattern's block size once it is known)
+        # bool masks that the kernels express exactly: key padding per batch row (a range), or a mask that keeps
+        # or drops whole tiles (checked at the pattern's block size once it is known)
         kv_range, bool_mask = None, None
         if attn_mask is not None and not is_causal and _is_bool_mask(attn_mask, query, key):
             kv_range = _key_padding_ranges(attn_mask, key)
-            bool_mask, attn_mask = (None if kv_range is not None else attn_mask), None
+            if kv_range is None:
+                bool_mask = attn_mask
+            elif bool((kv_range[:, 0] == 0).all() & (kv_range[:, 1] == kv_range[0, 1]).all()):
+                # the same kept prefix in every row: attention over those keys only (what a search observes)
+                n_valid = int(kv_range[0, 1])
+                key, value, kv_range = key[:, :, :n_valid], value[:, :, :n_valid], None
+            attn_mask = None
         reason = _unsupported(self.config, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if reason is not None:
             return self.fallback(reason, args)
@@ -445,23 +448,6 @@ def _and_tile_mask(mask, attn_mask):
         return None
     return BlockSparseMask.from_tile_evaluator(mask.tile_tokens, tiles.expand(shape), mask.block_size,
                                                mask.seq_lens, full=full.expand(shape))
-
-
-def _key_padding_len(attn_mask, query, key) -> Optional[int]:
-    """``n`` when ``attn_mask`` is a bool key-padding mask ``[B|1, 1, 1, Lk]`` keeping exactly the first ``n`` keys
-    of every batch row (text padding at the end, as HunyuanVideo passes it), else None."""
-    if not (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool and attn_mask.dim() == 4
-            and isinstance(key, torch.Tensor) and key.dim() == 4 and query.dim() == 4):
-        return None
-    kv_len = key.shape[-2]
-    if attn_mask.shape[1:3] != (1, 1) or attn_mask.shape[3] != kv_len or attn_mask.shape[0] not in (1, key.shape[0]):
-        return None
-    rows = attn_mask.reshape(attn_mask.shape[0], kv_len)
-    n = int(rows[0].sum())
-    prefix = torch.arange(kv_len, device=rows.device) < n
-    if n == 0 or not bool((rows == prefix).all()):
-        return None
-    return n
 
 
 def _unsupported(config, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
