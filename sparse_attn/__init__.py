@@ -14,6 +14,8 @@ from .routed import RoutedMask, routed_attention
 from .layout import TokenLayout
 from .quality import attention_quality
 from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
+from .decode import sparse_attention_with_kvcache
+from .kvcache import PageSummaries
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,5 +23,5 @@ __all__ = [
     "sparse_attention_varlen", "stack_masks", "ranges_from_attention_mask", "ranges_from_lengths",
     "permuted_attention", "RoutedMask", "routed_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
-    "patch_sdpa", "sparse_sdpa", "__version__",
+    "patch_sdpa", "sparse_sdpa", "sparse_attention_with_kvcache", "PageSummaries", "__version__",
 ]

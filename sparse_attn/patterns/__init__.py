@@ -25,6 +25,8 @@ from .region import RegionRouting
 from .search import PatternSearch, SearchPlan, search_plan
 from .grid import candidate_grid
 from .synthetic import build_cost_table, pattern_table, planted_qkv
+from .decode import (KineticsSelect, QuestSelect, decode_pattern_from_dict, get_decode_pattern,
+                     list_decode_patterns)
 
 __all__ = [
     "padding", "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
@@ -33,4 +35,5 @@ __all__ = [
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",
     "VideoChunkSelect", "RegionRouting", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
     "pattern_table", "build_cost_table", "planted_qkv",
+    "KineticsSelect", "QuestSelect", "get_decode_pattern", "list_decode_patterns", "decode_pattern_from_dict",
 ]

@@ -1,0 +1,80 @@
+"""The PyTorch decode path for CPU tensors: gather the selected pages, attend with the group packed as rows.
+
+Same signature and outputs as :func:`sparse_attn_kernels.decode.fwd.decode_fwd` (``n_splits`` is
+accepted and ignored: one pass per (row, kv head) needs no split). Work is chunked over
+(batch row, kv head) pairs so that the gathered K/V of a chunk stay within ``CHUNK_BYTES`` and
+in cache while they are read. Keys past ``cache_seqlens``, list entries past ``counts`` and pages
+outside the list never reach an output; a row that keeps a non-finite value gets NaN.
+"""
+
+import torch
+
+from .._common.softmax import accum_dtype, softmax_rows
+
+CHUNK_BYTES = 8 * 1024 * 1024  # gathered K + V per chunk
+
+
+def _gather(cache, block_table, b_idx, h_idx, pg, page_size):
+    """Keys of pages ``pg [n, W]`` for (batch row, kv head) pairs ``b_idx, h_idx [n]``: ``[n, W * P, D]``."""
+    offs = torch.arange(page_size, device=cache.device)
+    if block_table is None:  # [B, Hkv, Lmax, D]
+        tok = (pg[:, :, None] * page_size + offs).clamp(max=cache.shape[2] - 1).flatten(1)  # [n, W*P]
+        return cache[b_idx[:, None], h_idx[:, None], tok]
+    phys = block_table[b_idx[:, None], pg].long().clamp(min=0)  # [n, W]
+    out = cache[phys[:, :, None], offs[None, None, :], h_idx[:, None, None]]  # [n, W, P, D]
+    return out.flatten(1, 2)
+
+
+def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal, scale, page_size,
+                   n_splits=None):
+    """Decode attention over the selected pages with PyTorch ops (see :func:`~.fwd.decode_fwd`).
+
+    Returns:
+        ``(o [B, Hq, Lq, D]`` in q's dtype, ``lse [B, Hq, Lq]`` float32, float64 for float64 inputs).
+    """
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+    group = n_q_heads // n_kv_heads
+    n_rows, width, dev = group * q_len, pages.shape[-1], q.device
+    acc = accum_dtype(q.dtype)
+    o = torch.empty((batch, n_kv_heads, n_rows, head_dim), dtype=q.dtype, device=dev)
+    lse = torch.empty((batch, n_kv_heads, n_rows), dtype=acc, device=dev)
+    if q.numel() == 0:
+        return o.view(q.shape), lse.view(q.shape[:3])
+    qg = q.reshape(batch, n_kv_heads, n_rows, head_dim)  # rows of a group: (head, query), head-major
+    pairs = torch.arange(batch * n_kv_heads, device=dev)
+    b_all, h_all = pairs // n_kv_heads, pairs % n_kv_heads
+    cnt_all = counts.expand(batch, n_kv_heads).reshape(-1).long()  # [B*Hkv]
+    pg_all = pages.expand(batch, n_kv_heads, width).reshape(-1, width).long()  # [B*Hkv, W]
+    seq_all = seqlens.long()[b_all]  # [B*Hkv]
+    row_q = torch.arange(n_rows, device=dev) % q_len  # [R]
+    step = max(1, CHUNK_BYTES // max(1, 2 * width * page_size * head_dim * k_cache.element_size()))
+    offs = torch.arange(page_size, device=dev)
+    for c0 in range(0, batch * n_kv_heads, step):
+        sl = slice(c0, min(c0 + step, batch * n_kv_heads))
+        b_idx, h_idx, seq = b_all[sl], h_all[sl], seq_all[sl]
+        entry_ok = torch.arange(width, device=dev)[None, :] < cnt_all[sl, None]  # [n, W]
+        pg = torch.where(entry_ok, pg_all[sl], 0)
+        tok = pg[:, :, None] * page_size + offs  # [n, W, P]
+        tok_ok = (entry_ok[:, :, None] & (tok < seq[:, None, None])).flatten(1)  # [n, W*P]
+        k = _gather(k_cache, block_table, b_idx, h_idx, pg, page_size).to(acc)  # [n, W*P, D]
+        v = _gather(v_cache, block_table, b_idx, h_idx, pg, page_size).to(acc)  # [n, W*P, D]
+        keep = tok_ok[:, None, :]  # [n, 1|R, W*P]
+        if causal and q_len > 1:
+            last = seq[:, None] - q_len + row_q[None, :]  # [n, R]
+            keep = keep & (tok.flatten(1)[:, None, :] <= last[:, :, None])
+        s = torch.matmul(qg[b_idx, h_idx].to(acc), k.transpose(1, 2)) * scale  # [n, R, W*P]
+        s = s.masked_fill(~keep, float("-inf"))
+        v_ok = torch.isfinite(v).all(-1)  # [n, W*P]
+        bad = None
+        if not bool(v_ok.all()):
+            bad = (keep & ~v_ok[:, None, :]).any(-1)  # [n, R]
+            v = v.masked_fill(~v_ok[:, :, None], 0.0)
+        o_c, lse_c = softmax_rows(s, v)  # [n, R, D], [n, R, 1]
+        lse_c = lse_c.squeeze(-1)
+        if bad is not None:
+            o_c = o_c.masked_fill(bad[:, :, None], float("nan"))
+            lse_c = lse_c.masked_fill(bad, float("nan"))
+        o[b_idx, h_idx] = o_c.to(q.dtype)
+        lse[b_idx, h_idx] = lse_c
+    return o.view(batch, n_kv_heads, group, q_len, head_dim).reshape(q.shape), lse.view(q.shape[:3])

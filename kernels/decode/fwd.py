@@ -1,0 +1,196 @@
+"""Triton split-K decode kernel over the selected pages of a KV cache, and its launcher.
+
+One program handles one (batch row, kv head, row tile, split). Its tile packs the query rows of
+every query head of the GQA group (row ``r`` = head ``r // Lq`` of the group, query ``r % Lq``), so a
+K/V page is read once per group. The selected pages of a (batch row, kv head) are cut into
+``S`` contiguous ranges of the page list, one per split; each split runs an online softmax over its
+pages and writes a normalized partial output and its LSE; :func:`~.merge.merge_splits` combines them
+(flash-decoding). Lengths, list widths and the split count are runtime values: a new cache length
+never recompiles the kernel.
+
+Caches: contiguous ``[B, Hkv, Lmax, D]``, or paged ``[num_pages, page_size, Hkv, D]`` with
+``block_table [B, max_pages]`` (the ``flash_attn_with_kvcache`` layout). Keys past ``cache_seqlens``
+and pages outside the list are never read; with ``causal``, query ``i`` of ``Lq`` sees key
+``j <= seqlen - Lq + i`` (bottom-right).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common.config import dot_precision, interpreting, pow2_at_least
+from .._common.tile_jit import finite_rows
+from .merge import merge_splits
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit(do_not_specialize=["n_kv_heads", "q_len", "n_rows", "n_splits"])
+def _decode_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seqlens_ptr, counts_ptr, pages_ptr, table_ptr,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_os, stride_or, stride_lb, stride_lh, stride_ls,
+    stride_cb, stride_ch, stride_pb, stride_ph, stride_tb,
+    n_kv_heads, q_len, n_rows, n_splits, qk_scale,
+    GROUP: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # 1-D grid: split fastest, then row tile, then (batch, kv head)
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    split = pid % n_splits
+    tile = (pid // n_splits) % n_tiles
+    bh = pid // (n_splits * n_tiles)
+    b = (bh // n_kv_heads).to(tl.int64)
+    h_kv = (bh % n_kv_heads).to(tl.int64)
+
+    offs_r = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] packed (group head, query) rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
+    offs_t = tl.arange(0, PAGE)  # [PAGE]
+    row_ok = offs_r < n_rows
+    d_ok = offs_d < HEAD_DIM
+    h_q = h_kv * GROUP + offs_r // q_len  # [BLOCK_M] query head of each row
+    i_q = offs_r % q_len  # [BLOCK_M] query position of each row
+    q_ptrs = q_ptr + b * stride_qb + h_q[:, None] * stride_qh + i_q[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, D]
+    seqlen = tl.load(seqlens_ptr + b)
+    last_key = seqlen - q_len + i_q  # [BLOCK_M] bottom-right causal: the last key row r sees
+
+    # -- this split's share of the page list ----
+    count = tl.load(counts_ptr + b * stride_cb + h_kv * stride_ch)
+    per = tl.cdiv(count, n_splits)
+    lo = split * per
+    hi = tl.minimum(lo + per, count)
+    page_row = pages_ptr + b * stride_pb + h_kv * stride_ph
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that kept a non-finite value
+    for it in range(lo, hi):
+        page = tl.load(page_row + it).to(tl.int64)
+        tok = page * PAGE + offs_t  # [PAGE] logical key positions
+        tok_ok = tok < seqlen
+        if PAGED:
+            phys = tl.load(table_ptr + b * stride_tb + page).to(tl.int64)
+            k_rows = k_ptr + phys * stride_kb + h_kv * stride_kh + offs_t * stride_kn  # [PAGE]
+            v_rows = v_ptr + phys * stride_vb + h_kv * stride_vh + offs_t * stride_vn
+        else:
+            k_rows = k_ptr + b * stride_kb + h_kv * stride_kh + tok * stride_kn  # [PAGE]
+            v_rows = v_ptr + b * stride_vb + h_kv * stride_vh + tok * stride_vn
+        kv_mask = tok_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [PAGE, D]
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [PAGE, D]
+        # -- compute qk (log2 domain) ----
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, PAGE]
+        keep = row_ok[:, None] & tok_ok[None, :]  # [BLOCK_M, PAGE]
+        if CAUSAL:
+            keep = keep & (tok[None, :] <= last_key[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+        # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
+        v_ok = finite_rows(v)  # [PAGE]
+        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+        v = tl.where(v_ok[:, None] != 0, v, 0.0)
+        # -- online softmax; rows that have seen nothing keep m = -inf ----
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, PAGE]
+        alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+        m_i = m_new
+
+    # -- epilogue: a split that saw no key gives o = 0, lse = -inf; a NaN row keeps NaN ----
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]  # [BLOCK_M, D]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
+    o = tl.where(bad[:, None] != 0, float("nan"), o)
+    lse = tl.where(bad != 0, float("nan"), lse)
+    o_ptrs = o_ptr + b * stride_ob + h_kv * stride_oh + split * stride_os + offs_r[:, None] * stride_or + offs_d[None, :]
+    tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + b * stride_lb + h_kv * stride_lh + split * stride_ls + offs_r, lse, mask=row_ok)
+
+
+def _configs():
+    """num_warps/num_stages candidates (one under the interpreter or ``SPARSE_ATTN_NO_AUTOTUNE=1``)."""
+    if interpreting() or os.environ.get("SPARSE_ATTN_NO_AUTOTUNE", "0") == "1":
+        return [triton.Config({}, num_warps=4, num_stages=2)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
+
+
+_autotuned_kernel = triton.autotune(
+    configs=_configs(), key=["GROUP", "PAGED", "CAUSAL", "PAGE", "BLOCK_M", "HEAD_DIM_PAD", "DOT_PRECISION"],
+)(_decode_fwd_kernel)
+
+
+def row_tile(n_rows):
+    """``BLOCK_M`` for ``n_rows = GROUP * Lq`` packed rows: a power of two in 16..64."""
+    return min(64, pow2_at_least(n_rows, 16))
+
+
+def default_splits(width, batch, n_kv_heads, n_rows, device):
+    """Splits per (batch row, kv head) for a list of up to ``width`` pages: enough programs to fill the
+    device, at least 4 pages per split."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the interpreter: a few splits, so the merge is always exercised
+    programs = batch * n_kv_heads * -(-max(1, n_rows) // row_tile(max(1, n_rows)))
+    return max(1, min(-(-target // max(1, programs)), max(1, width // 4)))
+
+
+def decode_fwd(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal, scale, page_size, n_splits=None):
+    """Launch the split-K decode kernel and merge its splits.
+
+    Args:
+        q: ``[B, Hq, Lq, D]`` with unit last stride.
+        k_cache, v_cache: contiguous ``[B, Hkv, Lmax, D]``, or paged ``[num_pages, page_size, Hkv, D]``
+            (then ``block_table`` is int32 ``[B, max_pages]``); unit last stride.
+        seqlens: int32 ``[B]`` valid keys per row (the queries are the last ``Lq`` of them).
+        counts: int32 ``[B, Hkv]`` (strides may be 0) selected pages per (row, kv head).
+        pages: int32 ``[B, Hkv, W]`` (strides may be 0) logical page indices; the first ``counts`` are used.
+        causal: bottom-right causal masking for ``Lq > 1``.
+        scale: softmax scale.
+        page_size: tokens per page (a power of two >= 16).
+        n_splits: splits per (row, kv head); None chooses from the device and the list width.
+
+    Returns:
+        ``(o, lse)``: o ``[B, Hq, Lq, D]`` in q's dtype, lse float32 ``[B, Hq, Lq]`` (natural log).
+    """
+    batch, n_q_heads, q_len, head_dim = q.shape
+    paged = block_table is not None
+    n_kv_heads = k_cache.shape[2] if paged else k_cache.shape[1]
+    group = n_q_heads // n_kv_heads
+    n_rows = group * q_len
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+    block_m = row_tile(n_rows)
+    n_tiles = -(-n_rows // block_m)
+    width = pages.shape[-1]
+    splits = n_splits or default_splits(width, batch, n_kv_heads, n_rows, q.device)
+    # partial results, poisoned so that an element no program writes shows up as NaN
+    o_part = torch.full((batch, n_kv_heads, splits, n_rows, head_dim), float("nan"), dtype=torch.float32,
+                        device=q.device)
+    lse_part = torch.full((batch, n_kv_heads, splits, n_rows), float("nan"), dtype=torch.float32, device=q.device)
+    if paged:  # [pages, page_size, Hkv, D]: (page, head, token) strides
+        ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1))
+        vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1))
+        table = block_table
+    else:
+        ks, vs = k_cache.stride()[:3], v_cache.stride()[:3]
+        table = seqlens  # unused
+    grid = (batch * n_kv_heads * n_tiles * splits,)
+    _autotuned_kernel[grid](
+        q, k_cache, v_cache, o_part, lse_part, seqlens, counts, pages, table,
+        *q.stride()[:3], *ks, *vs, *o_part.stride()[:4], *lse_part.stride()[:3],
+        counts.stride(0), counts.stride(1), pages.stride(0), pages.stride(1), table.stride(0) if paged else 0,
+        n_kv_heads, q_len, n_rows, splits, scale * LOG2E,
+        GROUP=group, PAGED=paged, CAUSAL=bool(causal) and q_len > 1, PAGE=page_size, BLOCK_M=block_m,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16), DOT_PRECISION=dot_precision(q.dtype),
+    )
+    o, lse = merge_splits(o_part, lse_part)  # [B, Hkv, R, D], [B, Hkv, R]
+    o = o.view(batch, n_kv_heads, group, q_len, head_dim).reshape(batch, n_q_heads, q_len, head_dim)
+    return o.to(q.dtype), lse.view(batch, n_q_heads, q_len)

@@ -1,0 +1,146 @@
+"""KV caches for decoding: appending new tokens, and per-page key summaries kept as tokens arrive.
+
+Two layouts (the ``flash_attn_with_kvcache`` ones, with our head-major contiguous layout):
+
+- contiguous: ``k_cache, v_cache [B, Hkv, Lmax, D]``; page ``p`` of row ``b`` is tokens ``[p*P, (p+1)*P)``;
+- paged: ``k_cache, v_cache [num_pages, page_size, Hkv, D]`` and ``block_table`` int32 ``[B, max_pages]``:
+  logical page ``p`` of row ``b`` is physical page ``block_table[b, p]``.
+
+:class:`PageSummaries` holds, per page and kv head, the mean and the per-channel min and max of the
+valid keys (those below the row's length); empty pages hold zeros. :meth:`PageSummaries.update`
+recomputes only the pages that the appended tokens touched, so a selection never rescans the cache.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_CHUNK_PAGES = 256  # pages summarized at a time when many are (a first summary of a long cache)
+
+def _page_stats(keys, valid):
+    """``keys [..., P, D]``, ``valid`` bool ``[..., P]`` -> float32 ``(mean, kmin, kmax)`` ``[..., D]``."""
+    keys = keys.float()
+    v = valid[..., None]
+    n = valid.sum(-1, keepdim=True)  # [..., 1]
+    mean = keys.masked_fill(~v, 0.0).sum(-2) / n.clamp(min=1)
+    kmin = keys.masked_fill(~v, float("inf")).amin(-2)
+    kmax = keys.masked_fill(~v, float("-inf")).amax(-2)
+    empty = n == 0
+    return mean, kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
+
+
+def num_pages(k_cache, page_size, block_table=None):
+    """Logical pages per batch row."""
+    return block_table.shape[1] if block_table is not None else -(-k_cache.shape[2] // page_size)
+
+
+@dataclass
+class PageSummaries:
+    """Key summaries per page: ``mean``, ``kmin``, ``kmax`` float32.
+
+    Contiguous caches: ``[B, Hkv, NP, D]`` (``NP = ceil(Lmax / page_size)``), per logical page; paged caches:
+    ``[num_pages, Hkv, D]``, per physical page (rows that share a page share its summary).
+
+    Example:
+        >>> k = torch.randn(1, 2, 40, 16)
+        >>> s = PageSummaries.from_cache(k, torch.tensor([40]), page_size=16)
+        >>> tuple(s.mean.shape), bool(torch.allclose(s.mean[0, :, 0], k[0, :, :16].mean(1)))
+        ((1, 2, 3, 16), True)
+    """
+
+    mean: torch.Tensor
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    page_size: int
+    paged: bool
+
+    @classmethod
+    def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None) -> "PageSummaries":
+        """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row)."""
+        if block_table is not None:
+            page_size = k_cache.shape[1]
+            shape = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3])
+        else:
+            shape = (k_cache.shape[0], k_cache.shape[1], num_pages(k_cache, page_size), k_cache.shape[3])
+        zeros = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        out = cls(zeros, zeros.clone(), zeros.clone(), int(page_size), block_table is not None)
+        start = torch.zeros_like(torch.as_tensor(cache_seqlens, device=k_cache.device))
+        return out.update(k_cache, start, cache_seqlens, block_table=block_table)
+
+    def update(self, k_cache, start, end, *, block_table=None) -> "PageSummaries":
+        """Recompute the pages holding tokens ``[start_b, end_b)`` of each row; ``end [B]`` is the row's length
+        after the append. Returns self (updated in place)."""
+        P, dev = self.page_size, k_cache.device
+        start, end = torch.as_tensor(start, device=dev).long(), torch.as_tensor(end, device=dev).long()
+        if end.numel() == 0 or bool((end <= start).all()):
+            return self
+        first = int((start // P).min())
+        last = int(((end - 1).clamp(min=0) // P).max()) + 1
+        pages = torch.arange(first, last, device=dev)  # [n] logical pages touched by some row
+        offs = torch.arange(P, device=dev)
+        if not self.paged:  # [B, Hkv, Lmax, D] -> pages [B, Hkv, n, P, D], a bounded number at a time
+            n_tok = k_cache.shape[2]
+            for c0 in range(first, last, _CHUNK_PAGES):
+                c1 = min(last, c0 + _CHUNK_PAGES)
+                tok = torch.arange(c0, c1, device=dev)[:, None] * P + offs  # [n, P]
+                keys = k_cache[:, :, tok.clamp(max=n_tok - 1)]  # [B, Hkv, n, P, D]
+                valid = (tok[None] < end[:, None, None]) & (tok[None] < n_tok)  # [B, n, P]
+                mean, kmin, kmax = _page_stats(keys, valid[:, None])
+                self.mean[:, :, c0:c1], self.kmin[:, :, c0:c1], self.kmax[:, :, c0:c1] = mean, kmin, kmax
+            return self
+        # paged: only the (row, page) pairs a row owns and touched; their physical pages are written
+        owned = (pages[None] >= start[:, None] // P) & (pages[None] * P < end[:, None])  # [B, n]
+        b_idx, p_idx = owned.nonzero(as_tuple=True)
+        page = pages[p_idx]
+        phys = block_table[b_idx, page].long()  # [m]
+        valid = page[:, None] * P + offs < end[b_idx, None]  # [m, P]
+        keys = k_cache[phys].transpose(1, 2)  # [m, Hkv, P, D]
+        mean, kmin, kmax = _page_stats(keys, valid[:, None])
+        self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
+        return self
+
+    def logical(self, block_table=None):
+        """``(mean, kmin, kmax)`` per logical page ``[B, Hkv, NP, D]`` (paged: gathered by ``block_table``)."""
+        if not self.paged:
+            return self.mean, self.kmin, self.kmax
+        idx = block_table.long().clamp(min=0)  # entries past a row's pages are never selected
+        return tuple(t[idx].transpose(1, 2) for t in (self.mean, self.kmin, self.kmax))
+
+    def logical_mean(self, block_table=None):
+        """``mean [B, Hkv, NP, D]`` alone (what a mean-based selection reads)."""
+        if not self.paged:
+            return self.mean
+        return self.mean[block_table.long().clamp(min=0)].transpose(1, 2)
+
+
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
+    """Write ``k, v [B, Hkv, Lnew, D]`` at positions ``cache_seqlens[b] + [0, Lnew)`` of each row, in place.
+
+    Returns:
+        int32 ``[B]``: the lengths after the append.
+    """
+    batch, _, new, _ = k.shape
+    dev = k_cache.device
+    seq = cache_seqlens.long()
+    pos = seq[:, None] + torch.arange(new, device=dev)  # [B, Lnew]
+    if block_table is None:
+        capacity = k_cache.shape[2]
+    else:
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    if new and batch and int(pos.max()) >= capacity:
+        raise ValueError(f"k: appending {new} tokens after cache_seqlens (max {int(seq.max())}) overflows the cache "
+                         f"capacity of {capacity} tokens per row.")
+    rows = torch.arange(batch, device=dev)[:, None]
+    if block_table is None:  # k_cache[b, :, pos] -> [B, Lnew, Hkv, D]
+        k_cache[rows, :, pos] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[rows, :, pos] = v.transpose(1, 2).to(v_cache.dtype)
+    else:
+        page_size = k_cache.shape[1]
+        phys = block_table[rows, pos // page_size].long()  # [B, Lnew]
+        k_cache[phys, pos % page_size] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache[phys, pos % page_size] = v.transpose(1, 2).to(v_cache.dtype)
+    return (seq + new).to(torch.int32)
+
+
+__all__ = ["PageSummaries", "append_kv", "num_pages"]

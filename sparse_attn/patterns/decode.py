@@ -1,0 +1,213 @@
+"""Page selection for decoding: which KV-cache pages each (batch row, kv head) attends.
+
+A decode pattern is a frozen dataclass with
+``select(q, summaries, cache_seqlens, *, block_table=None) -> pages`` (int32 ``[B, Hkv, W]``, sorted,
+``-1`` after the used entries), the ``pages`` argument of
+:func:`~sparse_attn.decode.sparse_attention_with_kvcache`. It reads the per-page key summaries
+(:class:`~sparse_attn.kvcache.PageSummaries`), never the cache. Selection is per kv head: the query
+heads of a GQA group share their pages, so the kernel reads each page once per group.
+
+- ``kinetics`` (Kinetics, Infini-AI-Lab/Kinetics): score = mean over the group's query heads (and
+  queries) of ``q . mean(page keys)``; the top pages plus the current page, sinks and a local window.
+- ``quest`` (Quest, mit-han-lab/Quest): score = upper bound of ``q . k`` over the page from the per-channel
+  min/max of its keys, ``sum_d max(q_d min_d, q_d max_d)``, maxed over the group's query heads; top pages
+  (plus the current page, which holds the query's own key).
+
+Budget ``k``: total pages per (row, kv head), forced pages included: an int, a fraction of the row's
+pages (float in (0, 1]), or a tuple with one of those per kv head. Registry: :func:`get_decode_pattern`.
+
+Example:
+    >>> pat = get_decode_pattern("kinetics", k=0.125)
+    >>> decode_pattern_from_dict(pat.to_dict()) == pat
+    True
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Tuple, Union
+
+import torch
+
+_DECODE: Dict[str, type] = {}
+Budget = Union[int, float, Tuple[Union[int, float], ...]]
+
+
+def register_decode(name: str):
+    """Class decorator: make a decode pattern available as ``get_decode_pattern(name)``."""
+    def deco(cls):
+        if name in _DECODE:
+            raise ValueError(f"decode pattern name {name!r} is already registered to {_DECODE[name].__name__}.")
+        cls.name = name
+        _DECODE[name] = cls
+        return cls
+    return deco
+
+
+def list_decode_patterns() -> list:
+    """Registered decode pattern names, sorted."""
+    return sorted(_DECODE)
+
+
+def get_decode_pattern(name: str, **kw):
+    """A configured decode pattern by name, e.g. ``get_decode_pattern("quest", k=64)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}.")
+    if name not in _DECODE:
+        raise ValueError(f"unknown decode pattern {name!r}; expected one of {list_decode_patterns()}.")
+    return _DECODE[name](**kw)
+
+
+def decode_pattern_from_dict(d):
+    """Inverse of ``to_dict()``."""
+    if not isinstance(d, dict) or "name" not in d:
+        raise ValueError(f"a decode pattern config must be a dict with a 'name' key, got {d!r}.")
+    d = dict(d)
+    if isinstance(d.get("k"), list):
+        d["k"] = tuple(d["k"])
+    return get_decode_pattern(d.pop("name"), **d)
+
+
+def _check_budget(k):
+    items = k if isinstance(k, tuple) else (k,)
+    if not items:
+        raise ValueError("k must not be an empty tuple.")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"k must be an int, a float or a tuple of them, got {k!r}.")
+        if isinstance(x, int) and x < 1:
+            raise ValueError(f"k: a page count must be >= 1, got {x}.")
+        if isinstance(x, float) and not 0.0 < x <= 1.0:
+            raise ValueError(f"k: a fraction of the pages must be in (0, 1], got {x}.")
+
+
+def budget_pages(k, n_kv_heads, row_pages):
+    """Pages per (row, kv head): int64 ``[B, Hkv]`` from budget ``k`` and ``row_pages [B]`` (the row's pages)."""
+    items = k if isinstance(k, tuple) else (k,) * n_kv_heads
+    if len(items) != n_kv_heads:
+        raise ValueError(f"k: a per-head budget needs one entry per kv head ({n_kv_heads}), got {len(items)}.")
+    n = row_pages.double()[:, None]
+    out = [torch.ceil(n * x) if isinstance(x, float) else torch.full_like(n, x) for x in items]
+    return torch.minimum(torch.cat(out, 1), n).long()
+
+
+@dataclass(frozen=True)
+class PageSelect:
+    """Shared selection: forced pages (current, sinks, window) plus the best-scored ones up to ``k``."""
+
+    name: ClassVar[str] = "page_select"
+    k: Budget = 0.125
+    sink: int = 0
+    window: int = 0
+
+    def __post_init__(self):
+        _check_budget(self.k)
+        for field in ("sink", "window"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{field} must be an int >= 0 (tokens), got {value!r}.")
+
+    def scores(self, q, summaries, block_table):
+        """float ``[B, Hkv, NP]`` page scores (higher = more important)."""
+        raise NotImplementedError
+
+    def forced(self, n_pages, seqlens, q_len, page_size):
+        """bool ``[B, NP]``: the pages of the queries' own keys, the sink tokens and the local window."""
+        p = torch.arange(n_pages, device=seqlens.device)[None, :]  # [1, NP]
+        seq = seqlens.long()[:, None]
+        first_new = (seq - q_len).clamp(min=0)
+        lo = (first_new - self.window).clamp(min=0) // page_size  # window and current pages
+        keep = (p >= lo) & (p * page_size < seq)
+        if self.sink:
+            keep = keep | ((p * page_size < self.sink) & (p * page_size < seq))
+        return keep
+
+    def select(self, q, summaries, cache_seqlens, *, block_table=None):
+        """int32 ``[B, Hkv, W]`` sorted pages per (row, kv head) of ``q [B, Hq, Lq, D]``; ``-1`` = unused.
+
+        ``cache_seqlens [B]``: keys in the cache, the new queries' own keys included.
+        """
+        scores = self.scores(q, summaries, block_table).float()  # [B, Hkv, NP]
+        batch, n_kv_heads, n_pages = scores.shape
+        P = summaries.page_size
+        seq = cache_seqlens.to(scores.device).long()
+        row_pages = (-(-seq // P)).clamp(max=n_pages)  # [B]
+        valid = torch.arange(n_pages, device=scores.device)[None, :] < row_pages[:, None]  # [B, NP]
+        forced = self.forced(n_pages, seq, q.shape[2], P)[:, None, :]  # [B, 1, NP]
+        budget = budget_pages(self.k, n_kv_heads, row_pages)  # [B, Hkv]
+        extra = (budget - forced.sum(-1)).clamp(min=0)  # [B, Hkv] pages chosen by score
+        keep = forced.expand(batch, n_kv_heads, n_pages).clone()
+        top = int(extra.max()) if extra.numel() else 0
+        if top:
+            cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
+            cand = cand.nan_to_num(nan=float("-inf"))
+            val, idx = cand.topk(min(top, n_pages), dim=-1)  # [B, Hkv, top]
+            rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
+            keep.scatter_(-1, idx, rank_ok & (val > float("-inf")))
+        return pages_from_keep(keep)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def pages_from_keep(keep):
+    """bool ``[B, H, NP]`` -> int32 sorted page lists ``[B, H, W]`` (``W`` = the most kept; ``-1`` pads)."""
+    n_pages = keep.shape[-1]
+    width = int(keep.sum(-1).max()) if keep.numel() else 0
+    idx = torch.where(keep, torch.arange(n_pages, device=keep.device), n_pages)
+    idx = idx.sort(dim=-1).values[..., :width]
+    return torch.where(idx < n_pages, idx, -1).to(torch.int32)
+
+
+def _grouped(q, n_kv_heads):
+    """``q [B, Hq, Lq, D]`` -> float32 ``[B, Hkv, G * Lq, D]`` (the rows of each GQA group)."""
+    batch, n_q_heads, q_len, dim = q.shape
+    return q.float().reshape(batch, n_kv_heads, (n_q_heads // n_kv_heads) * q_len, dim)
+
+
+@register_decode("kinetics")
+@dataclass(frozen=True)
+class KineticsSelect(PageSelect):
+    """Kinetics block top-k: ``mean_g(q) . mean(page keys)``; top pages + current page + sinks + window.
+
+    Defaults: 1/8 of the pages, 16 sink tokens, a 64-token local window (Kinetics: top 64 pages of 16 + current).
+    """
+
+    k: Budget = 0.125
+    sink: int = 16
+    window: int = 64
+
+    def scores(self, q, summaries, block_table):
+        mean = summaries.logical_mean(block_table)  # [B, Hkv, NP, D]
+        q_bar = _grouped(q, mean.shape[1]).mean(2)  # [B, Hkv, D]
+        return torch.matmul(mean, q_bar[..., None]).squeeze(-1)  # [B, Hkv, NP]
+
+
+@register_decode("quest")
+@dataclass(frozen=True)
+class QuestSelect(PageSelect):
+    """Quest: upper bound ``sum_d max(q_d min_d, q_d max_d)`` per page, maxed over the group; top pages."""
+
+    k: Budget = 0.125
+    sink: int = 0
+    window: int = 0
+
+    def scores(self, q, summaries, block_table):
+        _, kmin, kmax = summaries.logical(block_table)  # [B, Hkv, NP, D]
+        rows = _grouped(q, kmin.shape[1])  # [B, Hkv, R, D]
+        bound = torch.matmul(rows.clamp(min=0), kmax.transpose(-1, -2)) + torch.matmul(
+            rows.clamp(max=0), kmin.transpose(-1, -2))  # [B, Hkv, R, NP]
+        return bound.amax(2)
+
+
+def density(pages, cache_seqlens, page_size):
+    """Share of each row's pages that ``pages [B, H, W]`` keeps, averaged: a float."""
+    row_pages = (-(-cache_seqlens.long() // page_size)).clamp(min=1).double()
+    return float(((pages >= 0).sum(-1).double() / row_pages[:, None]).mean())
+
+
+__all__ = ["KineticsSelect", "QuestSelect", "PageSelect", "register_decode", "list_decode_patterns",
+           "get_decode_pattern", "decode_pattern_from_dict", "pages_from_keep", "budget_pages", "density"]
