@@ -193,4 +193,35 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
     return (o, lse.float()) if return_lse else o
 
 
-__all__ = ["sparse_attention_with_kvcache", "PageSummaries", "MAX_QUERIES"]
+class DecodeState:
+    """Page summaries of caches handed over whole at every step (transformers' ``DynamicCache`` and
+    ``StaticCache`` give the attention function ``key [B, Hkv, L, D]``), one entry per layer.
+
+    :meth:`summaries` recomputes only the pages of the keys added since the layer's last call; a call with
+    shorter lengths or another shape starts over, and :meth:`reset` (at every prefill) forgets a layer.
+    """
+
+    def __init__(self):
+        self._entries = {}
+
+    def reset(self, layer=None):
+        """Forget ``layer`` (None: every layer)."""
+        if layer is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(layer, None)
+
+    def summaries(self, layer, key, seqlens, page_size) -> PageSummaries:
+        """Summaries of ``key [B, Hkv, L, D]`` with ``seqlens [B]`` valid keys per row, kept up to date."""
+        entry = self._entries.get(layer)
+        shape = (key.shape[0], key.shape[1], key.shape[3], page_size, key.dtype, key.device)
+        need = -(-key.shape[2] // page_size)
+        if entry is None or entry[0] != shape or bool((seqlens < entry[2]).any()):
+            summ = PageSummaries.from_cache(key, seqlens, page_size=page_size)
+        else:
+            summ = entry[1].grow(need).update(key, entry[2], seqlens)
+        self._entries[layer] = (shape, summ, seqlens.clone())
+        return summ
+
+
+__all__ = ["sparse_attention_with_kvcache", "PageSummaries", "DecodeState", "MAX_QUERIES"]

@@ -100,6 +100,15 @@ class PageSummaries:
         self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
         return self
 
+    def grow(self, n_pages) -> "PageSummaries":
+        """Contiguous summaries with room for at least ``n_pages`` pages (new pages empty); self if enough."""
+        have = self.mean.shape[2]
+        if self.paged or n_pages <= have:
+            return self
+        pad = max(n_pages, 2 * have) - have  # geometric: a growing cache reallocates O(log L) times
+        grown = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (self.mean, self.kmin, self.kmax)]
+        return PageSummaries(*grown, page_size=self.page_size, paged=False)
+
     def logical(self, block_table=None):
         """``(mean, kmin, kmax)`` per logical page ``[B, Hkv, NP, D]`` (paged: gathered by ``block_table``)."""
         if not self.paged:

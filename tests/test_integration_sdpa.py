@@ -208,8 +208,8 @@ def test_presets_registry():
     from sparse_attn.integrations.presets import PRESETS, get_preset, list_presets
     from sparse_attn.patterns import Dense, PerHead, SlidingWindow, list_patterns
 
-    assert list_presets() == ["adaspa", "minference", "moba", "sparse_vdit", "sparsed", "streamingllm",
-                              "svg2"]
+    assert list_presets() == ["adaspa", "kinetics", "minference", "moba", "quest", "sparse_vdit", "sparsed",
+                              "streamingllm", "svg2"]
     assert all(p.differs and p.source for p in PRESETS.values())
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("flash")
@@ -301,7 +301,7 @@ def _round_trip(cfg):
     import json
 
     saved = cfg.to_dict()
-    back = SparseConfig.from_dict(json.loads(json.dumps(saved)))
+    back = type(cfg).from_dict(json.loads(json.dumps(saved)))  # a subclass (SparseDecodeConfig) loads its own
     assert back.to_dict() == saved  # policy, max_bytes, num_steps, num_layers, min_seq_len, backend, layout
     assert (back.cache is None) == (cfg.cache is None) and (cfg.cache is None or back.cache is not cfg.cache)
     return back

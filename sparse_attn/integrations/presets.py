@@ -175,6 +175,34 @@ def streamingllm(*, sink: int = 128, window: int = 1024, block_size: int = 64, m
     return SparseConfig(pattern, cache=StepCache(CachePolicy()), min_seq_len=min_seq_len, backend=backend)
 
 
+def _decode_config(select, prefill, page_size, min_context, min_seq_len, backend):
+    from .transformers import SparseDecodeConfig
+
+    return SparseDecodeConfig({} if prefill is None else prefill, min_seq_len=min_seq_len, backend=backend,
+                              decode=select, min_context=min_context, page_size=page_size)
+
+
+def kinetics(*, k=0.125, sink: int = 16, window: int = 64, page_size: int = 16, min_context: int = 4096,
+             prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
+    """Kinetics block top-k decoding (transformers ``generate()``): past ``min_context`` cached keys each step
+    attends the ``k`` pages (of ``page_size`` tokens) with the largest ``mean_group(q) . mean(page keys)``, the
+    current page, ``sink`` first tokens and a ``window`` of recent ones. ``prefill``: a prefill pattern (None:
+    dense prefill). Returns a :class:`~sparse_attn.integrations.transformers.SparseDecodeConfig`."""
+    from ..patterns.decode import KineticsSelect
+
+    return _decode_config(KineticsSelect(k=k, sink=sink, window=window), prefill, page_size, min_context,
+                          min_seq_len, backend)
+
+
+def quest(*, k=0.125, page_size: int = 16, min_context: int = 4096, prefill=None, min_seq_len: int = 1024,
+          backend: str = "auto"):
+    """Quest query-aware decoding: past ``min_context`` cached keys each step attends the ``k`` pages with the
+    largest upper bound ``sum_d max(q_d min_d, q_d max_d)`` from per-channel key min/max (and the current page)."""
+    from ..patterns.decode import QuestSelect
+
+    return _decode_config(QuestSelect(k=k), prefill, page_size, min_context, min_seq_len, backend)
+
+
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("sparsed", "diffusion LMs (LLaDA, Dream)", "SparseD (INV-WZQ/SparseD)",
            "the mask is built at the first sparse step from that step's q/k (SparseD keeps the softmax of its last "
@@ -194,6 +222,12 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "local window", moba),
     Preset("streamingllm", "LLM prefill (transformers)", "StreamingLLM A-shape",
            "applied at prefill only (decode runs dense over the whole cache; no KV eviction)", streamingllm),
+    Preset("kinetics", "LLM decoding (transformers generate)", "Kinetics block top-k (Infini-AI-Lab/Kinetics)",
+           "budget k counts every kept page (the paper: top 64 + the current page, here k=65); selection per kv "
+           "head; decode steps below min_context cached keys and left-padded batches run dense", kinetics),
+    Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",
+           "bound maxed over the query heads of a GQA group (one page list per kv head); the current page is "
+           "always kept; decode steps below min_context cached keys run dense", quest),
 )}
 
 
@@ -212,4 +246,4 @@ def get_preset(name: str, **kw) -> SparseConfig:
 
 
 __all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "minference", "moba",
-           "sparse_vdit", "sparsed", "streamingllm", "svg2"]
+           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest"]

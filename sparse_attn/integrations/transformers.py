@@ -15,6 +15,11 @@ masks that are not padding ranges (holes, packed documents, custom masks), dropo
 soft-capping, sliding windows, attention sinks, position biases, cross-attention, and layers the
 config keeps dense.
 
+Decode steps run sparse with a :class:`SparseDecodeConfig` (presets ``kinetics`` and ``quest``): past
+``min_context`` cached keys, each step (``Lq <= 16``) selects KV-cache pages from per-page key summaries kept
+per layer and attends only those (:func:`~sparse_attn.sparse_attention_with_kvcache`), with the contiguous
+``[B, Hkv, L, D]`` keys of a ``DynamicCache`` or a ``StaticCache``; left-padded batches decode dense.
+
 ``generate()`` rejects unknown keyword arguments, so per-call settings go through a context
 variable: ``with use(config): model.generate(...)``.
 
@@ -30,14 +35,16 @@ Example:
 
 import contextlib
 import contextvars
+import dataclasses
 from collections import Counter
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
+from ..decode import MAX_QUERIES, DecodeState, sparse_attention_with_kvcache
 from ..mask import BlockSparseMask
 from ..ops import sparse_attention
 from ..patterns import padding
@@ -80,6 +87,99 @@ def _dense_reason(cfg, module, query, key, value, attention_mask, ranges, dropou
     return None
 
 
+@dataclasses.dataclass
+class SparseDecodeConfig(SparseConfig):
+    """A :class:`SparseConfig` whose decode steps past ``min_context`` cached keys attend selected pages only.
+
+    ``pattern`` (and ``cache``, ``min_seq_len``) drive prefill as in :class:`SparseConfig` (``{}``: prefill
+    dense). Calls with ``Lq <= 16`` queries over a longer cache select pages with ``decode`` (a decode pattern
+    of :mod:`sparse_attn.patterns.decode`, e.g. ``KineticsSelect``) from per-page key summaries kept per layer
+    in ``state``, then run :func:`~sparse_attn.sparse_attention_with_kvcache`.
+
+    Attributes:
+        decode: the page selection (``select(q, summaries, cache_seqlens)``).
+        min_context: decode steps over fewer cached keys run transformers' dense attention.
+        page_size: tokens per page.
+
+    Example:
+        >>> from sparse_attn.patterns import KineticsSelect
+        >>> cfg = SparseDecodeConfig({}, decode=KineticsSelect(k=0.125), min_context=4096)
+        >>> cfg.pattern_for(0) is None, cfg.page_size
+        (True, 16)
+    """
+
+    decode: Any = None
+    min_context: int = 4096
+    page_size: int = 16
+    state: DecodeState = dataclasses.field(default_factory=DecodeState, repr=False, compare=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not callable(getattr(self.decode, "select", None)):
+            raise TypeError(f"decode must be a decode pattern with select(q, summaries, cache_seqlens), got "
+                            f"{type(self.decode).__name__}.")
+        for field in ("min_context", "page_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == "min_context" else 1):
+                raise ValueError(f"{field} must be a {'non-negative' if field == 'min_context' else 'positive'} "
+                                 f"int, got {value!r}.")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.update(decode=self.decode.to_dict(), min_context=self.min_context, page_size=self.page_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, d) -> "SparseDecodeConfig":
+        from ..patterns.decode import decode_pattern_from_dict
+
+        if not isinstance(d, dict) or "decode" not in d:
+            raise ValueError(f"a SparseDecodeConfig dict needs a 'decode' entry, got {str(d)[:200]!r}.")
+        d = dict(d)
+        decode = decode_pattern_from_dict(d.pop("decode"))
+        extra = {key: d.pop(key) for key in ("min_context", "page_size") if key in d}
+        base = SparseConfig.from_dict(d)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(SparseConfig)}, decode=decode,
+                   **extra)
+
+
+def _decode_seqlens(query, key, attention_mask, causal):
+    """``(seqlens [B] int32, None)`` for a decode call the sparse path takes, else ``(None, reason)``."""
+    if attention_mask is None:
+        return torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device), None
+    if query.shape[2] > 1:
+        return None, "decode (Lq > 1 with an attention mask)"
+    ranges = padding_ranges(attention_mask, bool(causal))
+    if ranges is None:
+        return None, "attention_mask"
+    if bool((ranges[1][:, 0] != 0).any()):
+        return None, "decode (left padding)"
+    return ranges[1][:, 1].to(torch.int32).contiguous(), None
+
+
+def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
+    """``(out [B, Hq, Lq, D] | None, reason)``: a decode step over selected pages, or why it stays dense."""
+    if dropout and module.training:
+        return None, "dropout"
+    for kw in _UNSUPPORTED_KWARGS:
+        if kwargs.get(kw) is not None:
+            return None, kw
+    if getattr(module, "is_cross_attention", False) or "Cross" in type(module).__name__:
+        return None, "cross-attention"
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or key.shape != value.shape:
+        return None, "dtype"
+    seqlens, reason = _decode_seqlens(query, key, attention_mask, causal)
+    if reason is not None:
+        return None, reason
+    if int(seqlens.max()) < cfg.min_context:
+        return None, "decode (short context)"
+    summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size)
+    pages = cfg.decode.select(query, summaries, seqlens)
+    out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=cfg.page_size,
+                                        causal=bool(causal), scale=scaling, backend=cfg.backend)
+    return out, None
+
+
 def _config(name) -> Optional[SparseConfig]:
     """The config of a call: the innermost :func:`use`, else the registered one. Eager code reads the context
     variable (per thread / task); code traced by torch.compile reads the process-wide stack of :func:`use`
@@ -103,6 +203,20 @@ def _make_forward(name):
                              f"register(config, name={name!r}) or run the model inside use(config).")
         layer = getattr(module, "layer_idx", None)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if getattr(cfg, "decode", None) is not None and not torch.compiler.is_compiling():
+            if query.shape[2] <= MAX_QUERIES and key.shape[2] > query.shape[2]:  # a decode step over a cache
+                out, reason = _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropout,
+                                             scaling, causal, kwargs)
+                if out is not None:
+                    counter["sparse:decode"] += 1
+                    watch.done = True
+                    return out.transpose(1, 2).contiguous(), None
+                cfg.state.reset(layer)
+                counter["dense:" + reason] += 1
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                              scaling=scaling, is_causal=is_causal, **kwargs)
+            # a prefill (a new sequence, or a new chunk): the next sparse decode step summarizes the cache afresh
+            cfg.state.reset(layer)
         # a padded batch, a chunked prefill after a cache or a static cache's empty slots: the mask is exactly
         # valid ranges (+ causal) per batch row, which the kernels apply as predicates
         ranges = None
@@ -215,4 +329,4 @@ def use(config):
         _USE_STACK.pop()
 
 
-__all__ = ["register", "unregister", "use", "stats"]
+__all__ = ["register", "unregister", "use", "stats", "SparseDecodeConfig"]
