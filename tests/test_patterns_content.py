@@ -43,16 +43,29 @@ def _tiles(p, bm, bn):
     return p.reshape(b, h, nq, bm, nk, bn).sum((3, 5))
 
 
-def _topk_ref(scores, ks, valid):
-    """Python loop: per row the ks[h] (or ks[h][m]) best valid tiles."""
+def _anchors_ref(lq, lk, bm, bn):
+    """Python loop: per query block, the key blocks of its rows' own positions (diagonal) and key block 0."""
+    out = torch.zeros(math.ceil(lq / bm), math.ceil(lk / bn), dtype=torch.bool)
+    for i in range(lq):
+        if i + lk - lq >= 0:
+            out[i // bm, (i + lk - lq) // bn] = True
+            out[i // bm, 0] = True
+    return out
+
+
+def _topk_ref(scores, ks, valid, anchors=None):
+    """Python loop: per row the ks[h] (or ks[h][m]) best valid tiles; ``anchors`` always kept and counted."""
     out = torch.zeros(scores.shape, dtype=torch.bool)
     for b in range(scores.shape[0]):
         for h in range(scores.shape[1]):
             for m in range(scores.shape[2]):
-                idx = valid[m].nonzero()[:, 0]
+                fixed = torch.zeros_like(valid[m]) if anchors is None else anchors[m] & valid[m]
+                idx = (valid[m] & ~fixed).nonzero()[:, 0]
                 n = ks[h][m] if isinstance(ks[h], (list, tuple)) else ks[h]
+                n = max(0, n - int(fixed.sum()))
                 top = idx[torch.argsort(scores[b, h, m, idx], descending=True)[:n]]
                 out[b, h, m, top] = True
+                out[b, h, m] |= fixed
     return out
 
 
@@ -63,7 +76,8 @@ def test_block_topk_matches_dense_reference(causal):
     mask = pat.build(q, k, causal=causal)
     mask.validate()
     scores = _pool(q, 32) @ _pool(k, 32).repeat_interleave(2, 1).transpose(-1, -2)
-    ref = _topk_ref(scores, [1, 2, 3, 5], _visible(160, 224, 32, 32, causal))
+    anchors = _anchors_ref(160, 224, 32, 32) if causal else None
+    ref = _topk_ref(scores, [1, 2, 3, 5], _visible(160, 224, 32, 32, causal), anchors)
     assert torch.equal(mask.to_block_dense(), ref)
     if not causal:  # budgets respected exactly
         assert mask.counts[0, :, 0].tolist() == [1, 2, 3, 5]
@@ -87,12 +101,14 @@ def test_block_topp_matches_dense_reference(causal):
     n_keys = torch.clamp(200 - torch.arange(7) * 32, max=32).double()
     vis = _visible(128, 200, 32, 32, causal)
     mass = torch.softmax((scores + n_keys.log()).masked_fill(~vis, -math.inf), -1)
+    anchors = _anchors_ref(128, 200, 32, 32) if causal else torch.zeros(4, 7, dtype=torch.bool)
     for h, p in enumerate((0.5, 0.7, 0.9, 0.99)):
         for m in range(4):
             order = torch.argsort(mass[0, h, m], descending=True)
-            csum, want = 0.0, set()
-            for t in order.tolist():
-                if csum >= p or mass[0, h, m, t] <= 0:
+            want = set(anchors[m].nonzero()[:, 0].tolist())  # always kept; their mass counts toward p
+            csum = float(mass[0, h, m, list(want)].sum()) if want else 0.0
+            for n, t in enumerate(t for t in order.tolist() if t not in want):
+                if (csum >= p and n >= 1) or mass[0, h, m, t] <= 0:  # min_blocks=1: one tile beyond the anchors
                     break
                 want.add(t)
                 csum += float(mass[0, h, m, t])
@@ -122,11 +138,14 @@ def test_exact_importance_matches_dense_reference(causal):
     q, k = _qk(b=2)
     pat = ExactImportance(select=0.3, block_size=32)
     keep = pat.build(q, k, causal=causal).to_block_dense()
-    area = _tiles(torch.ones(1, 1, 160, 224, dtype=torch.float64), 32, 32)
-    imp = _tiles(_dense_p(q, k, causal), 32, 32) / area
+    i, j = torch.arange(160)[:, None], torch.arange(224)[None, :]
+    seen = (j <= i + 224 - 160) if causal else torch.ones(160, 224, dtype=torch.bool)
+    area = _tiles(seen.double()[None, None], 32, 32)  # mean over the visible pairs of each tile
+    imp = _tiles(_dense_p(q, k, causal), 32, 32) / area.clamp_min(1)
     vis = _visible(160, 224, 32, 32, causal)
     n_sel = [int(n * 0.3) + 1 for n in vis.sum(-1).tolist()]  # int(NKB * select) + 1 (of the visible blocks)
-    assert torch.equal(keep, _topk_ref(imp, [n_sel] * 4, vis))
+    anchors = _anchors_ref(160, 224, 32, 32) if causal else None
+    assert torch.equal(keep, _topk_ref(imp, [n_sel] * 4, vis, anchors))
 
 
 def test_exact_importance_isolated_generation_region():
@@ -136,7 +155,8 @@ def test_exact_importance_isolated_generation_region():
     area = _tiles(torch.ones(1, 1, 128, 128, dtype=torch.float64), 32, 32)
     base = _topk_ref(_tiles(_dense_p(q, k, False), 32, 32) / area, [int(4 * 0.3) + 1] * 2, _visible(128, 128, 32, 32,
                                                                                                   False))
-    gen_imp = _tiles(_dense_p(q, k, False, kv_start=128 - gen), 32, 32) / area
+    gen_area = _tiles((torch.arange(128) >= 128 - gen).double().expand(1, 1, 128, 128), 32, 32)
+    gen_imp = _tiles(_dense_p(q, k, False, kv_start=128 - gen), 32, 32) / gen_area.clamp_min(1)
     valid = torch.zeros(4, 4, dtype=torch.bool)
     valid[:, 2:] = True
     iso = _topk_ref(gen_imp, [int(2 * 0.3) + 1] * 2, valid)
@@ -152,7 +172,8 @@ def test_lse_mass_head_adaptive_budgets(causal):
     w = _tiles(_dense_p(q, k, causal), 32, 32)
     vis = _visible(256, 256, 32, 32, causal)
     n_vis = vis.sum(-1).tolist()
-    base = _topk_ref(w, [[max(1, round(0.25 * n)) for n in n_vis]] * 4, vis)
+    anchors = _anchors_ref(256, 256, 32, 32) if causal else None
+    base = _topk_ref(w, [[max(1, round(0.25 * n)) for n in n_vis]] * 4, vis, anchors)
     recall = (w * base).sum((0, 2, 3)) / w.sum((0, 2, 3))
     n = min(int((recall > 0.5).sum()), 2)
     s = [0.75] * 4
@@ -162,7 +183,7 @@ def test_lse_mass_head_adaptive_budgets(causal):
     for h in order[len(order) - n:] if n else []:
         s[h] = 0.5
     ks = [[max(1, round((1 - x) * n)) for n in n_vis] for x in s]
-    assert torch.equal(keep, _topk_ref(w, ks, vis))
+    assert torch.equal(keep, _topk_ref(w, ks, vis, anchors))
     assert n > 0 and len(set(map(tuple, ks))) > 1  # the heads really got different budgets
 
 
@@ -265,3 +286,29 @@ def test_content_errors():
         Union(patterns=())
     with pytest.raises(TypeError, match="columns"):
         VerticalStripes(columns=5)
+
+
+@pytest.mark.parametrize("name, kw", [("exact_importance", dict(select=0.2)), ("lse_mass", dict(sparsity=0.8)),
+                                      ("block_topk", dict(k=2)), ("block_topp", dict(p=0.5))])
+def test_causal_estimates_keep_diagonal_and_sink_tiles(name, kw):
+    """Keys of the diagonal and first tiles that every query dislikes: a causal mask still keeps those tiles
+    (a causal LM's rows need their own position and the sink), and fixed budgets count them."""
+    from sparse_attn.patterns import get_pattern
+
+    torch.manual_seed(0)
+    lq = lk = 256
+    q = torch.randn(1, 2, lq, 16).abs()
+    k = torch.randn(1, 2, lk, 16).abs()
+    k[:, :, :32] *= -4.0  # the sink tile scores lowest everywhere
+    for m in range(1, 8):  # and half of each diagonal tile scores low too
+        k[:, :, 32 * m + 16:32 * (m + 1)] *= -1.0
+    keep = get_pattern(name, block_size=32, **kw).build(q, k, causal=True).to_block_dense()
+    anchors = _anchors_ref(lq, lk, 32, 32)
+    assert keep[..., anchors].all()
+    assert not keep[..., ~_visible(lq, lk, 32, 32, True)].any()
+    if name in ("exact_importance", "block_topk"):  # a budget of n tiles counts the anchors among them
+        n = keep.sum(-1)
+        vis = _visible(lq, lk, 32, 32, True).sum(-1)
+        want = [int(x * 0.2) + 1 for x in vis.tolist()] if name == "exact_importance" else [2] * 8
+        assert n[0, 0].tolist() == [min(v, max(w, int(a))) for v, w, a in zip(vis.tolist(), want,
+                                                                               anchors.sum(-1).tolist())]

@@ -145,8 +145,27 @@ def topk_rows(scores, k_per_head, forced=None):
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    keep = (rank < k_per_head.reshape(1, scores.shape[1], -1, 1)) & torch.isfinite(scores)
+    k = k_per_head[..., None] if k_per_head.dim() == 3 else k_per_head.reshape(1, scores.shape[1], -1, 1)
+    keep = (rank < k) & torch.isfinite(scores)
     return keep if forced is None else keep | forced
+
+
+def with_anchors(forced, anchors, shape):
+    """``(forced | anchors, extra)``: the tiles to keep whatever their score, and ``extra [B|1, H|1, N]`` int64,
+    the anchors not already forced (they count toward a budget; forced tiles come on top of it)."""
+    if anchors is None:
+        return forced, None
+    extra = anchors.expand(shape) if forced is None else anchors & ~forced
+    return (anchors.expand(shape) if forced is None else forced | anchors), extra.sum(-1)
+
+
+def topk_anchored(scores, budget, forced=None, anchors=None):
+    """:func:`topk_rows` with ``anchors`` (bool ``[NQB, NKB]``) always kept and counted in the ``budget``
+    (int ``[H, N]``): each row takes ``max(0, budget - anchors)`` more tiles by score."""
+    fz, extra = with_anchors(forced, anchors, scores.shape)
+    if extra is None:
+        return topk_rows(scores, budget, forced)
+    return topk_rows(scores, (budget[None] - extra).clamp_min(0), fz)
 
 
 def mass_rows(mass, p_per_head, forced=None, min_blocks=1, max_blocks=None):

@@ -130,6 +130,38 @@ def causal_tiles(q_len, kv_len, block_size, device=None) -> torch.Tensor:
     return k_first <= q_last + (kv_len - q_len)
 
 
+def _ramp_sum(first, n):
+    """``sum_{t<n} max(0, first + t)`` elementwise (int64): the positive part of an integer ramp."""
+    tri = lambda m: m.clamp_min(0) * (m.clamp_min(0) + 1) // 2  # noqa: E731  T(m) = 1 + ... + m
+    return tri(first + n - 1) - tri(first - 1)
+
+
+def visible_area(q_len, kv_len, block_size, causal, device=None, kv_start=0) -> torch.Tensor:
+    """float32 ``[NQB, NKB]``: the pairs of each tile a query may attend (keys ``>= kv_start``; with ``causal``
+    bottom-right causality), counted in closed form (no ``[NQB, NKB, bm]`` intermediate)."""
+    q_first, q_last, k_first, k_last = tile_bounds(q_len, kv_len, block_size, device)
+    lo = torch.clamp(k_first, min=kv_start)  # [1, NKB]
+    width = (k_last - lo + 1).clamp_min(0)  # keys of the tile past kv_start
+    rows = q_last - q_first + 1  # [NQB, 1]
+    if not causal:
+        return (rows * width).float()
+    # row i sees clamp(i + shift - lo + 1, 0, width) keys: a ramp clipped at 0 and at width
+    first = q_first + (kv_len - q_len) - lo + 1  # [NQB, NKB]
+    return (_ramp_sum(first, rows) - _ramp_sum(first - width, rows)).float()
+
+
+def causal_anchors(q_len, kv_len, block_size, device=None) -> torch.Tensor:
+    """bool ``[NQB, NKB]``: under bottom-right causality, each query block's diagonal tiles (those holding a
+    row's own key position ``i + Lk - Lq``) and its sink tile (the first key block), where visible. Content
+    patterns keep them in every causal mask: a causal LM's rows depend on both, and scoring by tile mass or
+    area can rank the half-visible diagonal tile low."""
+    q_first, q_last, k_first, k_last = tile_bounds(q_len, kv_len, block_size, device)
+    shift = kv_len - q_len
+    visible = k_first <= q_last + shift
+    diagonal = visible & (k_last >= q_first + shift)
+    return diagonal | (visible & (k_first == 0))
+
+
 def block_map_from_predicate(pred, q_len, kv_len, block_size, device=None, causal=False, max_elems=1 << 24):
     """bool ``[NQB, NKB]``: tiles where the token predicate ``pred(q_idx [R,1], kv_idx [1,Lk])`` holds somewhere.
 

@@ -12,7 +12,7 @@ import torch
 
 from .._checks import check_positive_int
 from . import _scoring as S
-from .base import Pattern, as_tuple, causal_tiles, register
+from .base import Pattern, as_tuple, causal_anchors, causal_tiles, register
 
 
 class ContentPattern(Pattern):
@@ -49,7 +49,8 @@ class BlockTopK(ContentPattern):
     Args:
         k: blocks per query block: an int, a float fraction of the key blocks the query block can see
             (``ceil(k * visible)``; ``visible = NKB`` without causality), or a per-head sequence of either
-            (length ``Hq``) for head-specific budgets.
+            (length ``Hq``) for head-specific budgets. With ``causal`` each query block's diagonal and sink
+            tiles are always kept and counted in ``k``.
         block_size: tile size.
         scale: score scale (default ``1/sqrt(D)``; it does not change the ranking).
 
@@ -71,7 +72,8 @@ class BlockTopK(ContentPattern):
         scores = pooled_scores(q, k, self.block_pair, causal, self._scale(q))
         visible = visible_tiles(q.shape[2], k.shape[2], self.block_pair, causal, q.device).sum(-1)
         budget = S.budget_tensor(self.k, q.shape[1], visible, "k", q.device)
-        return S.topk_rows(scores, budget, self._forced(forced, scores.shape))
+        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
+        return S.topk_anchored(scores, budget, self._forced(forced, scores.shape), anchors)
 
 
 @register("block_topp")
@@ -90,6 +92,8 @@ class BlockTopP(ContentPattern):
         min_blocks, max_blocks: bounds on the selected blocks per row (forced tiles not counted).
         temperature: divides the pooled scores before the softmax (< 1 sharpens).
         estimate_block: pooling size of the estimate; must divide both block sizes (None: the block size).
+
+    With ``causal`` each query block's diagonal and sink tiles are always kept (their mass counts toward ``p``).
 
     Example:
         >>> mask = BlockTopP(p=0.9, estimate_block=16).build(torch.randn(1, 2, 512, 64),
@@ -143,7 +147,9 @@ class BlockTopP(ContentPattern):
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
         mass = self.estimated_mass(q, k, causal)
         p = torch.tensor(S.per_head(self.p, q.shape[1], "p"), dtype=mass.dtype, device=q.device)
-        return S.mass_rows(mass, p, self._forced(forced, mass.shape), self.min_blocks, self.max_blocks)
+        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
+        fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
+        return S.mass_rows(mass, p, fz, self.min_blocks, self.max_blocks)
 
 
 def visible_tiles(q_len, kv_len, block_size, causal, device):

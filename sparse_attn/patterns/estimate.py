@@ -15,7 +15,7 @@ from .._checks import check_positive_int
 from ..layout import resolve_layout
 from ..mask import BlockSparseMask
 from . import _scoring as S
-from .base import as_tuple, check_qk, drop_padding, register, tile_bounds
+from .base import as_tuple, causal_anchors, check_qk, drop_padding, register, tile_bounds, visible_area
 from .dynamic import ContentPattern, _check_scale, visible_tiles
 
 
@@ -50,6 +50,10 @@ class ExactImportance(_MassPattern):
     """SparseD: block importance = mean attention probability over each tile (exact, from a dense pass);
     each query block keeps its top ``int(NKB * select) + 1`` key blocks.
 
+    With ``causal`` the mean is over the pairs of the tile that causality leaves visible (the diagonal
+    tile is not penalized for its hidden half), and each query block's diagonal and sink tiles are always
+    kept, counted in its budget.
+
     Args:
         select: share of key blocks (0.3 in SparseD; 0.5 with block 32 for short prompts); with ``causal`` the
             share of the key blocks each query block can see.
@@ -77,17 +81,18 @@ class ExactImportance(_MassPattern):
 
     def _importance(self, q, k, causal, lse, kv_start):
         w = self._mass(q, k, causal, lse, kv_start)
-        q_first, q_last, k_first, k_last = tile_bounds(q.shape[2], k.shape[2], self.block_pair, q.device)
-        area = ((q_last - q_first + 1) * (k_last - k_first + 1)).float()  # [NQB, NKB]
+        _, _, _, k_last = tile_bounds(q.shape[2], k.shape[2], self.block_pair, q.device)
+        area = visible_area(q.shape[2], k.shape[2], self.block_pair, causal, q.device, kv_start)  # [NQB, NKB]
         ok = visible_tiles(q.shape[2], k.shape[2], self.block_pair, causal, q.device) & (k_last >= kv_start)
-        return (w / area).masked_fill(~ok, float("-inf")), ok
+        return (w / area.clamp_min(1.0)).masked_fill(~ok, float("-inf")), ok
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None, lse=None):
         kv_len, n_heads = k.shape[2], q.shape[1]
         imp, ok = self._importance(q, k, causal, lse, 0)
         imp = S.mask_padding(imp, q.shape[2], kv_len, *self.block_pair, float("-inf"))  # no budget on padding
         fz = self._forced(forced, imp.shape)
-        keep = S.topk_rows(imp, self._budget(ok, n_heads), fz)
+        anchors = causal_anchors(q.shape[2], kv_len, self.block_pair, q.device) if causal else None
+        keep = S.topk_anchored(imp, self._budget(ok, n_heads), fz, anchors)
         if 0 < self.gen_len < kv_len:
             imp_g, ok_g = self._importance(q, k, causal, None, kv_len - self.gen_len)
             keep = keep | S.topk_rows(imp_g, self._budget(ok_g, n_heads), fz)
@@ -109,7 +114,8 @@ class LSEMass(_MassPattern):
     With ``adaptive``: every head starts at ``sparsity``; ``recall_h`` = kept W / total W; with ``n`` heads
     above ``recall_threshold`` (at most half the heads), the ``n`` highest-recall heads get ``high`` and the
     ``n`` lowest get ``low``. Text tokens of a video layout (text <-> video, text <-> text) are always kept
-    when ``keep_text``.
+    when ``keep_text``. With ``causal`` each query block's diagonal and sink tiles are always kept, counted
+    in its budget.
 
     Example:
         >>> mask = LSEMass(sparsity=0.8, block_size=32).build(torch.randn(1, 4, 256, 32), torch.randn(1, 4, 256, 32))
@@ -165,8 +171,10 @@ class LSEMass(_MassPattern):
                 fz = text.expand(w.shape) if fz is None else fz | text
         scores = S.mask_padding(w.masked_fill(~vis, float("-inf")), q_len, kv_len, *self.block_pair, float("-inf"))
 
+        anchors = causal_anchors(q_len, kv_len, self.block_pair, q.device) if causal else None
+
         def keep_fn(budget):
-            return S.topk_rows(scores, budget.long(), fz)
+            return S.topk_anchored(scores, budget.long(), fz, anchors)
 
         visible = vis.sum(-1)  # [NQB]
         s = self.head_sparsity(w, keep_fn, visible)
