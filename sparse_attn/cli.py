@@ -4,11 +4,13 @@ Subcommands:
     bench     kernel sweeps: ours vs dense SDPA vs compiled FlexAttention (and flash-attn when installed)
     patterns  mask-building cost and quality of each pattern on synthetic inputs (needs the pattern layer)
     inspect   draw a pattern's block map to a PNG and print an ASCII summary
+    quality   perplexity of a causal LM (transformers) patched with each configuration, against dense
 
 Example:
     sparse-attn bench --quick
     sparse-attn bench --seq-lens 2048,4096 --densities 0.1,0.3 --out bench_out
     sparse-attn inspect random-blocks --seq-len 2048 --density 0.2 --out mask.png
+    sparse-attn quality --model DIR --text book.txt --tokens 4096 --configs moba,streamingllm:window=512
 """
 
 import argparse
@@ -435,6 +437,59 @@ def cmd_inspect(args) -> int:
 
 
 # ---- entry point --------------------------------------------------------------------------------
+# ---- quality ----------------------------------------------------------------------------------
+def _split_configs(text: str) -> List[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def cmd_quality(args) -> int:
+    from .bench.machine import machine_header
+    from .integrations import lm_quality as lq
+
+    try:
+        configs = [lq.parse_config(c, min_seq_len=args.min_seq_len) for c in _split_configs(args.configs)]
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"--configs: {err}") from None
+    if not configs:
+        raise UsageError("--configs: give at least one configuration")
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise UsageError(f"--text: {args.text!r} is not a file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tok = lq.load_causal_lm(args.model, args.gguf, args.dtype)
+        ids = tok(text_path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt").input_ids
+        windows = lq.token_windows(ids, args.tokens, args.windows)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    header = machine_header(torch.device("cpu"))
+    header.update(model=args.model, gguf=args.gguf or "", text=str(text_path), tokens=args.tokens,
+                  windows=args.windows, dtype=args.dtype)
+    rows = lq.evaluate(model, windows, configs, progress=None if args.quiet else print)
+    summary = [r for r in rows if r["window"] == "all"]
+    print(lq.format_rows(summary))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "quality.csv", "w", encoding="utf-8") as fh:
+            for k, v in header.items():
+                fh.write(f"# {k}: {v}\n")
+            fh.write(",".join(lq.COLUMNS) + "\n")
+            for r in rows:
+                fh.write(",".join(json.dumps(r.get(k)) if isinstance(r.get(k), str) else str(r.get(k))
+                                  for k in lq.COLUMNS) + "\n")
+        (out / "quality.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=1), encoding="utf-8")
+        if not args.no_plots:
+            try:
+                lq.plot_pareto(rows, out / "pareto.png", title=f"{Path(args.model).name}, {text_path.name}, "
+                                                               f"{args.tokens} tokens")
+            except ImportError as err:
+                print(f"sparse-attn quality: no plot ({err})", file=sys.stderr)
+        print(f"wrote {out / 'quality.csv'} and {out / 'quality.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-attn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -490,6 +545,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.add_argument("--out", help="PNG path (default <name>_L<seq_len>.png)")
     i.set_defaults(func=cmd_inspect)
+
+    qp = sub.add_parser("quality", help="perplexity of a causal LM patched with each configuration, vs dense",
+                        description="Run a transformers causal LM over windows of a text, dense and with each "
+                                    "configuration; print perplexity, change vs dense, density, mask-build and "
+                                    "total time.")
+    qp.add_argument("--model", required=True, help="local model folder (transformers format, or holding --gguf)")
+    qp.add_argument("--gguf", help="GGUF file name inside --model")
+    qp.add_argument("--text", required=True, help="UTF-8 text file to score")
+    qp.add_argument("--tokens", type=int, default=4096, help="tokens per window")
+    qp.add_argument("--windows", type=int, default=1, help="consecutive windows of --tokens tokens")
+    qp.add_argument("--configs", required=True,
+                    help="comma-separated: presets or patterns with options, e.g. moba:k=6,"
+                         "exact_importance:select=0.2,block_topp:p=0.9+sink_local:sink=64:window=64")
+    qp.add_argument("--min-seq-len", type=int, default=1024, help="shorter prompts run dense")
+    qp.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    qp.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    qp.add_argument("--out", help="directory for quality.csv, quality.json and pareto.png")
+    qp.add_argument("--no-plots", action="store_true")
+    qp.add_argument("--quiet", action="store_true", help="print only the summary table")
+    qp.set_defaults(func=cmd_quality)
     return parser
 
 
