@@ -312,3 +312,28 @@ def test_causal_estimates_keep_diagonal_and_sink_tiles(name, kw):
         want = [int(x * 0.2) + 1 for x in vis.tolist()] if name == "exact_importance" else [2] * 8
         assert n[0, 0].tolist() == [min(v, max(w, int(a))) for v, w, a in zip(vis.tolist(), want,
                                                                                anchors.sum(-1).tolist())]
+
+
+@pytest.mark.parametrize("name", ["exact_importance", "lse_mass"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_coverage_keeps_the_fewest_tiles_reaching_the_mass(name, causal):
+    """``coverage``: per query block, anchors first, then tiles by exact mass until the share is reached."""
+    from sparse_attn.patterns import get_pattern
+
+    q, k = _qk(hq=2, hkv=1, lq=192, lk=192)
+    keep = get_pattern(name, coverage=0.7, block_size=32).build(q, k, causal=causal).to_block_dense()
+    w = _tiles(_dense_p(q, k, causal), 32, 32)  # [1, 2, 6, 6]
+    anchors = _anchors_ref(192, 192, 32, 32) if causal else torch.zeros(6, 6, dtype=torch.bool)
+    for h in range(2):
+        for m in range(6):
+            want = set(anchors[m].nonzero()[:, 0].tolist())
+            got = float(w[0, h, m, list(want)].sum()) if want else 0.0
+            for t in torch.argsort(w[0, h, m], descending=True).tolist():
+                if got >= 0.7 * float(w[0, h, m].sum()) or w[0, h, m, t] <= 0:
+                    break
+                if t not in want:
+                    want.add(t)
+                    got += float(w[0, h, m, t])
+            assert set(keep[0, h, m].nonzero()[:, 0].tolist()) == want, (h, m)
+    with pytest.raises(ValueError, match="coverage"):
+        get_pattern(name, coverage=1.5)
