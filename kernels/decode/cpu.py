@@ -14,15 +14,54 @@ from .._common.softmax import accum_dtype, softmax_rows
 CHUNK_BYTES = 8 * 1024 * 1024  # gathered K + V per chunk
 
 
+def _rows(cache):
+    """``[N, D]`` view of a cache's key rows, or None when its layout has none (then indexing is elementwise)."""
+    try:
+        return cache.view(-1, cache.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _gather(cache, block_table, b_idx, h_idx, pg, page_size):
-    """Keys of pages ``pg [n, W]`` for (batch row, kv head) pairs ``b_idx, h_idx [n]``: ``[n, W * P, D]``."""
+    """Keys of pages ``pg [n, W]`` for (batch row, kv head) pairs ``b_idx, h_idx [n]``: ``[n, W * P, D]``.
+
+    Whole key rows are copied with ``index_select`` from a flat ``[N, D]`` view when the cache has one.
+    """
     offs = torch.arange(page_size, device=cache.device)
+    rows = _rows(cache)
     if block_table is None:  # [B, Hkv, Lmax, D]
-        tok = (pg[:, :, None] * page_size + offs).clamp(max=cache.shape[2] - 1).flatten(1)  # [n, W*P]
-        return cache[b_idx[:, None], h_idx[:, None], tok]
-    phys = block_table[b_idx[:, None], pg].long().clamp(min=0)  # [n, W]
-    out = cache[phys[:, :, None], offs[None, None, :], h_idx[:, None, None]]  # [n, W, P, D]
-    return out.flatten(1, 2)
+        n_tok = cache.shape[2]
+        tok = (pg[:, :, None] * page_size + offs).clamp(max=n_tok - 1).flatten(1)  # [n, W*P]
+        if rows is None:
+            return cache[b_idx[:, None], h_idx[:, None], tok]
+        flat = (b_idx * cache.shape[1] + h_idx)[:, None] * n_tok + tok  # [n, W*P]
+    else:  # [pages, P, Hkv, D]
+        phys = block_table[b_idx[:, None], pg].long().clamp(min=0)  # [n, W]
+        if rows is None:
+            return cache[phys[:, :, None], offs[None, None, :], h_idx[:, None, None]].flatten(1, 2)
+        n_kv = cache.shape[2]
+        flat = ((phys[:, :, None] * page_size + offs) * n_kv + h_idx[:, None, None]).flatten(1)  # [n, W*P]
+    return rows.index_select(0, flat.flatten()).view(flat.shape[0], flat.shape[1], cache.shape[-1])
+
+
+def _zero_nonfinite(v, fix, keep):
+    """Zero the non-finite values among the few keys ``fix [n, K]`` (those not every row sees), so that a row
+    that excludes them stays exact; ``bad [n, R]`` marks rows that keep one (or None). Keys every row sees
+    need no check: a non-finite value there reaches every row's output anyway."""
+    idx = fix.flatten().nonzero().squeeze(1)  # a page tail and the newest Lq keys per (row, head): small
+    if idx.numel() == 0:
+        return v, None
+    rows = v.reshape(-1, v.shape[-1])
+    sub = rows.index_select(0, idx)
+    ok = torch.isfinite(sub).all(-1)
+    if bool(ok.all()):
+        return v, None
+    bad_tok = torch.zeros(fix.numel(), dtype=torch.bool, device=v.device)
+    bad_tok[idx[~ok]] = True
+    rows = rows.clone()
+    rows[idx[~ok]] = 0.0
+    bad = (keep & bad_tok.view(fix.shape)[:, None, :]).any(-1)  # [n, R]
+    return rows.view(v.shape), bad
 
 
 def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal, scale, page_size,
@@ -60,16 +99,14 @@ def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, cau
         k = _gather(k_cache, block_table, b_idx, h_idx, pg, page_size).to(acc)  # [n, W*P, D]
         v = _gather(v_cache, block_table, b_idx, h_idx, pg, page_size).to(acc)  # [n, W*P, D]
         keep = tok_ok[:, None, :]  # [n, 1|R, W*P]
+        fix = ~tok_ok  # keys no row sees (past the length, unused entries): zeroed if not finite
         if causal and q_len > 1:
             last = seq[:, None] - q_len + row_q[None, :]  # [n, R]
             keep = keep & (tok.flatten(1)[:, None, :] <= last[:, :, None])
+            fix = fix | (tok.flatten(1) > (seq[:, None] - q_len))  # ... and the newest keys some rows see
         s = torch.matmul(qg[b_idx, h_idx].to(acc), k.transpose(1, 2)) * scale  # [n, R, W*P]
         s = s.masked_fill(~keep, float("-inf"))
-        v_ok = torch.isfinite(v).all(-1)  # [n, W*P]
-        bad = None
-        if not bool(v_ok.all()):
-            bad = (keep & ~v_ok[:, None, :]).any(-1)  # [n, R]
-            v = v.masked_fill(~v_ok[:, :, None], 0.0)
+        v, bad = _zero_nonfinite(v, fix, keep)
         o_c, lse_c = softmax_rows(s, v)  # [n, R, D], [n, R, 1]
         lse_c = lse_c.squeeze(-1)
         if bad is not None:

@@ -180,6 +180,25 @@ def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropou
     return out, None
 
 
+def decode_perplexity(model, ids, prefix: int) -> float:
+    """Teacher-forced perplexity of ``ids [B, N]`` past ``prefix``: a prefill of ``ids[:, :prefix]``, then one
+    decode step per token (each step attends the cache as the model's attention implementation decides), each
+    step's logits scored against the next token."""
+    if not 0 < prefix < ids.shape[1]:
+        raise ValueError(f"prefix must be in (0, {ids.shape[1]}), got {prefix}.")
+    logits = []
+    with torch.no_grad():
+        out = model(ids[:, :prefix], use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        logits.append(out.logits[:, -1].float())
+        for t in range(prefix, ids.shape[1] - 1):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits[:, -1].float())
+    nll = torch.nn.functional.cross_entropy(torch.stack(logits, 1).flatten(0, 1), ids[:, prefix:].flatten())
+    return float(torch.exp(nll))
+
+
 def _config(name) -> Optional[SparseConfig]:
     """The config of a call: the innermost :func:`use`, else the registered one. Eager code reads the context
     variable (per thread / task); code traced by torch.compile reads the process-wide stack of :func:`use`
@@ -329,4 +348,4 @@ def use(config):
         _USE_STACK.pop()
 
 
-__all__ = ["register", "unregister", "use", "stats", "SparseDecodeConfig"]
+__all__ = ["register", "unregister", "use", "stats", "SparseDecodeConfig", "decode_perplexity"]
