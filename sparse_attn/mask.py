@@ -479,6 +479,45 @@ class BlockSparseMask(TiledMask):
         out.scatter_(1, torch.where(full, kb, n_kb), True)
         return out[:, :n_kb].view(batch, heads, n_qb, n_kb)
 
+    def visible_tiles(self, causal: bool = False) -> torch.Tensor:
+        """bool ``[Bm', Hm, NQB, NKB]``: kept tiles that can hold a visible pair (exact for the band, ``causal``
+        and ranges; conservative for segments and bits)."""
+        n_qb, n_kb = self.num_blocks
+        _, _, kb, _, visible, _, (_, _, _, batch, heads) = self._rows(causal)
+        out = torch.zeros((batch * heads * n_qb, n_kb + 1), dtype=torch.bool, device=self.device)
+        out.scatter_(1, torch.where(visible, kb, n_kb), True)
+        return out[:, :n_kb].view(batch, heads, n_qb, n_kb)
+
+    def slice(self, q_start: int, q_end: int, k_start: int, k_end: int, *, causal: bool = False) -> "BlockSparseMask":
+        """This mask restricted to queries ``q_start:q_end`` x keys ``k_start:k_end``, exactly.
+
+        The result is a mask for ``seq_lens = (q_end - q_start, k_end - k_start)`` with
+        ``result.to_dense() == self.to_dense(causal)[..., q_start:q_end, k_start:k_end]``. Everything is
+        evaluated in global coordinates: the band, ``causal`` (folded in, since ``causal=True`` on the
+        slice would align to the slice's own bottom-right corner), ranges, segments and bits. Full tiles stay
+        full; the partial tiles of the slice carry bit masks and the slice has no other predicate.
+
+        Args:
+            q_start, q_end: query span; both multiples of ``BLOCK_M``, or ``q_end == q_len``.
+            k_start, k_end: key span; both multiples of ``BLOCK_N``, or ``k_end == kv_len``.
+            causal: fold the global bottom-right causal predicate in (then run the slice with ``causal=False``).
+
+        Example:
+            >>> m = BlockSparseMask.full(100, 100, 32)
+            >>> m.slice(32, 100, 0, 64, causal=True).seq_lens
+            (68, 64)
+        """
+        bm, bn = self.block_size
+        q0, q1 = _slice_span(q_start, q_end, bm, self.q_len, "q")
+        k0, k1 = _slice_span(k_start, k_end, bn, self.kv_len, "k")
+        rows, cols = slice(q0 // bm, -(-q1 // bm)), slice(k0 // bn, -(-k1 // bn))
+        tiles = self.visible_tiles(causal)[:, :, rows, cols]
+        full = self.full_tiles(causal)[:, :, rows, cols]
+
+        def evaluate(b, h, qb, kb):
+            return self.tile_tokens(b, h, qb + rows.start, kb + cols.start, causal)
+        return BlockSparseMask.from_tile_evaluator(evaluate, tiles, (bm, bn), (q1 - q0, k1 - k0), full=full)
+
     def tile_tokens(self, b, h, qb, kb, causal: bool = False) -> torch.Tensor:
         """bool ``[P, BLOCK_M, BLOCK_N]``: the pairs attention sees in tiles ``(b, h, qb, kb)`` (int64 ``[P]``),
         False where the tile is not kept or past the lengths (exact: bits and predicates applied)."""
@@ -671,6 +710,19 @@ class BlockSparseMask(TiledMask):
                 art[r][int(kb[r, w])] = "#" if bool(full[r, w]) else "+"
         lines = "\n".join("  " + "".join(row) for row in art)
         return f"{head}\n[batch 0, head 0: '#' full, '+' partial]\n{lines}"
+
+
+def _slice_span(start, end, block, length, side):
+    """Check a ``[start, end)`` span of a slice: inside ``[0, length]``, ends on tile borders (or at ``length``)."""
+    start = check_positive_int(start, f"{side}_start", allow_zero=True)
+    end = check_positive_int(end, f"{side}_end", allow_zero=True)
+    if not start <= end <= length:
+        raise ValueError(f"{side}_start:{side}_end must satisfy 0 <= start <= end <= {length}, got {start}:{end}.")
+    for name, x in ((f"{side}_start", start), (f"{side}_end", end)):
+        if x % block and x != length:
+            raise ValueError(f"{name} must be a multiple of the block size {block} (or the length {length}), "
+                             f"got {x}.")
+    return start, end
 
 
 def transpose_lists(counts, indices, n_kb, payload=None):

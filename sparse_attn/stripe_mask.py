@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._checks import check_int_tensor, check_positive_int
-from .mask import BlockSparseMask, TiledMask, _as_pair, transpose_lists
+from .mask import BlockSparseMask, TiledMask, _as_pair, _slice_span, transpose_lists
 
 _ASCII_LIMIT = 64
 # Bound, in elements, of the [rows, NQB, NKB] temporaries of the lowering (processed in chunks of rows).
@@ -281,6 +281,63 @@ class StripeSparseMask(TiledMask):
         col_blocks = torch.nn.functional.pad(col_blocks, (0, pad)).reshape(*col_blocks.shape[:2], n_kb, -1)
         keep = keep | (col_blocks.amax(-1) > 0)[:, :, None, :]
         return BlockSparseMask.from_dense(keep, self.block_size, self.seq_lens)
+
+    def slice(self, q_start: int, q_end: int, k_start: int, k_end: int, *, causal: bool = False):
+        """This mask restricted to queries ``q_start:q_end`` x keys ``k_start:k_end``, exactly.
+
+        ``result.to_dense() == self.to_dense(causal)[..., q_start:q_end, k_start:k_end]``. Columns and slashes
+        are shifted into the slice's coordinates (slash ``s`` becomes ``s - (q_start - k_start)``), so the
+        result is a :class:`StripeSparseMask` unless ``causal`` cuts through the slice: the stripe format has
+        no shifted causal edge, so such a slice is returned as an exact :class:`BlockSparseMask` (covering
+        tiles with bit masks). A slice whose bottom-right corner lies on the global diagonal
+        (``k_end - q_end == kv_len - q_len``) can instead be taken with ``causal=False`` and run with
+        ``causal=True``, keeping the stripe form.
+
+        Args:
+            q_start, q_end: query span; both multiples of ``BLOCK_M``, or ``q_end == q_len``.
+            k_start, k_end: key span; both multiples of ``BLOCK_N``, or ``k_end == kv_len``.
+            causal: fold the global bottom-right causal predicate in.
+        """
+        bm, bn = self.block_size
+        q0, q1 = _slice_span(q_start, q_end, bm, self.q_len, "q")
+        k0, k1 = _slice_span(k_start, k_end, bn, self.kv_len, "k")
+        shift = self.kv_len - self.q_len
+        if causal and k1 - 1 > q0 + shift and q1 > q0 and k1 > k0:  # the causal edge cuts the slice
+            return self._slice_as_blocks(q0, q1, k0, k1)
+        n_b, n_h = self.batch_heads
+        lq, lk = q1 - q0, k1 - k0
+        v, s = self.vertical.long().reshape(n_b * n_h, -1), self.slash.long().reshape(n_b * n_h, -1)
+        v_ok = (torch.arange(v.shape[1], device=self.device) < self.vertical_count.reshape(-1, 1)) & (v >= k0) \
+            & (v < k1)
+        s = s - (q0 - k0)
+        s_ok = (torch.arange(s.shape[1], device=self.device) < self.slash_count.reshape(-1, 1)) & (s > -lk) & (s < lq)
+        v_cnt, v = _compact(v_ok, v - k0)
+        s_cnt, s = _compact(s_ok, s)
+        if lq == 0 or lk == 0:
+            return StripeSparseMask.from_vertical_slash(v[:, :0].view(n_b, n_h, 0), s[:, :0].view(n_b, n_h, 0),
+                                                        (lq, lk), (bm, bn))
+        low = lower_vertical_slash(v, v_cnt, s, s_cnt, (bm, bn), (lq, lk))
+        fields = dict(vertical=v.to(torch.int32), vertical_count=v_cnt.to(torch.int32), slash=s.to(torch.int32),
+                      slash_count=s_cnt.to(torch.int32), **low)
+        fields = {k: x.reshape(n_b, n_h, *x.shape[1:]).contiguous() for k, x in fields.items()}
+        return StripeSparseMask(**fields, block_size=(bm, bn), seq_lens=(lq, lk), validate=False)
+
+    def _slice_as_blocks(self, q0, q1, k0, k1) -> BlockSparseMask:
+        """The causal slice as an exact block mask: covering tiles, evaluated token by token in global coordinates."""
+        bm, bn = self.block_size
+        rows, cols = slice(q0 // bm, -(-q1 // bm)), slice(k0 // bn, -(-k1 // bn))
+        tiles = self.covering_block_mask().visible_tiles(causal=True)[:, :, rows, cols]
+        diag, col = self.diag_keep.bool(), self.col_keep.bool()
+        shift = self.kv_len - self.q_len
+
+        def evaluate(b, h, qb, kb):
+            i = ((qb + rows.start) * bm)[:, None] + torch.arange(bm, device=qb.device)  # [P, BM]
+            j = ((kb + cols.start) * bn)[:, None] + torch.arange(bn, device=qb.device)  # [P, BN]
+            d = (i[:, :, None] - j[:, None, :] + self.kv_len - 1).clamp(0, diag.shape[-1] - 1)
+            keep = col[b[:, None], h[:, None], j.clamp(max=self.kv_len - 1)][:, None, :] \
+                | diag[b[:, None, None], h[:, None, None], d]
+            return keep & (j[:, None, :] <= i[:, :, None] + shift)
+        return BlockSparseMask.from_tile_evaluator(evaluate, tiles, (bm, bn), (q1 - q0, k1 - k0))
 
     def kv_major(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The block part transposed (key-major), for the backward pass; derived once and cached.
