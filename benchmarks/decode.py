@@ -117,6 +117,36 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
     return rows
 
 
+def exactness_lines(device, dtype=torch.float32):
+    """The exactness bars on ``device`` (fp32): every page selected = dense decode bit for bit; paged =
+    contiguous bit for bit (a shuffled block table over the same keys)."""
+    from sparse_attn import sparse_attention_with_kvcache
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, dim, length, page = 2, 32, 8, 128, 5000, 16
+    q = torch.randn(batch, heads, 1, dim, generator=gen).to(device, dtype)
+    k, v = (torch.randn(batch, kv_heads, length, dim, generator=gen).to(device, dtype) for _ in range(2))
+    seqlens = torch.tensor([5000, 3001], dtype=torch.int32, device=device)
+    n_pages = -(-length // page)
+    every = torch.arange(n_pages, dtype=torch.int32, device=device)[None, None].repeat(batch, kv_heads, 1)
+    dense = sparse_attention_with_kvcache(q, k, v, seqlens, page_size=page)
+    same = torch.equal(sparse_attention_with_kvcache(q, k, v, seqlens, pages=every, page_size=page), dense)
+    perm = torch.randperm(batch * n_pages, generator=gen).view(batch, n_pages)
+    def paged(x):
+        out = torch.empty(batch * n_pages, page, kv_heads, dim, dtype=dtype, device=device)
+        padded = F.pad(x, (0, 0, 0, n_pages * page - length))
+        out[perm.to(device)] = padded.view(batch, kv_heads, n_pages, page, dim).permute(0, 2, 3, 1, 4)
+        return out
+    pages = torch.sort(torch.randperm(n_pages, generator=gen)[:n_pages // 8]).values.to(torch.int32)
+    pages = pages.to(device)[None, None].repeat(batch, kv_heads, 1)
+    contiguous = sparse_attention_with_kvcache(q, k, v, seqlens, pages=pages, page_size=page)
+    paged_out = sparse_attention_with_kvcache(q, paged(k), paged(v), seqlens, pages=pages,
+                                              block_table=perm.to(device, torch.int32))
+    return [f"bar: every page selected == dense decode, bit for bit ({dtype}): {'met' if same else 'MISSED'}",
+            f"bar: paged == contiguous, bit for bit ({dtype}): "
+            f"{'met' if torch.equal(contiguous, paged_out) else 'MISSED'}"]
+
+
 def format_rows(rows):
     head = f"{'context':>8} {'impl':18} {'budget':>7} {'pages':>6} {'ms':>9} {'select ms':>9} {'/sdpa':>6}  check"
     out = [head, "-" * len(head)]
@@ -217,7 +247,7 @@ def main(argv=None) -> int:
     rows = decode_rows(device, contexts, budgets, patterns=patterns, page_size=args.page_size,
                        min_run_time=args.min_run_time, **shape)
     print(format_rows(rows))
-    for line in bars(rows) if not args.quick else bars(rows, context=contexts[-1]):
+    for line in (bars(rows) if not args.quick else bars(rows, context=contexts[-1])) + exactness_lines(device):
         print(line)
     (out / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
     print(f"wrote {out / 'results.json'}  [{time.perf_counter() - start:.0f} s]")

@@ -10,7 +10,10 @@
 4. stripe rows (sweep ``gpu-check-stripe``) when ``StripeSparseMask`` exists;
 4b. token-exact rows (sweep ``gpu-check-token-exact``): packed documents and a sliding window, partial
    tiles with in-kernel predicates, vs Flex on the same ``mask_mod``;
-5. the issue-6 routing bar: k-means routing mask build (10 / 2 warm iterations) vs dense SDPA, bf16, 32k.
+5. the issue-6 routing bar: k-means routing mask build (10 / 2 warm iterations) vs dense SDPA, bf16, 32k;
+6. decode over a KV cache (``benchmarks/decode.py``): one Llama-3-8B layer's decode step, bf16, at 8k/32k/128k
+   cached keys, dense (SDPA, our kernel) vs kinetics/quest page selection at 1/8 and 1/16 of the pages, and the
+   fp32 exactness bars (every page = dense, paged = contiguous, bit for bit).
 
 Prints one compact table (one line per case) and the bars of issues 2/3/4; writes CSV/JSON.
 Exits 2 on a machine without CUDA, 1 if a test or a check of our kernels failed.
@@ -94,6 +97,28 @@ def bars(rows) -> list:
     return lines or ["bars: the D=128, L=64k rows did not produce checked timings"]
 
 
+def _decode_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sparse_attn_decode_bench", ROOT / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_decode(device, contexts):
+    """Decode rows and bar lines (section 6); an error becomes a line, not a failed check."""
+    bench = _decode_module()
+    try:
+        lengths = [int(c) for c in contexts.split(",")]
+        rows = bench.decode_rows(device, lengths, [0.125, 0.0625], patterns=("kinetics", "quest"),
+                                 min_run_time=0.05 if device.type == "cpu" else 1.0, progress=False)
+        return rows, bench.bars(rows, context=32768 if 32768 in lengths else lengths[-1]) + \
+            bench.exactness_lines(device)
+    except Exception as err:  # noqa: BLE001 -- report and go on with the rest of the check
+        return [], [f"decode rows: error {type(err).__name__}: {str(err)[:300]}"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench_out" / "gpu_check"))
@@ -104,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweeps", help="comma-separated sweeps instead of gpu-check[,-bwd,-stripe] (testing)")
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only to test this script")
     parser.add_argument("--routing-length", type=int, default=32768, help="L of the routing bar (0: skip it)")
+    parser.add_argument("--decode-contexts", default="8192,32768,131072",
+                        help="cached keys of the decode rows (empty: skip them)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device is visible to torch {torch.__version__} (CUDA build: "
@@ -155,10 +182,19 @@ def main(argv=None) -> int:
                                    min_run_time=0.05 if device.type == "cpu" else 1.0)
     elif args.routing_length:
         skipped.append("routing bar")
+    decode_rows, decode_lines = [], []
+    if args.decode_contexts and time.perf_counter() - start <= args.budget_s:
+        decode_rows, decode_lines = run_decode(device, args.decode_contexts)
+    elif args.decode_contexts:
+        skipped.append("decode rows")
     print()
     print(compact(rows))
     if routing:
         print(format_rows(routing))
+    if decode_rows or decode_lines:
+        print(_decode_module().format_rows(decode_rows) if decode_rows else "")
+        for line in decode_lines:
+            print(line)
     print("ratios: time of ours / time of the baseline (lower is better); check: float64 math on sampled rows")
     for line in bars(rows):
         print(line)
@@ -168,9 +204,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     header["tests"] = test_line
     report.write_csv(out / "results.csv", rows, header)
-    report.write_json(out / "results.json", rows, header, {"skipped": skipped, "routing_bar": routing})
+    report.write_json(out / "results.json", rows, header, {"skipped": skipped, "routing_bar": routing,
+                                                           "decode": decode_rows, "decode_bars": decode_lines})
     print(f"wrote {out / 'results.csv'}, {out / 'results.json'}  [total {time.perf_counter() - start:.0f} s]")
     bad = [r for r in rows if r["impl"].startswith("ours") and r.get("check") in ("WRONG", "error")]
+    bad += [r for r in decode_rows if r["check"] != "ok"] + [ln for ln in decode_lines if "MISSED" in ln
+                                                               and "bit for bit" in ln]
     return 1 if bad or test_line.startswith(("FAIL", "TIMEOUT")) else 0
 
 

@@ -10,6 +10,12 @@ from sparse_attn.kvcache import PageSummaries, append_kv
 from sparse_attn_kernels.reference_decode import decode_fwd_ref, visible_keys
 
 
+def on_device(backend, *tensors):
+    """The tensors on CUDA for the Triton backend when a GPU is there (else the interpreter runs them on CPU)."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return tuple(None if t is None else t.to(dev) for t in tensors)
+
+
 def random_pages(batch, n_kv_heads, seqlens, page_size, density, shared=False):
     """Sorted page lists ``[B, Hkv|1, W]`` keeping about ``density`` of each row's pages (-1 padded)."""
     n_pages = int(-(-seqlens.max() // page_size))
@@ -76,8 +82,10 @@ def test_decode_matches_fp64_oracle(batch, n_q_heads, n_kv_heads, q_len, dim, le
     if backend == "ref":
         o, lse = decode_fwd_ref(q, kp, vp, seqlens, counts, pages, table, True, dim ** -0.5, page_size)
     else:
+        q, kp, vp, seqlens, pages, table = on_device(backend, q, kp, vp, seqlens, pages, table)
         o, lse = sparse_attention_with_kvcache(q, kp, vp, seqlens, block_table=table, pages=pages, page_size=page_size,
                                                return_lse=True, backend=backend)
+        o, lse = o.cpu(), lse.cpu()
     assert o.dtype == dtype and o.shape == q.shape and lse.shape == q.shape[:3]
     check_close(o, ref, lowp, dtype=dtype)
     check_lse(lse, ref_lse)
@@ -91,12 +99,14 @@ def test_all_pages_is_dense_bit_for_bit_and_paged_equals_contiguous(backend):
     seqlens = torch.tensor([96, 50], dtype=torch.int32)
     every = torch.arange(length // page_size, dtype=torch.int32)[None, None].repeat(batch, n_kv_heads, 1)
     every[1, :, 4:] = -1  # row 1 lists its own 4 pages only
+    q, k, v, seqlens, every = on_device(backend, q, k, v, seqlens, every)
     dense = sparse_attention_with_kvcache(q, k, v, seqlens, backend=backend, return_lse=True)
     sparse = sparse_attention_with_kvcache(q, k, v, seqlens, pages=every, backend=backend, return_lse=True)
     assert all(torch.equal(a, b) for a, b in zip(dense, sparse))
-    kp, table = to_paged(k, page_size, gen=torch.Generator().manual_seed(3))
-    vp, _ = to_paged(v, page_size, gen=torch.Generator().manual_seed(3))
-    pages = random_pages(batch, n_kv_heads, seqlens.long(), page_size, 0.5)
+    kp, table = to_paged(k.cpu(), page_size, gen=torch.Generator().manual_seed(3))
+    vp, _ = to_paged(v.cpu(), page_size, gen=torch.Generator().manual_seed(3))
+    pages = random_pages(batch, n_kv_heads, seqlens.cpu().long(), page_size, 0.5)
+    kp, vp, table, pages = on_device(backend, kp, vp, table, pages)
     contiguous = sparse_attention_with_kvcache(q, k, v, seqlens, pages=pages, backend=backend, return_lse=True)
     paged = sparse_attention_with_kvcache(q, kp, vp, seqlens, block_table=table, pages=pages, backend=backend,
                                           return_lse=True)
@@ -107,7 +117,9 @@ def test_rows_that_see_nothing_give_zero_and_splits_merge():
     q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 64, 16)
     seqlens = torch.tensor([0, 64], dtype=torch.int32)  # row 0: an empty cache
     for backend in ("torch", "triton"):
-        o, lse = sparse_attention_with_kvcache(q, k, k, seqlens, backend=backend, return_lse=True, n_splits=3)
+        args = on_device(backend, q, k, seqlens)
+        o, lse = (t.cpu() for t in sparse_attention_with_kvcache(args[0], args[1], args[1], args[2], backend=backend,
+                                                                   return_lse=True, n_splits=3))
         assert torch.equal(o[0], torch.zeros_like(o[0])) and torch.isneginf(lse[0]).all()
         ref, ref_lse = math_attention(q[1:], k[1:], k[1:])
         torch.testing.assert_close(o[1:].double(), ref, atol=1e-5, rtol=0)
@@ -118,7 +130,8 @@ def test_nan_in_a_selected_key_marks_only_the_rows_that_see_it():
     q, k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
     v[0, 0, 63] = float("nan")  # the newest key: only the last query sees it (causal)
     for backend in ("torch", "triton"):
-        o = sparse_attention_with_kvcache(q, k, v, torch.tensor([64]), backend=backend)
+        args = on_device(backend, q, k, v, torch.tensor([64]))
+        o = sparse_attention_with_kvcache(*args, backend=backend).cpu()
         assert torch.isnan(o[:, :, 3]).all() and torch.isfinite(o[:, :, :3]).all()
 
 
@@ -175,7 +188,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: f(q, k, k, seq, page_size=0), ValueError, "page_size"),
         (lambda: f(q, k, k, seq, page_size=12, backend="triton"), ValueError, "page_size"),
         (lambda: f(q, k, k, seq, backend="cuda"), ValueError, "backend"),
-        (lambda: f(q.bfloat16(), k.bfloat16(), k.bfloat16(), seq, backend="triton"), TypeError, "bfloat16"),
+        (lambda: f(q.double(), k.double(), k.double(), seq, backend="triton"), TypeError, "float64"),
         (lambda: f(q, k, k, [64]), TypeError, "cache_seqlens"),
     ]
     for call, err, text in cases:
@@ -187,3 +200,10 @@ def test_empty_batch_and_reference_signature():
     q, k = torch.randn(0, 2, 1, 16), torch.randn(0, 2, 32, 16)
     o = sparse_attention_with_kvcache(q, k, k, torch.zeros(0, dtype=torch.int32))
     assert o.shape == q.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's limitation")
+def test_bf16_is_refused_in_the_interpreter():
+    q, k = torch.randn(1, 4, 1, 32).bfloat16(), torch.randn(1, 2, 64, 32).bfloat16()
+    with pytest.raises(TypeError, match="bfloat16"):
+        sparse_attention_with_kvcache(q, k, k, torch.tensor([64]), backend="triton")
