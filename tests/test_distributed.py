@@ -1,0 +1,206 @@
+"""Context parallelism on CPU with gloo: 2 and 4 processes against the single-process result.
+
+One spawn per world size runs every case (spawning costs seconds); each case compares this rank's
+output and gradients with single-process :func:`sparse_attention` under the fp32 rule of
+RELIABILITY.md (fp64 oracle, 10x the fp32 single-process error, 3x that for gradients).
+"""
+
+import datetime
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparse_attn import BlockSparseMask, StripeSparseMask, sparse_attention
+from sparse_attn.distributed import (contiguous_chunks, count_bytes, ring_attention, ring_plan, shard,
+                                     ulysses_attention, zigzag_chunks)
+
+L, D, BLOCK = 200, 16, 32
+
+
+def _inputs(hq, hkv, batch=1, length=L):
+    g = torch.Generator().manual_seed(hq * 10 + hkv)
+    q = torch.randn(batch, hq, length, D, generator=g)
+    k, v = torch.randn(2, batch, hkv, length, D, generator=g)
+    do = torch.randn(batch, hq, length, D, generator=g)
+    return q, k, v, do
+
+
+def _masks(hkv):
+    g = torch.Generator().manual_seed(7)
+    keep = torch.rand(1, hkv, 7, 7, generator=g) < 0.4
+    keep |= torch.eye(7, dtype=torch.bool)
+    vertical = torch.randint(0, L, (1, hkv, 4), generator=g)
+    slash = torch.randint(-40, 60, (1, hkv, 5), generator=g)
+
+    def docs(b, h, q_idx, kv_idx):  # token-exact: documents of 70 tokens, causal inside (bits)
+        return (q_idx // 70 == kv_idx // 70) & ((q_idx - kv_idx) % 3 != 1)
+    return {
+        "block": BlockSparseMask.from_dense(keep, BLOCK, (L, L)).with_predicates(window=(120, 30)),
+        "stripe": StripeSparseMask.from_vertical_slash(vertical, slash, (L, L), BLOCK),
+        "token": BlockSparseMask.from_mask_mod(docs, 1, 1, L, L, BLOCK).with_predicates(
+            kv_range=torch.tensor([[0, L], [10, 180]])),
+        "dense": None,
+    }
+
+
+def _single(q, k, v, do, mask, causal, dtype):
+    x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    o = sparse_attention(*x, mask, causal=causal)
+    return (o, *torch.autograd.grad(o, x, do.to(dtype)))
+
+
+def _check(name, got, q, k, v, do, mask, causal, take):
+    """``got = (o, dq, dk, dv)`` of this rank vs the single-process fp64 oracle, with ``take`` its shard."""
+    ref = _single(q, k, v, do, mask, causal, torch.float64)
+    base = _single(q, k, v, do, mask, causal, torch.float32)
+    for what, x, r, b, factor in zip("o dq dk dv".split(), got, ref, base, (10, 30, 30, 30)):
+        r, b = take(r), take(b)
+        assert torch.isfinite(x).all(), f"{name}: {what} not finite"
+        err, tol = (x.double() - r).abs().max().item() if x.numel() else 0.0, \
+            factor * (b.double() - r).abs().max().item() + 1e-6 if x.numel() else 0.0
+        assert err <= tol, f"{name}: {what} error {err:.2e} > {tol:.2e}"
+
+
+def _ring_case(kind, causal, chunks_fn, hq=4, hkv=2, batch=1):
+    def run(rank, world):
+        q, k, v, do = _inputs(hq, hkv, batch)
+        mask = _masks(hkv)[kind]
+        chunks = chunks_fn(world)
+        take = lambda x: shard(x, chunks[rank])  # noqa: E731
+        x = [take(t).requires_grad_() for t in (q, k, v)]
+        o, lse = ring_attention(*x, mask, chunks=chunks, causal=causal, return_lse=True)
+        grads = torch.autograd.grad(o, x, take(do))
+        _check(f"ring {kind}", (o, *grads), q, k, v, do, mask, causal, take)
+        _, ref_lse = sparse_attention(q, k, v, mask, causal=causal, return_lse=True)
+        ref_lse = take(ref_lse)
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(fin, torch.isfinite(lse)), "lse: -inf rows differ"
+        assert (lse[fin] - ref_lse[fin]).abs().max().item() <= 2e-4 if fin.any() else True
+    return run
+
+
+def _ulysses_case(kind, causal, lens_fn, hq=4, hkv=2, batch=1):
+    def run(rank, world):
+        q, k, v, do = _inputs(hq, hkv, batch)
+        mask = _masks(hkv)[kind]
+        chunks = contiguous_chunks(lens_fn(world))
+        take = lambda x: shard(x, chunks[rank])  # noqa: E731
+        x = [take(t).requires_grad_() for t in (q, k, v)]
+        o = ulysses_attention(*x, mask, causal=causal)
+        grads = torch.autograd.grad(o, x, take(do))
+        _check(f"ulysses {kind}", (o, *grads), q, k, v, do, mask, causal, take)
+    return run
+
+
+def _ragged(world):
+    return {2: [128, 72], 4: [96, 0, 64, 40]}[world]  # an empty shard with 4 ranks
+
+
+def _zigzag(world):
+    return zigzag_chunks(L, world, BLOCK)
+
+
+def _contig(world):
+    return contiguous_chunks(_ragged(world))
+
+
+def _nothing_sent(rank, world):
+    """A block-diagonal mask aligned to the shards needs no key from another rank: nothing is sent."""
+    chunks = contiguous_chunks([L // world // BLOCK * BLOCK] * (world - 1) + [L - (world - 1) * (L // world // BLOCK
+                                                                                                 * BLOCK)])
+    n_qb = -(-L // BLOCK)
+    owner = torch.tensor([min(i * BLOCK // (L // world // BLOCK * BLOCK), world - 1) for i in range(n_qb)])
+    mask = BlockSparseMask.from_dense((owner[:, None] == owner[None, :])[None, None], BLOCK, (L, L))
+    q, k, v, do = _inputs(4, 2)
+    x = [shard(t, chunks[rank]).requires_grad_() for t in (q, k, v)]
+    with count_bytes() as stats:
+        o = ring_attention(*x, mask, chunks=chunks)
+        o.backward(shard(do, chunks[rank]))
+    assert stats.bytes_sent == 0, f"sent {stats.bytes_sent} bytes"
+    full = BlockSparseMask.full(L, L, BLOCK)
+    with count_bytes() as dense:
+        ring_attention(*(t.detach() for t in x), full, chunks=chunks)
+    own = -(-sum(b - a for a, b in chunks[rank]) // BLOCK) * BLOCK  # whole key blocks travel
+    assert dense.bytes_sent == 2 * own * 2 * D * 4 * (world - 1), dense.bytes_sent
+
+
+def _plan_reuse(rank, world):
+    q, k, v, _ = _inputs(4, 2)
+    mask, chunks = _masks(2)["block"], _zigzag(world)
+    x = [shard(t, chunks[rank]) for t in (q, k, v)]
+    plan = ring_plan(mask, x[0], x[1], chunks=chunks, causal=True)
+    a = ring_attention(*x, plan=plan)
+    b = ring_attention(*x, mask, chunks=chunks, causal=True)
+    assert torch.equal(a, b)
+
+
+CASES = {
+    "ring-block-contig": _ring_case("block", False, _contig),
+    "ring-block-zigzag-causal": _ring_case("block", True, _zigzag),
+    "ring-stripe-zigzag-causal": _ring_case("stripe", True, _zigzag),
+    "ring-stripe-contig-causal": _ring_case("stripe", True, _contig),
+    "ring-token-contig-causal-batch2": _ring_case("token", True, _contig, batch=2),
+    "ring-dense-zigzag-causal-mqa": _ring_case("dense", True, _zigzag, hq=4, hkv=1),
+    "ulysses-block-causal": _ulysses_case("block", True, _ragged),
+    "ulysses-stripe": _ulysses_case("stripe", False, _ragged),
+    "ulysses-token-batch2": _ulysses_case("token", False, _ragged, batch=2),
+    "ulysses-mqa-replicated": _ulysses_case("dense", True, _ragged, hq=4, hkv=1),
+    "ring-nothing-sent": _nothing_sent,
+    "ring-plan-reuse": _plan_reuse,
+}
+
+
+def _worker(rank, world, store, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    for name, case in CASES.items():
+        try:
+            case(rank, world)
+            results[name] = "ok"
+        except Exception as e:  # reported per case by the test below
+            results[name] = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _spawn(world):
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world,
+                                 join=False, start_method="spawn")
+        while not ctx.join(timeout=240):
+            pass
+        out = {}
+        for r in range(world):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                for name, res in json.load(f).items():
+                    if res != "ok":
+                        out.setdefault(name, []).append(f"rank {r}: {res}")
+        return {name: out.get(name, []) for name in CASES}
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return _spawn(2)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return _spawn(4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes(world2, case):
+    assert not world2[case], "\n".join(world2[case])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_four_processes(world4, case):
+    assert not world4[case], "\n".join(world4[case])
