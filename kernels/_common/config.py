@@ -1,9 +1,14 @@
-"""Launch configurations shared by the kernel families.
+"""Launch configurations shared by the kernel families, sized to fit an H100/H200.
 
-Autotuning covers ``num_warps``/``num_stages`` only; tile sizes come from the mask
-and the launcher, and sequence lengths are never part of an autotune key.
-Under ``TRITON_INTERPRET=1`` a single configuration is used so that tests run
-each kernel once.
+Autotuning covers ``num_warps``/``num_stages`` only; tile sizes come from the mask and the launcher, and
+sequence lengths are never part of an autotune key. Every kernel has a *preferred* configuration per
+(kernel, dtype, block size, padded head dim): what a launch uses when autotuning is off (the Triton
+interpreter, ``SPARSE_ATTN_NO_AUTOTUNE=1``) and the first candidate otherwise. The candidates are
+:data:`CONFIG_SPACE` pruned before any launch by :func:`smem_estimate` (no candidate over the 227 KiB a
+block may use) and by the register budget (4 warps where the fp32 accumulators alone would take 128 or
+more registers per thread always spill, so they are not candidates). The estimate is an upper bound of
+the shared memory that Triton allocates on sm_90, checked against ahead-of-time compiles by
+``tests/test_compile_sm90.py``; the whole table is ``benchmarks/compile_table.py`` (docs/kernels.md).
 """
 
 import os
@@ -11,28 +16,47 @@ import os
 import torch
 import triton
 
+HOPPER_SMEM = 227 * 1024  # bytes of shared memory one block may use on an H100/H200 (sm_90)
+CONFIG_SPACE = tuple((w, s) for w in (4, 8) for s in (1, 2, 3))  # (num_warps, num_stages)
+_ACC_REGS_PER_THREAD = 128  # fp32 accumulator registers per thread above which a config is known to spill
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fwd_configs():
-    """Candidate launch configurations for the attention kernels."""
-    if interpreting() or os.environ.get("SPARSE_ATTN_NO_AUTOTUNE", "0") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    # num_stages=1 is the fallback for tiles that do not fit shared memory when pipelined
-    # (fp32 with head dims padded to 256); the autotuner skips configurations that run out of resources.
-    return [
-        triton.Config({}, num_warps=w, num_stages=s)
-        for w in (4, 8)
-        for s in (1, 2, 3)
-    ]
+def autotuning() -> bool:
+    """False in the interpreter and under ``SPARSE_ATTN_NO_AUTOTUNE=1``: launches use the preferred config."""
+    return not (interpreting() or os.environ.get("SPARSE_ATTN_NO_AUTOTUNE", "0") == "1")
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products (no TF32) so results match the fp32 oracle."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision == "tf32"``,
+    which ``torch.set_float32_matmul_precision("high" | "medium")`` and ``allow_tf32 = True`` both set."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch without the fp32_precision API
+        try:
+            return bool(matmul.allow_tf32)
+        except RuntimeError:
+            return False
+    if precision == "none":  # not set for cuda matmuls: the generic setting decides
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def dot_precision(dtype: torch.dtype, tf32=None) -> str:
+    """``input_precision`` of the kernels' dots.
+
+    fp32 inputs use TF32 tensor cores when PyTorch allows TF32 for fp32 matmuls (:func:`tf32_allowed`, or
+    ``tf32=True``) and exact fp32 products ("ieee") otherwise, PyTorch's default. fp16/bf16 ignore it.
+    The Triton interpreter computes every dot in fp32, so on CPU both give exact products.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    allowed = tf32_allowed() if tf32 is None else tf32
+    return "tf32" if allowed else "ieee"
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:
@@ -41,10 +65,153 @@ def pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 def inner_tile(block: int, head_dim_pad: int, dtype: torch.dtype) -> int:
-    """Rows of K/V (or Q) loaded per step inside one mask block.
-
-    64 by default; 32 for fp32 with head dims padded to 256, whose 64-row tiles need more than the
-    227 KiB of shared memory of an H100/H200 in the backward kernels (found by compiling for sm_90).
-    """
+    """Rows of K/V (or Q) loaded per step inside one mask block: 64, or 32 for fp32 with head dims padded to
+    256 (whose 64-row tiles need more shared memory than an H100/H200 has, from sm_90 compiles)."""
     tile = 32 if (dtype == torch.float32 and head_dim_pad >= 256) else 64
     return min(block, tile)
+
+
+def key_tile(block_n: int, head_dim_pad: int, dtype: torch.dtype) -> int:
+    """Key rows of one block-sparse dK/dV program (a mask key block runs as ``block_n // key_tile`` programs):
+    the fp32 dK and dV accumulators ``[key_tile, D]`` must fit the registers of 8 warps (64 rows at D >= 128)."""
+    return min(block_n, 64) if head_dim_pad >= 128 or dtype == torch.float32 else block_n
+
+
+def dkdv_passes(dtype: torch.dtype, head_dim_pad: int) -> tuple:
+    """``((kernel name, PASS), ...)`` of the block-sparse dK/dV launches: one fused pass, or at head dims >= 128
+    in fp16/bf16 a dK pass and a dV pass (one fp32 accumulator each; the fused pass spills registers there)."""
+    if head_dim_pad >= 128 and dtype != torch.float32:
+        return (("dk", 1), ("dv", 2))
+    return (("dkdv", 0),)
+
+
+def stripe_tiles(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Inner tiles of the stripe kernels: ``tile_n`` (block part), ``tile_c`` (gathered columns), ``sub_m``
+    (query slice of the key-major passes)."""
+    wide = head_dim > 128 or dtype == torch.float32
+    return dict(tile_n=min(block_n, 64), tile_c=32 if head_dim > 128 else 64, sub_m=min(block_m, 32 if wide else 64))
+
+
+def _footprint(kernel, elem, block_m, block_n, pad, dtype):
+    """``(resident, per_stage, acc_rows)``: bytes of operand tiles held for the whole program, bytes loaded per
+    iteration of the pipelined loop (one buffer per stage), rows of the fp32 ``[rows, D]`` accumulators."""
+    row = pad * elem  # one row of an operand tile
+    if kernel == "fwd":
+        return block_m * row, 2 * block_n * row, block_m
+    if kernel == "dq":
+        return 2 * block_m * row, 2 * block_n * row, block_m
+    if kernel in ("dkdv", "dk", "dv"):
+        kt = key_tile(block_n, pad, dtype)
+        return 2 * kt * row, 2 * block_m * row, 2 * kt if kernel == "dkdv" else kt
+    tiles = stripe_tiles(block_m, block_n, pad, dtype)
+    if kernel == "st_fwd":
+        return block_m * row, 2 * block_n * row, block_m
+    if kernel == "st_dq":
+        return 2 * block_m * row, 2 * block_n * row, 2 * block_m
+    if kernel == "st_dkv_block":
+        return 2 * tiles["tile_n"] * row, 2 * block_m * row, 2 * tiles["tile_n"]
+    if kernel == "st_dkv_col":
+        return 2 * tiles["tile_c"] * row, 2 * tiles["sub_m"] * row, 2 * tiles["tile_c"]
+    if kernel == "lse":
+        return 64 * row, 64 * row, 0
+    if kernel == "mass":
+        return block_m * row, block_n * row, 0
+    if kernel == "vertical_slash":
+        return 128 * row, 0, 0
+    if kernel == "pooled_scores":
+        return 16 * pad * 4, 32 * pad * 4, 0
+    if kernel == "kmeans":
+        return 64 * pad * 4, 32 * pad * 4, 0
+    if kernel in ("preprocess", "pool"):
+        return 0, 0, 0
+    raise ValueError(f"kernel must be one of the package's kernels, got {kernel!r}.")
+
+
+def smem_estimate(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int,
+                  num_stages: int) -> int:
+    """Upper bound (bytes) of the shared memory of one program on sm_90: the resident operand tiles plus one
+    buffer of the loop's loads per stage (at least one), plus 1/8 for layout conversions and barriers."""
+    elem = 4 if dtype == torch.float32 else 2
+    resident, per_stage, _ = _footprint(kernel, elem, block_m, block_n, head_dim_pad, dtype)
+    total = resident + max(num_stages, 1) * per_stage
+    return total + total // 8 + 1024
+
+
+def _fits(kernel, dtype, block_m, block_n, pad, warps, stages):
+    if smem_estimate(kernel, dtype, block_m, block_n, pad, stages) > HOPPER_SMEM:
+        return False
+    acc_rows = _footprint(kernel, 4, block_m, block_n, pad, dtype)[2]
+    return acc_rows * pad // (32 * warps) < _ACC_REGS_PER_THREAD or warps == 8
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> list:
+    """``[(num_warps, num_stages)]`` of :data:`CONFIG_SPACE` that fit the chip (shared memory, registers)."""
+    return [(w, s) for w, s in CONFIG_SPACE if _fits(kernel, dtype, block_m, block_n, head_dim_pad, w, s)]
+
+
+def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> tuple:
+    """``(num_warps, num_stages)`` launched without autotuning: 4 warps unless the fp32 accumulators need 8,
+    2 stages (1 where two do not fit).
+
+    Raises:
+        ValueError: nothing fits (callers turn this into an error naming the argument).
+    """
+    cands = candidate_configs(kernel, dtype, block_m, block_n, head_dim_pad)
+    if not cands:
+        raise ValueError(f"{kernel}: no launch configuration fits the 227 KiB of shared memory of an H100/H200 "
+                         f"at dtype {dtype}, block size ({block_m}, {block_n}), head dim {head_dim_pad} "
+                         f"(needs {smem_estimate(kernel, dtype, block_m, block_n, head_dim_pad, 1)} B unpipelined).")
+    for pref in ((4, 2), (8, 2), (4, 1), (8, 1)):
+        if pref in cands:
+            return pref
+    return cands[0]
+
+
+def fits(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> bool:
+    """Whether any configuration of ``kernel`` fits the chip for this shape."""
+    return bool(candidate_configs(kernel, dtype, block_m, block_n, head_dim_pad))
+
+
+def autotune_configs(kernel: str) -> list:
+    """The whole :data:`CONFIG_SPACE` as ``triton.Config`` (the pruner of :func:`pruner` narrows it per shape)."""
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in CONFIG_SPACE]
+
+
+def pruner(kernel, block_m_arg: str = "BLOCK_M", block_n_arg: str = "BLOCK_N", dtype_arg: str = "q_ptr"):
+    """``prune_configs_by`` of ``triton.autotune``: keep the candidates of :func:`candidate_configs`.
+    ``kernel``: a kernel name, or a function of the launch arguments returning one."""
+    def early_config_prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        name = kernel(args) if callable(kernel) else kernel
+        keep = candidate_configs(name, args[dtype_arg].dtype, args[block_m_arg], args[block_n_arg],
+                                 args["HEAD_DIM_PAD"])
+        return [c for c in configs if (c.num_warps, c.num_stages) in keep] or configs[:1]
+    return {"early_config_prune": early_config_prune}
+
+
+def check_fits(kernel: str, x: torch.Tensor, block_m: int, block_n: int, head_dim_pad: int) -> None:
+    """Raise ``ValueError`` naming the block size when no configuration of ``kernel`` fits an H100/H200 for CUDA
+    tensors like ``x`` (the Triton interpreter has no shared-memory limit)."""
+    if x.is_cuda and not fits(kernel, x.dtype, block_m, block_n, head_dim_pad):
+        need = smem_estimate(kernel, x.dtype, block_m, block_n, head_dim_pad, 1)
+        raise ValueError(
+            f"block_size=({block_m}, {block_n}) with head dim {head_dim_pad} (padded) in {x.dtype}: the {kernel} "
+            f"kernel needs about {need // 1024} KiB of shared memory even unpipelined, over the 227 KiB of an "
+            f"H100/H200; use smaller blocks or bf16/fp16.")
+
+
+def launch(autotuned, kernel_fn, kernel: str, grid, args, meta, dtype, block_m: int, block_n: int) -> None:
+    """Launch ``kernel_fn`` with its preferred config (autotuning off), or the pruned autotuner ``autotuned``."""
+    if autotuning():
+        autotuned[grid](*args, **meta)
+        return
+    warps, stages = launch_config(kernel, dtype, block_m, block_n, meta["HEAD_DIM_PAD"])
+    kernel_fn[grid](*args, num_warps=warps, num_stages=stages, **meta)
+
+
+def launch_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> tuple:
+    """:func:`preferred_config`, or ``(4, 1)`` where nothing fits a GPU (the interpreter ignores both numbers; a
+    CUDA launcher has refused such a shape with :func:`check_fits` before)."""
+    if fits(kernel, dtype, block_m, block_n, head_dim_pad):
+        return preferred_config(kernel, dtype, block_m, block_n, head_dim_pad)
+    return 4, 1

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import inner_tile, dot_precision, fwd_configs, pow2_at_least
+from .._common.config import (autotune_configs, check_fits, dkdv_passes, dot_precision, inner_tile, key_tile, launch,
+                              pow2_at_least, pruner)
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
 from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
                                 visible_keys, visible_span)
@@ -79,35 +80,42 @@ def _block_sparse_bwd_dkdv_kernel(
     n_kv_heads, q_len, kv_len, n_k_blocks, width_t, qk_scale, scale, left, right,
     GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
     HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, WORDS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, KEY_TILE: tl.constexpr,
+    WORDS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PASS: tl.constexpr,
 ):
-    # 1-D grid, key block fastest: programs running together read the Q/dO of one head.
+    # 1-D grid, key slice fastest: programs running together read the Q/dO of one head. A mask key block runs
+    # as BLOCK_N // KEY_TILE programs, each owning KEY_TILE key rows (its dK/dV accumulators fit registers).
+    # PASS 0 accumulates dK and dV; PASS 1 only dK and PASS 2 only dV (two launches with one accumulator each,
+    # for head dims whose fused pass spills registers; each accumulator sees the same operations either way).
     pid = tl.program_id(0)
-    pid_n = pid % n_k_blocks
-    pid_bh = pid // n_k_blocks
+    n_slices = n_k_blocks * (BLOCK_N // KEY_TILE)
+    pid_s = pid % n_slices
+    pid_n = pid_s // (BLOCK_N // KEY_TILE)  # the mask key block
+    pid_bh = pid // n_slices
     b = (pid_bh // n_kv_heads).to(tl.int64)
     h_kv = (pid_bh % n_kv_heads).to(tl.int64)
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
     q_tok, k_tok = packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN)  # packed layout: the sequence's first rows
 
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    block_n0 = pid_n * BLOCK_N  # first key of the mask block (bit masks are per block)
+    start_n = pid_s * KEY_TILE  # first key of this program
+    offs_n = start_n + tl.arange(0, KEY_TILE)  # [KEY_TILE]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     offs_t = tl.arange(0, TILE_M)  # [TILE_M]
     rows_n = (k_tok + offs_n[:, None]).to(tl.int64)
-    kv_valid = (offs_n >= kv_start) & (offs_n < kv_end)  # [BLOCK_N]
-    kv_mask = kv_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_N, D]
+    kv_valid = (offs_n >= kv_start) & (offs_n < kv_end)  # [KEY_TILE]
+    kv_mask = kv_valid[:, None] & (offs_d[None, :] < HEAD_DIM)  # [KEY_TILE, D]
     k = tl.load(k_ptr + b * stride_kb + h_kv * stride_kh + rows_n * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, D]
+                mask=kv_mask, other=0.0)  # [KEY_TILE, D]
     v = tl.load(v_ptr + b * stride_vb + h_kv * stride_vh + rows_n * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, D]
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+                mask=kv_mask, other=0.0)  # [KEY_TILE, D]
+    dk = tl.zeros([KEY_TILE, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([KEY_TILE, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # the valid keys of this block and the queries that can see them (band: -left <= j - (i + shift) <= right)
+    # the valid keys of this slice and the queries that can see them (band: -left <= j - (i + shift) <= right)
     first_k = tl.maximum(start_n, kv_start)
-    last_k = tl.minimum(start_n + BLOCK_N, kv_end) - 1
+    last_k = tl.minimum(start_n + KEY_TILE, kv_end) - 1
     lo_q = q_start
     hi_q = q_end - 1
     if HAS_BAND:
@@ -127,7 +135,7 @@ def _block_sparse_bwd_dkdv_kernel(
         do_base = do_ptr + b * stride_dob + h * stride_doh + q_tok * stride_dom + offs_d[None, :]
         row_base = b * stride_lb + h * stride_lh + q_tok  # lse / delta rows of this head
         for it in range(first, count):
-            qb = tl.load(idx_row + it).to(tl.int64)
+            qb = tl.load(idx_row + it)  # token indices stay int32; pointer offsets are int64
             slot = it * 0 - 1
             if HAS_BITS:
                 slot = tl.load(slot_row + it)
@@ -137,44 +145,49 @@ def _block_sparse_bwd_dkdv_kernel(
                 offs_m = start_m + offs_t  # [TILE_M]
                 q_ok = (offs_m >= q_start) & (offs_m < q_end)  # [TILE_M]
                 io_mask = q_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # [TILE_M, D]
-                q = tl.load(q_base + offs_m[:, None] * stride_qm, mask=io_mask, other=0.0)  # [TILE_M, D]
-                do = tl.load(do_base + offs_m[:, None] * stride_dom, mask=io_mask, other=0.0)  # [TILE_M, D]
+                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm, mask=io_mask, other=0.0)  # [TILE_M, D]
+                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom, mask=io_mask, other=0.0)  # [TM, D]
                 lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_ok)  # [TILE_M]
                 # -- recompute P^T (log2 domain) ----
-                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, TILE_M]
-                p_t = tl.math.exp2(qk_t - lse[None, :])  # [BLOCK_N, TILE_M]
+                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [KEY_TILE, TILE_M]
+                p_t = tl.math.exp2(qk_t - lse[None, :])  # [KEY_TILE, TILE_M]
                 # -- predicates only on partial tiles (query rows outside their range already have P = 0) ----
                 needs_mask = tile_needs_mask(start_m, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
-                                             k_lo, k_hi, slot, TILE_M, BLOCK_N, HAS_BAND, HAS_SEG, HAS_BITS)
+                                             k_lo, k_hi, slot, TILE_M, KEY_TILE, HAS_BAND, HAS_SEG, HAS_BITS)
                 if needs_mask:
                     q_seg = offs_m * 0
                     if HAS_SEG:
                         q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)
                     keep = tile_keep(offs_m[None, :], offs_n[:, None], kv_start, kv_end, shift, left, right,
                                      q_seg[None, :], kv_seg_ptr + b * stride_sk, words_ptr, slot, qb * BLOCK_M,
-                                     start_n, HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [BLOCK_N, TILE_M]
+                                     block_n0, HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [KEY_TILE, TILE_M]
                     p_t = tl.where(keep, p_t, 0.0)
                     # queries and output gradients reach dK/dV only through pairs the tile keeps
-                    q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
+                    if PASS != 2:
+                        q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
                     do = tl.where(finite_rows(do)[:, None] != 0, do, 0.0)
                 # -- dV += P^T dO ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q ----
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)  # [BLOCK_N, D]
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, TILE_M]
-                ds_t = p_t * (dp_t - delta[None, :])  # [BLOCK_N, TILE_M]
-                if needs_mask:
-                    ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # [BLOCK_N, D]
+                if PASS != 1:
+                    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)  # [KEY_TILE, D]
+                if PASS != 2:
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [KEY_TILE, TILE_M]
+                    ds_t = p_t * (dp_t - delta[None, :])  # [KEY_TILE, TILE_M]
+                    if needs_mask:
+                        ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
+                    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # [KEY_TILE, D]
 
-    # -- epilogue: every key row of the block is written, zeros where no query attended ----
+    # -- epilogue: every key row of the slice is written, zeros where no query attended ----
     dk = dk * scale
     store = offs_n < kv_len
     if VARLEN:
         store = kv_valid  # rows past the sequence belong to the next one
     st_mask = store[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dk_ptr + b * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn + offs_d[None, :],
-             dk.to(dk_ptr.dtype.element_ty), mask=st_mask)
-    tl.store(dv_ptr + b * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=st_mask)
+    if PASS != 2:
+        tl.store(dk_ptr + b * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn + offs_d[None, :],
+                 dk.to(dk_ptr.dtype.element_ty), mask=st_mask)
+    if PASS != 1:
+        tl.store(dv_ptr + b * stride_dvb + h_kv * stride_dvh + rows_n * stride_dvn + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "left", "right"])
@@ -231,7 +244,7 @@ def _block_sparse_bwd_dq_kernel(
         q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
     seg_lo, seg_hi = segment_bounds(q_segb_ptr + b * stride_sbq, row, HAS_SEG)
     for it in range(first, count):
-        kb = tl.load(idx_row + it).to(tl.int64)
+        kb = tl.load(idx_row + it)  # token indices stay int32; pointer offsets are int64
         slot = it * 0 - 1
         if HAS_BITS:
             slot = tl.load(slot_row + it)
@@ -239,8 +252,8 @@ def _block_sparse_bwd_dq_kernel(
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + offs_t  # [TILE_N]
             kv_mask = (offs_n[:, None] >= kv_start) & (offs_n[:, None] < kv_end) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
-            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- recompute P (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             p = tl.math.exp2(qk - lse[:, None])  # [BLOCK_M, TILE_N]
@@ -272,8 +285,11 @@ def _block_sparse_bwd_dq_kernel(
 
 _KEY = ["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "HEAD_DIM_PAD",
         "DOT_PRECISION"]
-_autotuned_dkdv = triton.autotune(configs=fwd_configs(), key=_KEY + ["TILE_M"])(_block_sparse_bwd_dkdv_kernel)
-_autotuned_dq = triton.autotune(configs=fwd_configs(), key=_KEY + ["TILE_N"])(_block_sparse_bwd_dq_kernel)
+_autotuned_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY + ["TILE_M", "KEY_TILE", "PASS"],
+                                  prune_configs_by=pruner(lambda a: ("dkdv", "dk", "dv")[a["PASS"]]))(
+    _block_sparse_bwd_dkdv_kernel)
+_autotuned_dq = triton.autotune(configs=autotune_configs("dq"), key=_KEY + ["TILE_N"],
+                                prune_configs_by=pruner("dq"))(_block_sparse_bwd_dq_kernel)
 
 
 def _grad_like(x):
@@ -331,11 +347,9 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
     group = n_q_heads // n_kv_heads
     mask_head_div = 1 if mask_heads == n_q_heads else (group if mask_heads == n_kv_heads else n_q_heads)
     head_dim_pad = pow2_at_least(head_dim, 16)
-    if q.is_cuda and q.dtype == torch.float32 and head_dim_pad >= 256 and max(block_m, block_n) > 64:
-        raise ValueError(
-            f"the fp32 backward with head dim {head_dim} needs block sizes <= 64 (its tiles exceed the 227 KiB "
-            f"of shared memory of an H100/H200 otherwise), got block_size=({block_m}, {block_n}); use 64x64 "
-            f"blocks or bf16/fp16.")
+    passes = dkdv_passes(q.dtype, head_dim_pad)
+    for kernel in [name for name, _ in passes] + ["dq"]:
+        check_fits(kernel, q, block_m, block_n, head_dim_pad)
     precision = dot_precision(q.dtype)
     lse = lse.contiguous()
 
@@ -381,18 +395,20 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
                   VARLEN=cu is not None, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words_per_row(block_n),
                   HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=precision)
     qk_scale = scale * LOG2E
-    _autotuned_dkdv[(n_k_blocks * batch * n_kv_heads,)](
-        q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, dummy if slots_t is None else slots_t, *tables,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *ls,
-        *_mask_strides(counts_t, indices_t, mask_heads), *seg_strides,
-        n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale, bl, br,
-        TILE_M=inner_tile(block_m, head_dim_pad, q.dtype), **common,
-    )
-    _autotuned_dq[(n_q_blocks * batch * n_q_heads,)](
-        q, k, v, do, lse, delta, dq, counts, indices, dummy if slots is None else slots, *tables,
-        *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *ls,
-        *_mask_strides(counts, indices, mask_heads), *seg_strides,
-        n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale, bl, br,
-        TILE_N=inner_tile(block_n, head_dim_pad, q.dtype), **common,
-    )
+    tile_k = key_tile(block_n, head_dim_pad, q.dtype)
+    grid_dkdv = (n_k_blocks * (block_n // tile_k) * batch * n_kv_heads,)  # one program per key slice
+    args_dkdv = (q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, dummy if slots_t is None else slots_t,
+                 *tables, *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *ls,
+                 *_mask_strides(counts_t, indices_t, mask_heads), *seg_strides,
+                 n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale, bl, br)
+    for name, which in passes:
+        launch(_autotuned_dkdv, _block_sparse_bwd_dkdv_kernel, name, grid_dkdv, args_dkdv,
+               dict(TILE_M=inner_tile(block_m, head_dim_pad, q.dtype), KEY_TILE=tile_k, PASS=which, **common),
+               q.dtype, block_m, block_n)
+    launch(_autotuned_dq, _block_sparse_bwd_dq_kernel, "dq", (n_q_blocks * batch * n_q_heads,),
+           (q, k, v, do, lse, delta, dq, counts, indices, dummy if slots is None else slots, *tables,
+            *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *ls,
+            *_mask_strides(counts, indices, mask_heads), *seg_strides,
+            n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale, bl, br),
+           dict(TILE_N=inner_tile(block_n, head_dim_pad, q.dtype), **common), q.dtype, block_m, block_n)
     return dq, dk, dv

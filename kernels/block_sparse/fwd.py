@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import fwd_configs, dot_precision, inner_tile, pow2_at_least
+from .._common.config import autotune_configs, check_fits, dot_precision, inner_tile, launch, pow2_at_least, pruner
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
 from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
                                 visible_keys, visible_span)
@@ -75,7 +75,7 @@ def _block_sparse_fwd_kernel(
         q_seg = tl.load(q_seg_ptr + b * stride_sq + offs_m, mask=offs_m < q_len, other=-2)  # [BLOCK_M]
     seg_lo, seg_hi = segment_bounds(q_segb_ptr + b * stride_sbq, row, HAS_SEG)
     for it in range(first, count):
-        kb = tl.load(idx_row + it).to(tl.int64)
+        kb = tl.load(idx_row + it)  # token indices stay int32; pointer offsets are int64
         slot = it * 0 - 1
         if HAS_BITS:
             slot = tl.load(slot_row + it)
@@ -83,8 +83,8 @@ def _block_sparse_fwd_kernel(
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + offs_t  # [TILE_N]
             kv_mask = (offs_n[:, None] >= kv_start) & (offs_n[:, None] < kv_end) & (offs_d[None, :] < HEAD_DIM)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
-            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn, mask=kv_mask, other=0.0)  # [TILE_N, D]
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- compute qk (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             # -- predicates only on partial tiles: key edges, band edges, segment edges, bit masks ----
@@ -130,9 +130,10 @@ def _block_sparse_fwd_kernel(
 
 
 _autotuned_kernel = triton.autotune(
-    configs=fwd_configs(),
+    configs=autotune_configs("fwd"),
     key=["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "TILE_N",
          "HEAD_DIM_PAD", "DOT_PRECISION"],
+    prune_configs_by=pruner("fwd"),
 )(_block_sparse_fwd_kernel)
 
 
@@ -190,8 +191,10 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
     if slots is not None:
         slots = slots.to(torch.int32).expand(indices.shape).contiguous()
     bl, br = band_bounds(left, right)
+    head_dim_pad = pow2_at_least(head_dim, 16)
+    check_fits("fwd", q, block_m, block_n, head_dim_pad)
     grid = (n_q_blocks * batch * n_q_heads,)
-    _autotuned_kernel[grid](
+    args = (
         q, k, v, o, lse, counts, indices, dummy if slots is None else slots,
         dummy if preds.bit_words is None else preds.bit_words, dummy if ranges is None else ranges,
         dummy if cu is None else cu[0], dummy if cu is None else cu[1],
@@ -202,11 +205,13 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if mask_heads > 1 else 0,
         _bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb),
         n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], scale * LOG2E, bl, br,
+    )
+    meta = dict(
         GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
         HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None, VARLEN=cu is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_N=inner_tile(block_n, pow2_at_least(head_dim, 16), q.dtype), WORDS=words_per_row(block_n),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16),
+        BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=inner_tile(block_n, head_dim_pad, q.dtype),
+        WORDS=words_per_row(block_n), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         DOT_PRECISION=dot_precision(q.dtype),
     )
+    launch(_autotuned_kernel, _block_sparse_fwd_kernel, "fwd", grid, args, meta, q.dtype, block_m, block_n)
     return o, lse

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import pow2_at_least
+from .._common.config import launch_config, pow2_at_least
 
 
 @triton.jit(do_not_specialize=["length", "n_clusters"])
@@ -50,6 +50,8 @@ def kmeans_assign(x, centroids, metric):
     if out.numel() == 0:
         return out
     grid = (g, triton.cdiv(length, 64))
+    pad = pow2_at_least(dim, 16)
+    warps, stages = launch_config("kmeans", torch.float32, 64, 32, pad)
     _kmeans_assign_kernel[grid](x, centroids, out, length, centroids.shape[1], IS_L2=metric == "l2",
-                                TL=64, TC=32, HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16))
+                                TL=64, TC=32, HEAD_DIM=dim, HEAD_DIM_PAD=pad, num_warps=warps, num_stages=stages)
     return out

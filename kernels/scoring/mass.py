@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import dot_precision, pow2_at_least
+from .._common.config import check_fits, dot_precision, launch_config, pow2_at_least
 
 LOG2E = 1.4426950408889634
 
@@ -76,11 +76,14 @@ def attention_lse(q, k, scale, causal, kv_start=0):
         return lse
     block_m = 64
     n_q_blocks = triton.cdiv(q_len, block_m)
+    pad = pow2_at_least(dim, 16)
+    check_fits("lse", q, block_m, 64, pad)
+    warps, stages = launch_config("lse", q.dtype, block_m, 64, pad)
     _attention_lse_kernel[(batch * n_q_heads * n_q_blocks,)](
         q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         n_q_heads, q_len, k.shape[2], n_q_blocks, int(kv_start), float(scale) * LOG2E,
         GROUP=n_q_heads // k.shape[1], IS_CAUSAL=bool(causal), BLOCK_M=block_m, TILE_N=64,
-        HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16), DOT_PRECISION=dot_precision(q.dtype))
+        HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return lse
 
 
@@ -130,10 +133,13 @@ def block_mass(q, k, lse, block_m, block_n, scale, causal, kv_start=0):
     w = torch.empty((batch, n_q_heads, n_qb, n_kb), dtype=torch.float32, device=q.device)
     if w.numel() == 0:
         return w
+    pad = pow2_at_least(dim, 16)
+    check_fits("mass", q, block_m, block_n, pad)
+    warps, stages = launch_config("mass", q.dtype, block_m, block_n, pad)
     _block_mass_kernel[(batch * n_q_heads * n_qb,)](
         q, k, lse.float().contiguous(), w, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), n_q_heads, q_len, kv_len, n_qb, n_kb, int(kv_start),
         float(scale) * LOG2E, GROUP=n_q_heads // k.shape[1], IS_CAUSAL=bool(causal), BLOCK_M=block_m,
-        BLOCK_N=block_n, TILE_N=min(block_n, 64), HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16),
-        DOT_PRECISION=dot_precision(q.dtype))
+        BLOCK_N=block_n, TILE_N=min(block_n, 64), HEAD_DIM=dim, HEAD_DIM_PAD=pad,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return w

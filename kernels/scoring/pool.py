@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import pow2_at_least
+from .._common.config import launch_config, pow2_at_least
 
 
 @triton.jit(do_not_specialize=["length", "n_blocks", "block"])
@@ -42,9 +42,11 @@ def block_mean_pool(x, block):
     out = torch.empty((batch, heads, n_blocks, dim), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out
+    pad = pow2_at_least(dim, 16)
+    warps, stages = launch_config("pool", x.dtype, block, block, pad)
     _block_mean_pool_kernel[(batch * heads * n_blocks,)](
         x, out, x.stride(0), x.stride(1), x.stride(2), heads, length, n_blocks, block,
-        BLOCK_PAD=pow2_at_least(block, 16), HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16))
+        BLOCK_PAD=pow2_at_least(block, 16), HEAD_DIM=dim, HEAD_DIM_PAD=pad, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -84,8 +86,10 @@ def pooled_block_scores(q_pool, k_pool, scale, q_len, kv_len, block_m, block_n, 
     if out.numel() == 0:
         return out
     grid = (batch * n_q_heads, triton.cdiv(n_qb, 16))
+    pad = pow2_at_least(dim, 16)
+    warps, stages = launch_config("pooled_scores", torch.float32, 16, 32, pad)
     _pooled_scores_kernel[grid](
         q_pool, k_pool, out, n_q_heads, n_qb, n_kb, q_len, kv_len, float(scale),
         GROUP=n_q_heads // n_kv_heads, IS_CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n,
-        TM=16, TN=32, HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16))
+        TM=16, TN=32, HEAD_DIM=dim, HEAD_DIM_PAD=pad, num_warps=warps, num_stages=stages)
     return out

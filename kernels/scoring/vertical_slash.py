@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import dot_precision, pow2_at_least
+from .._common.config import check_fits, dot_precision, launch_config, pow2_at_least
 from .mass import LOG2E, attention_lse
 
 
@@ -60,9 +60,12 @@ def vertical_slash_scores(q, k, last_q, scale, causal):
     if batch * n_q_heads * (q_len - row0) * kv_len == 0:
         return vertical, slash
     grid = (batch * n_q_heads, triton.cdiv(kv_len, 64))
+    rows, pad = pow2_at_least(q_len - row0, 16), pow2_at_least(dim, 16)
+    check_fits("vertical_slash", q, rows, 64, pad)
+    warps, stages = launch_config("vertical_slash", q.dtype, rows, 64, pad)
     _vertical_slash_kernel[grid](
         q, k, lse.contiguous(), vertical, slash, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), n_q_heads, q_len, kv_len, row0, float(scale) * LOG2E,
-        GROUP=n_q_heads // k.shape[1], IS_CAUSAL=bool(causal), ROWS=pow2_at_least(q_len - row0, 16), TILE_N=64,
-        HEAD_DIM=dim, HEAD_DIM_PAD=pow2_at_least(dim, 16), DOT_PRECISION=dot_precision(q.dtype))
+        GROUP=n_q_heads // k.shape[1], IS_CAUSAL=bool(causal), ROWS=rows, TILE_N=64,
+        HEAD_DIM=dim, HEAD_DIM_PAD=pad, DOT_PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
     return vertical, slash

@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.tile_jit import finite_rows
-from .._common.config import fwd_configs, dot_precision, pow2_at_least
+from .._common.tile_jit import finite_rows, list_span
+from .._common.config import (autotune_configs, check_fits, dot_precision, launch, launch_config, pow2_at_least,
+                              pruner, stripe_tiles)
 from .fwd import _mask_head_div
 
 LOG2E = 1.4426950408889634
@@ -105,37 +106,42 @@ def _stripe_sparse_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     # -- block part: pairs on a slash or on a vertical column ----
-    for it in range(0, tl.load(bcount_ptr + row)):
-        kb = tl.load(bindex_ptr + row * width + it).to(tl.int64)
+    # loop bounds before the loops, loads at loop top level (pipelined); hidden pairs are masked, not branched
+    idx_row = bindex_ptr + row * width
+    count = tl.load(bcount_ptr + row)
+    if IS_CAUSAL:  # sorted: the blocks wholly above the diagonal are a suffix of the list
+        _, count = list_span(idx_row, count, 0, kb_limit, BLOCK_N)
+    for it in range(0, count):
+        kb = tl.load(idx_row + it).to(tl.int64)
         for sub in tl.static_range(BLOCK_N // TILE_N):
             start_n = kb * BLOCK_N + sub * TILE_N
-            if start_n <= kb_limit:
-                offs_n = start_n + tl.arange(0, TILE_N)  # [TILE_N]
-                col_ok = offs_n < kv_len
-                k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok[:, None] & d_ok, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok[:, None] & d_ok, other=0.0)
-                pair_ok = row_ok & col_ok[None, :]
-                on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
-                on_col = tl.load(vert_row + offs_n, mask=col_ok, other=0)
-                keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                dq = _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+            offs_n = start_n + tl.arange(0, TILE_N)  # [TILE_N]
+            col_ok = offs_n < kv_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok[:, None] & d_ok, other=0.0)  # [TILE_N, D]
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok[:, None] & d_ok, other=0.0)  # [TILE_N, D]
+            pair_ok = row_ok & col_ok[None, :]  # [BLOCK_M, TILE_N]
+            on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
+            on_col = tl.load(vert_row + offs_n, mask=col_ok, other=0)
+            keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            dq = _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
 
     # -- column part: vertical columns outside the block part ----
-    col_count = tl.load(ccount_ptr + row)
     col_row = cindex_ptr + row * col_width
+    col_count = tl.load(ccount_ptr + row)
+    if IS_CAUSAL:  # sorted: the columns no query of the block sees are a suffix
+        _, col_count = list_span(col_row, col_count, 0, kb_limit, 1)
     for c0 in range(0, col_count, TILE_C):
-        if tl.load(col_row + c0) <= kb_limit:
-            offs_c = c0 + tl.arange(0, TILE_C)
-            c_ok = offs_c < col_count
-            cols = tl.load(col_row + offs_c, mask=c_ok, other=0).to(tl.int64)
-            k = tl.load(k_base + cols[:, None] * stride_kn, mask=c_ok[:, None] & d_ok, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn, mask=c_ok[:, None] & d_ok, other=0.0)
-            keep = row_ok & c_ok[None, :]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            dq = _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+        offs_c = c0 + tl.arange(0, TILE_C)  # [TILE_C]
+        c_ok = offs_c < col_count
+        cols = tl.load(col_row + offs_c, mask=c_ok, other=0).to(tl.int64)
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
+        keep = row_ok & c_ok[None, :]  # [BLOCK_M, TILE_C]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
 
     dq_ptrs = dq_ptr + b * stride_gb + h * stride_gh + offs_m[:, None].to(tl.int64) * stride_gm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok & d_ok)
@@ -179,24 +185,24 @@ def _stripe_sparse_bwd_dkv_block_kernel(
         trow = mrow * n_k_blocks + pid_n
         diag_row = diag_ptr + mrow * (q_len + kv_len - 1) + (kv_len - 1)
         not_col = tl.load(vert_ptr + mrow * kv_len + offs_n, mask=col_ok, other=1) == 0  # [TILE_N]
-        for it in range(0, tl.load(tcount_ptr + trow)):
-            m = tl.load(tindex_ptr + trow * width_t + it)
-            for sm in tl.static_range(BLOCK_M // SUB_M):  # query block in SUB_M-row slices
-                q_first = m * BLOCK_M + sm * SUB_M
-                visible = True
+        t_row = tindex_ptr + trow * width_t
+        first = tl.zeros([], dtype=tl.int32)
+        count = tl.load(tcount_ptr + trow)
+        if IS_CAUSAL:  # sorted: the query blocks wholly before the diagonal of this key slice are a prefix
+            first, count = list_span(t_row, count, start_n - causal_shift, q_len, BLOCK_M)
+        for it in range(first, count):
+            m = tl.load(t_row + it)
+            for sm in tl.static_range(BLOCK_M // SUB_M):  # query block in SUB_M-row slices; hidden pairs masked
+                offs_m = m * BLOCK_M + sm * SUB_M + tl.arange(0, SUB_M)  # [SUB_M]
+                q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
+                                                n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
+                                                stride_dh, stride_dm, HEAD_DIM)
+                pair_ok = (offs_m[:, None] < q_len) & col_ok[None, :]  # [SUB_M, TILE_N]
+                on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
+                keep = pair_ok & (on_slash != 0) & not_col[None, :]  # columns belong to the column pass
                 if IS_CAUSAL:
-                    visible = start_n <= q_first + SUB_M - 1 + causal_shift
-                if visible:
-                    offs_m = q_first + tl.arange(0, SUB_M)
-                    q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
-                                                    n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
-                                                    stride_dh, stride_dm, HEAD_DIM)
-                    pair_ok = (offs_m[:, None] < q_len) & col_ok[None, :]
-                    on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
-                    keep = pair_ok & (on_slash != 0) & not_col[None, :]  # columns belong to the column pass
-                    if IS_CAUSAL:
-                        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                    dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
     out = pid_bh.to(tl.int64) * kv_len * HEAD_DIM + rows_n * HEAD_DIM + offs_d[None, :]  # dense fp32 [B, Hkv, Lk, D]
     tl.store(dk_ptr + out, dk * scale, mask=kv_mask)
     tl.store(dv_ptr + out, dv, mask=kv_mask)
@@ -235,29 +241,29 @@ def _stripe_sparse_bwd_dkv_col_kernel(
         first = tl.load(vindex_ptr + mrow * vert_width + c0)
         dk = tl.zeros([TILE_C, HEAD_DIM_PAD], dtype=tl.float32)
         dv = tl.zeros([TILE_C, HEAD_DIM_PAD], dtype=tl.float32)
+        m_first = 0
+        if IS_CAUSAL:  # the query blocks wholly before the first (smallest) column see none of the tile
+            m_first = tl.maximum(first - causal_shift, 0) // BLOCK_M
         for g in range(0, G_LOOP):
             h = h_kv * GROUP + g_start + g
-            for m in range(0, n_q_blocks):
-                visible = True
+            for m in range(m_first, n_q_blocks):
+                offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+                q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
+                                                n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
+                                                stride_dh, stride_dm, HEAD_DIM)
+                keep = (offs_m[:, None] < q_len) & c_ok[None, :]  # [BLOCK_M, TILE_C]
                 if IS_CAUSAL:
-                    visible = first <= m * BLOCK_M + BLOCK_M - 1 + causal_shift
-                if visible:
-                    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-                    q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
-                                                    n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
-                                                    stride_dh, stride_dm, HEAD_DIM)
-                    keep = (offs_m[:, None] < q_len) & c_ok[None, :]
-                    if IS_CAUSAL:
-                        keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-                    dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+                    keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
         out = pid_bh.to(tl.int64) * kv_len * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
         tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
-_dq_kernel = triton.autotune(configs=fwd_configs(), key=["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N", "TILE_N",
-                                                         "TILE_C", "HEAD_DIM_PAD", "DOT_PRECISION"])(
-    _stripe_sparse_bwd_dq_kernel)
+_dq_kernel = triton.autotune(configs=autotune_configs("st_dq"), key=["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N",
+                                                                    "TILE_N", "TILE_C", "HEAD_DIM_PAD",
+                                                                    "DOT_PRECISION"],
+                             prune_configs_by=pruner("st_dq"))(_stripe_sparse_bwd_dq_kernel)
 
 
 def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical_count, block_m, block_n, causal,
@@ -295,29 +301,35 @@ def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical
                   DOT_PRECISION=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    tile_c = 32 if head_dim > 128 else 64
-    tile_n = min(block_n, 64)
-    sub_m = 64 if head_dim <= 128 and q.element_size() < 4 else 32  # query slice of the key-major pass
-    _dq_kernel[(n_q_blocks * batch * n_q_heads,)](
-        q, k, v, do, lse, delta, dq, block_counts, block_indices, col_counts, col_indices, diag_keep, col_keep,
-        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1], mask_b_stride,
-        qk_scale, scale, GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
-        TILE_C=tile_c, **common)
+    head_dim_pad = common["HEAD_DIM_PAD"]
+    for kernel in ("st_dq", "st_dkv_block", "st_dkv_col"):
+        check_fits(kernel, q, block_m, block_n, head_dim_pad)
+    tiles = stripe_tiles(block_m, block_n, head_dim, q.dtype)
+    tile_c, tile_n, sub_m = tiles["tile_c"], tiles["tile_n"], tiles["sub_m"]
+    launch(_dq_kernel, _stripe_sparse_bwd_dq_kernel, "st_dq", (n_q_blocks * batch * n_q_heads,),
+           (q, k, v, do, lse, delta, dq, block_counts, block_indices, col_counts, col_indices, diag_keep, col_keep,
+            *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+            n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1], mask_b_stride,
+            qk_scale, scale),
+           dict(GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
+                TILE_C=tile_c, **common), q.dtype, block_m, block_n)
+    warps, stages = launch_config("st_dkv_block", q.dtype, block_m, block_n, head_dim_pad)
     _stripe_sparse_bwd_dkv_block_kernel[(n_k_blocks * (block_n // tile_n) * batch * n_kv_heads,)](
         q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, diag_keep, col_keep, *strides,
         n_q_heads, n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], mask_b_stride, qk_scale, scale,
         GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
-        SUB_M=min(block_m, sub_m), num_warps=4, num_stages=2, **common)
+        SUB_M=sub_m, num_warps=warps, num_stages=stages, **common)
     vert_width = vertical.shape[-1]
     if vert_width:
         n_col_tiles = triton.cdiv(vert_width, tile_c)
         col_block_m = sub_m  # query tile of the column scan (free to choose)
+        warps, stages = launch_config("st_dkv_col", q.dtype, block_m, block_n, head_dim_pad)
         per_head = mask_heads == n_q_heads and group > 1  # each query head of a group has its own list
         for g_start in (range(group) if per_head else (0,)):  # launches in order: no two writers per row
             _stripe_sparse_bwd_dkv_col_kernel[(n_col_tiles * batch * n_kv_heads,)](
                 q, k, v, do, lse, delta, dk, dv, vertical_count, vertical, *strides,
                 n_q_heads, n_kv_heads, q_len, kv_len, triton.cdiv(q_len, col_block_m), n_col_tiles, vert_width,
                 mask_b_stride, g_start, qk_scale, scale, GROUP=group, G_LOOP=1 if per_head else group,
-                MASK_HEAD_DIV=head_div, BLOCK_M=col_block_m, TILE_C=tile_c, num_warps=4, num_stages=2, **common)
+                MASK_HEAD_DIV=head_div, BLOCK_M=col_block_m, TILE_C=tile_c, num_warps=warps, num_stages=stages,
+                **common)
     return dq, dk.to(k.dtype), dv.to(v.dtype)

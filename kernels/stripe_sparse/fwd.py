@@ -17,31 +17,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import fwd_configs, dot_precision, pow2_at_least
-from .._common.tile_jit import finite_rows
+from .._common.config import autotune_configs, check_fits, dot_precision, launch, pow2_at_least, pruner, stripe_tiles
+from .._common.tile_jit import finite_rows, list_span
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over a [BLOCK_M, N] score tile; ``keep`` applies when MASKED (and then
-    values of excluded keys are zeroed, ``bad`` flags the rows that see a non-finite value)."""
-    # -- compute qk (log2 domain) ----
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, N]
-    if MASKED:
-        qk = tl.where(keep, qk, float("-inf"))
-        v_ok = finite_rows(v)  # [N]
-        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-        v = tl.where(v_ok[:, None] != 0, v, 0.0)
-    # -- online softmax update; rows that have seen nothing keep m = -inf ----
+def _mask_scores(qk, v, keep, bad):
+    """Scores ``qk [BLOCK_M, N]`` with the pairs outside ``keep`` at -inf; the non-finite value rows of ``v [N, D]``
+    zeroed (an excluded key never reaches an output) and ``bad [BLOCK_M]`` set where a kept key has one."""
+    qk = tl.where(keep, qk, float("-inf"))
+    v_ok = finite_rows(v)  # [N]
+    bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+    v = tl.where(v_ok[:, None] != 0, v, 0.0)
+    return qk, v, bad
+
+
+@triton.jit
+def _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over the scores ``qk [BLOCK_M, N]`` (log2 domain); rows that have seen nothing
+    keep m = -inf, and a tile with no kept pair leaves ``acc``, ``l_i`` and ``m_i`` exactly as they were."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, N]
     alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new, bad
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "col_width", "mask_b_stride"])
@@ -87,46 +90,53 @@ def _stripe_sparse_fwd_kernel(
         kb_limit = last_q + causal_shift
 
     # -- block part: key blocks crossed by a slash ----
+    # The loop bounds are computed before the loops and the loads sit at loop top level, so Triton pipelines
+    # them (num_stages); tiles that causality hides for some queries are masked, never branched around.
+    idx_row = bindex_ptr + row * width
     count = tl.load(bcount_ptr + row)
+    if IS_CAUSAL:  # sorted: the blocks wholly above the diagonal are a suffix of the list
+        _, count = list_span(idx_row, count, 0, kb_limit, BLOCK_N)
     for it in range(0, count):
-        kb = tl.load(bindex_ptr + row * width + it).to(tl.int64)
+        kb = tl.load(idx_row + it).to(tl.int64)
         full = tl.load(bfull_ptr + row * width + it) != 0
         for sub in tl.static_range(BLOCK_N // TILE_N):
             start_n = kb * BLOCK_N + sub * TILE_N
             offs_n = start_n + tl.arange(0, TILE_N)  # [TILE_N]
+            col_ok = offs_n[:, None] < kv_len  # [TILE_N, 1]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok & d_ok, other=0.0)  # [TILE_N, D]
+            v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok & d_ok, other=0.0)  # [TILE_N, D]
+            # -- compute qk (log2 domain) ----
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
             needs_mask = (full == 0) | (start_n + TILE_N > kv_len)
             if IS_CAUSAL:
                 needs_mask = needs_mask | (start_n + TILE_N - 1 > pid_m * BLOCK_M + causal_shift)
-            if start_n <= kb_limit:  # causal: else the tile lies above the diagonal for every query
-                col_ok = offs_n[:, None] < kv_len  # [TILE_N, 1]
-                k = tl.load(k_base + offs_n[:, None] * stride_kn, mask=col_ok & d_ok, other=0.0)  # [TILE_N, D]
-                v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=col_ok & d_ok, other=0.0)  # [TILE_N, D]
-                if needs_mask:
-                    pair_ok = row_ok & (offs_n[None, :] < kv_len)  # [BLOCK_M, TILE_N]
-                    on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
-                    on_col = tl.load(vert_row + offs_n, mask=offs_n < kv_len, other=0)  # [TILE_N]
-                    keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
-                    if IS_CAUSAL:
-                        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                    acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, True, DOT_PRECISION)
-                else:
-                    acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, row_ok, qk_scale, False, DOT_PRECISION)
+            if needs_mask:  # in-tile masking: slash | column, key tail, causal
+                pair_ok = row_ok & (offs_n[None, :] < kv_len)  # [BLOCK_M, TILE_N]
+                on_slash = tl.load(diag_row + (offs_m[:, None] - offs_n[None, :]), mask=pair_ok, other=0)
+                on_col = tl.load(vert_row + offs_n, mask=offs_n < kv_len, other=0)  # [TILE_N]
+                keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                qk, v, bad = _mask_scores(qk, v, keep, bad)
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
     # -- column part: vertical columns outside the block part, gathered TILE_C at a time ----
-    col_count = tl.load(ccount_ptr + row)
     col_row = cindex_ptr + row * col_width
+    col_count = tl.load(ccount_ptr + row)
+    if IS_CAUSAL:  # sorted: the columns above the diagonal for every query of the block are a suffix
+        _, col_count = list_span(col_row, col_count, 0, kb_limit, 1)
     for c0 in range(0, col_count, TILE_C):
-        first = tl.load(col_row + c0)  # sorted: if the first column is above the diagonal, all are
-        if first <= kb_limit:
-            offs_c = c0 + tl.arange(0, TILE_C)  # [TILE_C]
-            c_ok = offs_c < col_count
-            cols = tl.load(col_row + offs_c, mask=c_ok, other=0).to(tl.int64)  # [TILE_C]
-            k = tl.load(k_base + cols[:, None] * stride_kn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
-            v = tl.load(v_base + cols[:, None] * stride_vn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
-            keep = c_ok[None, :] & row_ok  # [BLOCK_M, TILE_C]
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-            acc, l_i, m_i, bad = _softmax_step(acc, l_i, m_i, bad, q, k, v, keep, qk_scale, True, DOT_PRECISION)
+        offs_c = c0 + tl.arange(0, TILE_C)  # [TILE_C]
+        c_ok = offs_c < col_count
+        cols = tl.load(col_row + offs_c, mask=c_ok, other=0).to(tl.int64)  # [TILE_C]
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=c_ok[:, None] & d_ok, other=0.0)  # [TILE_C, D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_C]
+        keep = c_ok[None, :] & row_ok  # [BLOCK_M, TILE_C]
+        if IS_CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
+        qk, v, bad = _mask_scores(qk, v, keep, bad)
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
     # -- epilogue: rows that saw no key give o = 0 and lse = -inf; a NaN row keeps NaN in both ----
     empty = l_i == 0.0
@@ -141,8 +151,9 @@ def _stripe_sparse_fwd_kernel(
 
 
 _autotuned_kernel = triton.autotune(
-    configs=fwd_configs(),
+    configs=autotune_configs("st_fwd"),
     key=["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N", "TILE_N", "TILE_C", "HEAD_DIM_PAD", "DOT_PRECISION"],
+    prune_configs_by=pruner("st_fwd"),
 )(_stripe_sparse_fwd_kernel)
 
 
@@ -184,16 +195,18 @@ def stripe_sparse_fwd(q, k, v, block_counts, block_indices, block_full, col_coun
     mask_batch, mask_heads = block_counts.shape[:2]
     tensors = [x.contiguous() for x in (block_counts, block_indices, block_full, col_counts, col_indices,
                                         diag_keep, col_keep)]
-    tile_c = 32 if head_dim > 128 else 64
-    grid = (n_q_blocks * batch * n_q_heads,)
-    _autotuned_kernel[grid](
-        q, k, v, o, lse, *tensors,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1],
-        mask_heads if mask_batch > 1 else 0, scale * LOG2E,
-        GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=_mask_head_div(mask_heads, n_q_heads, n_kv_heads),
-        IS_CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=min(block_n, 64), TILE_C=tile_c,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16), DOT_PRECISION=dot_precision(q.dtype),
-    )
+    head_dim_pad = pow2_at_least(head_dim, 16)
+    check_fits("st_fwd", q, block_m, block_n, head_dim_pad)
+    tiles = stripe_tiles(block_m, block_n, head_dim, q.dtype)
+    launch(_autotuned_kernel, _stripe_sparse_fwd_kernel, "st_fwd", (n_q_blocks * batch * n_q_heads,),
+           (q, k, v, o, lse, *tensors,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1],
+            mask_heads if mask_batch > 1 else 0, scale * LOG2E),
+           dict(GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=_mask_head_div(mask_heads, n_q_heads, n_kv_heads),
+                IS_CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tiles["tile_n"],
+                TILE_C=tiles["tile_c"], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                DOT_PRECISION=dot_precision(q.dtype)),
+           q.dtype, block_m, block_n)
     return o, lse
