@@ -13,6 +13,11 @@ generation (the cache drops everything). The hook also derives the video token l
 (:class:`~sparse_attn.layout.TokenLayout`) from the latent shape and the model config for
 Wan, CogVideoX, HunyuanVideo and Flux.
 
+Context parallelism: under diffusers' own ``ContextParallelConfig(ulysses_degree=n)`` with the native
+backend, each rank's SDPA call sees the whole sequence for its heads, so the patch composes (in either
+order with ``enable_parallelism``); diffusers' ring needs an LSE the native backend lacks and is rejected
+(docs/distributed.md).
+
 Example:
     >>> handle = apply(pipe, SparseConfig(pattern, cache=StepCache(CachePolicy(warmup_steps=10))))  # doctest: +SKIP
     >>> video = pipe(prompt_embeds=emb, num_inference_steps=50).frames                          # doctest: +SKIP
@@ -31,6 +36,16 @@ from .sdpa import _ROUTE, _SCOPE, _Route, _SDPAMode, as_config
 def _native_backend(name) -> bool:
     value = getattr(name, "value", name)
     return value is None or str(value).lstrip("_").startswith("native")
+
+
+def _check_parallel(processors):
+    """diffusers' context parallelism: Ulysses composes (SDPA sees the whole sequence); its ring does not."""
+    for name, proc in processors.items():
+        cp = getattr(getattr(proc, "_parallel_config", None), "context_parallel_config", None)
+        if cp is not None and getattr(cp, "ring_degree", 1) > 1:
+            raise ValueError(f"{name} runs diffusers' ring attention (ring_degree={cp.ring_degree}), which needs a "
+                             f"backend that returns the LSE; the native backend that sparse_attn routes has none. Use "
+                             f"ContextParallelConfig(ulysses_degree=...) (docs/distributed.md).")
 
 
 def _check_backends(model, processors):
@@ -129,6 +144,13 @@ class _SparseProcessor:
         if item == "original":
             raise AttributeError(item)
         return getattr(self.original, item)
+
+    def __setattr__(self, item, value):
+        # diffusers' enable_parallelism sets _parallel_config on each processor: it belongs to the wrapped one
+        if item in ("original", "layer", "name", "_handle", "__call__"):
+            object.__setattr__(self, item, value)
+        else:
+            setattr(self.original, item, value)
 
 
 class DiffusersHandle:
@@ -267,6 +289,7 @@ def apply(target, config, *, num_steps: Optional[int] = None, layout="auto",
                 if _is_self_attention(mod_name, module) and (modules is None or modules(mod_name, module)):
                     chosen[mod_name] = (module, proc)
             _check_backends(model, {n: p for n, (_, p) in chosen.items()})
+            _check_parallel({n: p for n, (_, p) in chosen.items()})
             for mod_name, (module, proc) in chosen.items():
                 wrapper = _SparseProcessor(proc, layer, mod_name, handle)
                 handle.layers[mod_name] = layer
