@@ -20,6 +20,7 @@ whether it is partial, and apply these predicates only there:
 Everything here is plain data plus the vectorized PyTorch twins of the in-kernel tests.
 """
 
+import sys
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -65,19 +66,41 @@ def words_per_row(block_n: int) -> int:
 
 
 def pack_bits(keep: Tensor) -> Tensor:
-    """bool ``[P, BLOCK_M, BLOCK_N]`` -> int32 words ``[P, BLOCK_M, ceil(BLOCK_N / 32)]``."""
+    """bool ``[P, BLOCK_M, BLOCK_N]`` -> int32 words ``[P, BLOCK_M, ceil(BLOCK_N / 32)]`` (bit ``c % 32`` of word
+    ``c // 32`` is column ``c``)."""
     p, bm, bn = keep.shape
     n_words = words_per_row(bn)
-    padded = torch.nn.functional.pad(keep.to(torch.int64), (0, n_words * 32 - bn))
+    x = keep.to(torch.bool)
+    if n_words * 32 != bn:
+        x = torch.nn.functional.pad(x, (0, n_words * 32 - bn))
+    if sys.byteorder == "little":  # bytes of little-endian words: 8 bits per byte, one byte sum each
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=keep.device)
+        byte = (x.reshape(p, bm, n_words * 4, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+        return byte.view(torch.int32).contiguous()
     weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=keep.device),
                                        torch.arange(32, device=keep.device))
-    words = (padded.view(p, bm, n_words, 32) * weights).sum(-1)  # [P, BM, WORDS] in [0, 2**32)
+    words = (x.to(torch.int64).view(p, bm, n_words, 32) * weights).sum(-1)  # [P, BM, WORDS] in [0, 2**32)
     words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as two's-complement int32
     return words.to(torch.int32).contiguous()
 
 
+_BIT_TABLES = {}
+
+
+def _bit_table(device) -> Tensor:
+    """bool ``[256, 8]``: the 8 bits of every byte value, lowest first."""
+    key = str(device)
+    if key not in _BIT_TABLES:
+        _BIT_TABLES[key] = (((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()).to(device)
+    return _BIT_TABLES[key]
+
+
 def unpack_bits(words: Tensor, block_n: int) -> Tensor:
     """int32 words ``[..., BLOCK_M, WORDS]`` -> bool ``[..., BLOCK_M, BLOCK_N]``."""
+    if sys.byteorder == "little" and words.dtype == torch.int32:  # one table lookup per byte
+        byte = words.contiguous().view(torch.uint8)  # [..., BM, 4 * WORDS]
+        bits = _bit_table(words.device).index_select(0, byte.reshape(-1).int())
+        return bits.view(*byte.shape[:-1], -1)[..., :block_n]
     shifts = torch.arange(32, dtype=words.dtype, device=words.device)
     bits = torch.bitwise_and(torch.bitwise_right_shift(words[..., None], shifts), 1)  # [..., BM, WORDS, 32]
     return bits.flatten(-2)[..., :block_n].bool()
