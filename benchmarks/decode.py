@@ -188,13 +188,14 @@ def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("k
         raise SystemExit(f"--quality-context {context} leaves {tokens} tokens of text to decode")
     ids = ids[:, :context + tokens]
     model.set_attn_implementation("sdpa")
-    dense = hf.decode_perplexity(model, ids, context)
+    start = hf.prefill(model, ids[:, :context])  # one dense prefill, shared by every run
+    dense = hf.decode_perplexity(model, ids, context, prefilled=start)
     rows = [dict(impl="dense", budget=1.0, context=context, tokens=tokens, ppl=dense, delta=0.0)]
     for name in patterns:
         for budget in budgets:
             impl = hf.register(get_preset(name, k=budget, min_context=min(1024, context)), name=f"bench_{name}")
             model.set_attn_implementation(impl)
-            ppl = hf.decode_perplexity(model, ids, context)
+            ppl = hf.decode_perplexity(model, ids, context, prefilled=start)
             model.set_attn_implementation("sdpa")
             hf.unregister(impl)
             rows.append(dict(impl=name, budget=budget, context=context, tokens=tokens, ppl=ppl,

@@ -143,7 +143,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         summaries: :class:`~sparse_attn.kvcache.PageSummaries` updated for the appended tokens.
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
         n_splits: split-K ways per (row, kv head) of the Triton kernel; None chooses.
-        check_pages: validate ``pages`` values (sorted, in range); default on for CPU tensors.
+        check_pages: validate index values (``pages`` sorted and in range, lengths within the cache); each check
+            synchronizes with the device, so the default is on for CPU tensors only.
 
     Returns:
         ``o [B, Hq, Lq, D]`` in q's dtype, or ``(o, lse)`` with ``return_lse``.
@@ -158,13 +159,14 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
     n_kv_heads, page_size, capacity = _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table, k, v, page_size)
     batch, _, q_len, head_dim = q.shape
     launch = _launcher(backend, q.device, q.dtype)
+    check = q.device.type == "cpu" if check_pages is None else bool(check_pages)  # value checks synchronize
     seqlens = cache_seqlens.to(torch.int32)
     if k is not None:
         before = seqlens
-        seqlens = append_kv(k_cache, v_cache, k, v, seqlens, block_table)
+        seqlens = append_kv(k_cache, v_cache, k, v, seqlens, block_table, check=check)
         if summaries is not None:
             summaries.update(k_cache, before, seqlens, block_table=block_table)
-    if batch and (int(seqlens.max()) > capacity or int(seqlens.min()) < 0):
+    if check and batch and (int(seqlens.max()) > capacity or int(seqlens.min()) < 0):
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), got "
                          f"{seqlens.tolist() if batch <= 8 else (int(seqlens.min()), int(seqlens.max()))}.")
     n_pages = num_pages(k_cache, page_size, block_table)
@@ -175,7 +177,6 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         counts = row_pages.to(torch.int32)[:, None].expand(batch, n_kv_heads)
         pages = torch.arange(n_pages, dtype=torch.int32, device=q.device)[None, None].expand(batch, n_kv_heads, -1)
     else:
-        check = q.device.type == "cpu" if check_pages is None else bool(check_pages)
         counts, pages = _check_pages(pages, batch, n_kv_heads, n_pages, q.device, check, row_pages)
     scale = head_dim ** -0.5 if scale is None else float(scale)
     if launch is not decode_fwd_cpu:

@@ -123,8 +123,9 @@ class PageSummaries:
         return self.mean[block_table.long().clamp(min=0)].transpose(1, 2)
 
 
-def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
-    """Write ``k, v [B, Hkv, Lnew, D]`` at positions ``cache_seqlens[b] + [0, Lnew)`` of each row, in place.
+def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check=True):
+    """Write ``k, v [B, Hkv, Lnew, D]`` at positions ``cache_seqlens[b] + [0, Lnew)`` of each row, in place
+    (``check``: raise ValueError if a row would overflow the cache; this synchronizes with the device).
 
     Returns:
         int32 ``[B]``: the lengths after the append.
@@ -137,7 +138,7 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None):
         capacity = k_cache.shape[2]
     else:
         capacity = block_table.shape[1] * k_cache.shape[1]
-    if new and batch and int(pos.max()) >= capacity:
+    if check and new and batch and int(pos.max()) >= capacity:
         raise ValueError(f"k: appending {new} tokens after cache_seqlens (max {int(seq.max())}) overflows the cache "
                          f"capacity of {capacity} tokens per row.")
     rows = torch.arange(batch, device=dev)[:, None]

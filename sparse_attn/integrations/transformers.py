@@ -144,17 +144,18 @@ class SparseDecodeConfig(SparseConfig):
 
 
 def _decode_seqlens(query, key, attention_mask, causal):
-    """``(seqlens [B] int32, None)`` for a decode call the sparse path takes, else ``(None, reason)``."""
-    if attention_mask is None:
-        return torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device), None
+    """``(seqlens [B] int32, longest, None)`` for a decode call the sparse path takes, else ``(None, 0, reason)``."""
+    if attention_mask is None:  # a DynamicCache: every key is valid (no device sync)
+        return torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device), key.shape[2], None
     if query.shape[2] > 1:
-        return None, "decode (Lq > 1 with an attention mask)"
+        return None, 0, "decode (Lq > 1 with an attention mask)"
     ranges = padding_ranges(attention_mask, bool(causal))
     if ranges is None:
-        return None, "attention_mask"
+        return None, 0, "attention_mask"
     if bool((ranges[1][:, 0] != 0).any()):
-        return None, "decode (left padding)"
-    return ranges[1][:, 1].to(torch.int32).contiguous(), None
+        return None, 0, "decode (left padding)"
+    seqlens = ranges[1][:, 1].to(torch.int32).contiguous()
+    return seqlens, int(seqlens.max()), None
 
 
 def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
@@ -168,29 +169,38 @@ def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropou
         return None, "cross-attention"
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32) or key.shape != value.shape:
         return None, "dtype"
-    seqlens, reason = _decode_seqlens(query, key, attention_mask, causal)
+    seqlens, longest, reason = _decode_seqlens(query, key, attention_mask, causal)
     if reason is not None:
         return None, reason
-    if int(seqlens.max()) < cfg.min_context:
+    if longest < cfg.min_context:
         return None, "decode (short context)"
     summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size)
     pages = cfg.decode.select(query, summaries, seqlens)
     out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=cfg.page_size,
-                                        causal=bool(causal), scale=scaling, backend=cfg.backend)
+                                        causal=bool(causal), scale=scaling, backend=cfg.backend,
+                                        check_pages=False)  # the selection's own lists: sorted, in range
     return out, None
 
 
-def decode_perplexity(model, ids, prefix: int) -> float:
+def prefill(model, ids):
+    """``(last logits [B, V], cache)`` of a prefill of ``ids`` (to share one prefill between decode runs)."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.cache
+
+
+def decode_perplexity(model, ids, prefix: int, prefilled=None) -> float:
     """Teacher-forced perplexity of ``ids [B, N]`` past ``prefix``: a prefill of ``ids[:, :prefix]``, then one
     decode step per token (each step attends the cache as the model's attention implementation decides), each
-    step's logits scored against the next token."""
+    step's logits scored against the next token. ``prefilled``: :func:`prefill` of ``ids[:, :prefix]`` done
+    before (its cache is copied, not consumed)."""
+    import copy
+
     if not 0 < prefix < ids.shape[1]:
         raise ValueError(f"prefix must be in (0, {ids.shape[1]}), got {prefix}.")
-    logits = []
+    last, cache = prefill(model, ids[:, :prefix]) if prefilled is None else (prefilled[0], copy.deepcopy(prefilled[1]))
+    logits = [last]
     with torch.no_grad():
-        out = model(ids[:, :prefix], use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        logits.append(out.logits[:, -1].float())
         for t in range(prefix, ids.shape[1] - 1):
             out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
             cache = out.cache
@@ -348,4 +358,4 @@ def use(config):
         _USE_STACK.pop()
 
 
-__all__ = ["register", "unregister", "use", "stats", "SparseDecodeConfig", "decode_perplexity"]
+__all__ = ["register", "unregister", "use", "stats", "SparseDecodeConfig", "decode_perplexity", "prefill"]
