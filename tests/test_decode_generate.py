@@ -58,6 +58,30 @@ def test_generate_with_a_budget_decodes_sparse_and_short_contexts_stay_dense(lla
     assert stats["dense:decode (short context)"] == 4 * layers and stats["sparse:decode"] == 7 * layers, dict(stats)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_few_new_tokens_over_a_cache_decode_sparse_and_exact(llama, register, cache):
+    """5 queries after 100 cached keys (speculative decoding's shape): bottom-right causal over the cache."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(1, 128, (1, 105))
+
+    def logits(impl):
+        llama.set_attn_implementation(impl)
+        try:
+            with torch.no_grad():
+                kv = DynamicCache(config=llama.config) if cache == "dynamic" else StaticCache(
+                    config=llama.config, max_cache_len=160)
+                llama(ids[:, :100], cache=kv, use_cache=True)
+                return llama(ids[:, 100:], cache=kv, use_cache=True).logits
+        finally:
+            llama.set_attn_implementation("sdpa")
+
+    dense = logits("sdpa")
+    stats = register(get_preset("kinetics", k=1.0, min_context=64))
+    torch.testing.assert_close(logits(NAME), dense, atol=1e-5, rtol=1e-5)
+    assert stats["sparse:decode"] == llama.config.num_hidden_layers, dict(stats)
+
+
 def test_chunked_prefill_keeps_the_prefill_pattern(llama, register):
     from transformers import DynamicCache
 

@@ -147,14 +147,20 @@ def _decode_seqlens(query, key, attention_mask, causal):
     """``(seqlens [B] int32, longest, None)`` for a decode call the sparse path takes, else ``(None, 0, reason)``."""
     if attention_mask is None:  # a DynamicCache: every key is valid (no device sync)
         return torch.full((key.shape[0],), key.shape[2], dtype=torch.int32, device=key.device), key.shape[2], None
-    if query.shape[2] > 1:
-        return None, 0, "decode (Lq > 1 with an attention mask)"
     ranges = padding_ranges(attention_mask, bool(causal))
     if ranges is None:
         return None, 0, "attention_mask"
-    if bool((ranges[1][:, 0] != 0).any()):
+    q_range, kv_range = ranges
+    if bool((kv_range[:, 0] != 0).any()):
         return None, 0, "decode (left padding)"
-    seqlens = ranges[1][:, 1].to(torch.int32).contiguous()
+    seqlens = kv_range[:, 1].to(torch.int32).contiguous()
+    if query.shape[2] > 1:
+        # the kernel's diagonal is each row's own length: every query row valid, the keys aligned at their end
+        q_len = query.shape[2]
+        aligned = bool((seqlens == key.shape[2]).all()) if q_range is None else bool(
+            ((q_range[:, 0] == 0) & (q_range[:, 1] == q_len)).all())
+        if not aligned:
+            return None, 0, "decode (Lq > 1, rows not aligned)"
     return seqlens, int(seqlens.max()), None
 
 
