@@ -207,3 +207,19 @@ def test_bf16_is_refused_in_the_interpreter():
     q, k = torch.randn(1, 4, 1, 32).bfloat16(), torch.randn(1, 2, 64, 32).bfloat16()
     with pytest.raises(TypeError, match="bfloat16"):
         sparse_attention_with_kvcache(q, k, k, torch.tensor([64]), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_views_are_read_in_place(backend):
+    """A ``[B, L, H, D]`` buffer viewed as ``[B, H, L, D]`` (flash layout) and a q slice of a packed tensor."""
+    packed = torch.randn(2, 6, 1, 32)  # q heads 0..3 are a slice
+    q = packed[:, :4]
+    k_buf, v_buf = torch.randn(2, 90, 2, 32), torch.randn(2, 90, 2, 32)
+    k, v = k_buf.transpose(1, 2), v_buf.transpose(1, 2)
+    seqlens = torch.tensor([90, 33], dtype=torch.int32)
+    pages = random_pages(2, 2, seqlens.long(), 16, 0.5)
+    want = sparse_attention_with_kvcache(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, pages=pages,
+                                         backend="torch")
+    args = on_device(backend, q, k, v, seqlens, pages)
+    got = sparse_attention_with_kvcache(*args[:4], pages=args[4], backend=backend).cpu()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
