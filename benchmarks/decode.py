@@ -10,8 +10,8 @@ Llama-3-8B layer: 32 query heads, 8 kv heads, D = 128, fp32 on CPU / bf16 on CUD
 - ``sdpa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)`` over the whole cache (what a dense
   ``generate()`` step runs);
 - ``ours-dense``: :func:`~sparse_attn.sparse_attention_with_kvcache` over every page;
-- ``ours <pattern> <budget>``: page selection from the page summaries + attention over the selected pages
-  (the whole sparse step; ``select ms`` is the selection alone).
+- ``ours <pattern> <budget>``: the newest page's summary update, page selection from the summaries and
+  attention over the selected pages (the whole sparse step; ``select ms`` is the selection alone).
 
 Each sparse row is checked against the reference on the same pages (fp64 oracle at the smallest context,
 ``ours-dense`` against SDPA at every context) before it is timed. The bar: at 32k with 1/8 of the pages,
@@ -100,7 +100,8 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                 def select():
                     return pat.select(q, summ, seqlens)
 
-                def step():
+                def step():  # the newest key's page summary, the selection, the attention
+                    summ.update(k, seqlens - 1, seqlens)
                     return sparse_attention_with_kvcache(q, k, v, seqlens, pages=select(), page_size=page_size)
 
                 pages = select()
