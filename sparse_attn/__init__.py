@@ -14,6 +14,7 @@ from .routed import RoutedMask, routed_attention
 from .layout import TokenLayout
 from .quality import attention_quality
 from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
+from .distributed import ring_attention, ulysses_attention
 from .decode import sparse_attention_with_kvcache
 from .kvcache import PageSummaries
 

@@ -72,7 +72,7 @@ class Pending:
 
 
 def exchange(sends: Sequence, recvs: Sequence, group, tag: str, step: int = 0) -> Pending:
-    """Post point-to-point sends and receives without waiting.
+    """Post point-to-point sends and receives (one ``batch_isend_irecv``) without waiting.
 
     Args:
         sends: ``(peer, tensor)`` pairs (group ranks); recvs: ``(peer, shape, dtype, device)`` tuples.
@@ -81,17 +81,18 @@ def exchange(sends: Sequence, recvs: Sequence, group, tag: str, step: int = 0) -
     Returns:
         :class:`Pending` whose ``wait()`` gives the received tensors in ``recvs`` order.
     """
-    works, received = [], []
+    ops, received = [], []
     for peer, shape, dtype, device in recvs:
         buf = torch.empty(shape, dtype=dtype, device=device)
         received.append(buf)
-        works.append(dist.irecv(buf, _global(group, peer), group=group, tag=step))
+        ops.append(dist.P2POp(dist.irecv, buf, _global(group, peer), group, step))
     for peer, tensor in sends:
         tensor = tensor.contiguous()
         for stats in _ACTIVE:
             stats.add(tensor, tag)
-        works.append(dist.isend(tensor, _global(group, peer), group=group, tag=step))
-    return Pending(works, received)
+        ops.append(dist.P2POp(dist.isend, tensor, _global(group, peer), group, step))
+    # one batch: NCCL then posts the sends and receives together (separately posted they can deadlock)
+    return Pending(dist.batch_isend_irecv(ops) if ops else [], received)
 
 
 def all_to_all(sends: List[Optional[torch.Tensor]], recv_shapes: List[Optional[tuple]], like: torch.Tensor,
