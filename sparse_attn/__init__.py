@@ -24,5 +24,6 @@ __all__ = [
     "sparse_attention_varlen", "stack_masks", "ranges_from_attention_mask", "ranges_from_lengths",
     "permuted_attention", "RoutedMask", "routed_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
-    "patch_sdpa", "sparse_sdpa", "sparse_attention_with_kvcache", "PageSummaries", "__version__",
+    "patch_sdpa", "sparse_sdpa", "sparse_attention_with_kvcache", "PageSummaries", "ring_attention",
+    "ulysses_attention", "__version__",
 ]

@@ -118,6 +118,8 @@ def ulysses_attention(q, k, v, mask=None, group=None, *, causal=False, scale=Non
     if k.shape[2] != q.shape[2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k and v must hold the same sequence shard as q, got q {list(q.shape)}, "
                          f"k {list(k.shape)}, v {list(v.shape)}.")
+    if mask is not None and not isinstance(mask, (BlockSparseMask, StripeSparseMask)):
+        raise TypeError(f"mask must be a BlockSparseMask, a StripeSparseMask or None, got {type(mask).__name__}.")
     rank, world = group_info(group)
     seq_lens = [x[0] for x in all_gather_ints([q.shape[2]], group, q.device)]
     total = sum(seq_lens)
