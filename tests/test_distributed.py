@@ -69,10 +69,10 @@ def _check(name, got, q, k, v, do, mask, causal, take):
         assert err <= tol, f"{name}: {what} error {err:.2e} > {tol:.2e}"
 
 
-def _ring_case(kind, causal, chunks_fn, hq=4, hkv=2, batch=1):
+def _ring_case(kind, causal, chunks_fn, hq=4, hkv=2, batch=1, mask_heads=None):
     def run(rank, world):
         q, k, v, do = _inputs(hq, hkv, batch)
-        mask = _masks(hkv)[kind]
+        mask = _masks(mask_heads or hkv)[kind]
         chunks = chunks_fn(world)
         take = lambda x: shard(x, chunks[rank])  # noqa: E731
         x = [take(t).requires_grad_() for t in (q, k, v)]
@@ -87,10 +87,10 @@ def _ring_case(kind, causal, chunks_fn, hq=4, hkv=2, batch=1):
     return run
 
 
-def _ulysses_case(kind, causal, lens_fn, hq=4, hkv=2, batch=1):
+def _ulysses_case(kind, causal, lens_fn, hq=4, hkv=2, batch=1, mask_heads=None):
     def run(rank, world):
         q, k, v, do = _inputs(hq, hkv, batch)
-        mask = _masks(hkv)[kind]
+        mask = _masks(mask_heads or hkv)[kind]
         chunks = contiguous_chunks(lens_fn(world))
         take = lambda x: shard(x, chunks[rank])  # noqa: E731
         x = [take(t).requires_grad_() for t in (q, k, v)]
@@ -180,10 +180,13 @@ CASES = {
     "ring-stripe-zigzag-causal": _ring_case("stripe", True, _zigzag),
     "ring-stripe-contig-causal": _ring_case("stripe", True, _contig),
     "ring-token-contig-causal-batch2": _ring_case("token", True, _contig, batch=2),
+    "ring-block-per-q-head-batch2": _ring_case("block", True, _zigzag, batch=2, mask_heads=4),
+    "ring-stripe-per-q-head": _ring_case("stripe", False, _contig, mask_heads=4),
     "ring-dense-zigzag-causal-mqa": _ring_case("dense", True, _zigzag, hq=4, hkv=1),
     "ulysses-block-causal": _ulysses_case("block", True, _ragged),
     "ulysses-stripe": _ulysses_case("stripe", False, _ragged),
     "ulysses-token-batch2": _ulysses_case("token", False, _ragged, batch=2),
+    "ulysses-block-per-q-head-batch2": _ulysses_case("block", False, _ragged, batch=2, mask_heads=4),
     "ulysses-mqa-replicated": _ulysses_case("dense", True, _ragged, hq=4, hkv=1),
     "ring-nothing-sent": _nothing_sent,
     "ring-plan-reuse": _plan_reuse,
