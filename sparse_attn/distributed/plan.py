@@ -164,7 +164,7 @@ class RingPlan:
             if bad:
                 raise ValueError(f"{name} borders must be multiples of the mask's block size {block} (or the "
                                  f"length {length}), got {bad[0]}.")
-        self.mask, self.causal, self.rank, self.world = mask, causal, rank, world
+        self.causal, self.rank, self.world = causal, rank, world  # no reference to the mask: plans are cached by it
         self.q_chunks, self.kv_chunks, self.block_n = q_chunks, kv_chunks, bn
         self.heads = (n_q_heads, n_kv_heads)
         vis = _kv_heads(tile_visibility(mask, causal), n_q_heads, n_kv_heads)  # [Bm', Hkv|1, NQB, NKB]

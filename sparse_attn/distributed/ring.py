@@ -7,6 +7,8 @@ outputs merge exactly by log-sum-exp. The backward sends the key/value blocks ag
 step, and returns their dK/dV (float32) to the rank that owns them.
 """
 
+import weakref
+
 import torch
 
 from ..ops import sparse_attention
@@ -176,8 +178,12 @@ class _RingAttention(torch.autograd.Function):
         return (*_backward(q, k, v, o, lse, do, dlse, plan, scale, group), None, None, None)
 
 
+# plans of the masks in use, per mask object (masks are immutable values; a plan holds no reference to its mask)
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def ring_plan(mask, q, k, group=None, *, chunks=None, kv_chunks=None, causal=False) -> RingPlan:
-    """The :class:`RingPlan` of a call (reuse it across calls with the same mask and sharding).
+    """The :class:`RingPlan` of a call: built once per (mask object, sharding, causal, heads) and cached.
 
     ``chunks=None`` shards contiguously in rank order with the local lengths (gathered from all ranks).
     """
@@ -187,7 +193,20 @@ def ring_plan(mask, q, k, group=None, *, chunks=None, kv_chunks=None, causal=Fal
         chunks = contiguous_chunks([x[0] for x in lens])
         kv_chunks = contiguous_chunks([x[1] for x in lens]) if kv_chunks is None else kv_chunks
     kv_chunks = chunks if kv_chunks is None else kv_chunks
-    return RingPlan(mask, chunks, kv_chunks, rank, q.shape[1], k.shape[1], causal)
+    key = (_freeze(chunks), _freeze(kv_chunks), bool(causal), q.shape[1], k.shape[1], rank, world)
+    cached = _PLANS.get(mask, {}) if mask is not None else {}
+    if key not in cached:
+        cached[key] = RingPlan(mask, chunks, kv_chunks, rank, q.shape[1], k.shape[1], causal)
+        if mask is not None:
+            _PLANS[mask] = cached
+    return cached[key]
+
+
+def _freeze(chunks):
+    try:
+        return tuple(tuple(tuple(span) for span in own) for own in chunks)
+    except TypeError:  # not a list of lists of spans: RingPlan names the problem
+        return repr(chunks)
 
 
 def ring_attention(q, k, v, mask=None, group=None, *, chunks=None, kv_chunks=None, causal=False, scale=None,
@@ -202,7 +221,8 @@ def ring_attention(q, k, v, mask=None, group=None, *, chunks=None, kv_chunks=Non
         chunks: per rank, the ``(start, end)`` query chunks (:func:`contiguous_chunks`, :func:`zigzag_chunks`);
             None = contiguous in rank order. kv_chunks: the same for keys (default: ``chunks``).
         causal: bottom-right causal in global coordinates. scale: default ``1/sqrt(D)``.
-        plan: a :class:`RingPlan` from :func:`ring_plan` to skip re-planning (then mask/chunks/causal unused).
+        plan: a :class:`RingPlan` from :func:`ring_plan` (then mask/chunks/causal are unused); without it the
+            plan is cached per mask object, so a mask reused across calls (a step cache's) is planned once.
 
     Returns:
         ``o`` ``[B, Hq, Lq_r, D]``, and float32 ``lse`` ``[B, Hq, Lq_r]`` with ``return_lse``.
