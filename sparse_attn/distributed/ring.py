@@ -11,7 +11,9 @@ import weakref
 
 import torch
 
+from ..mask import BlockSparseMask
 from ..ops import sparse_attention
+from ..stripe_mask import StripeSparseMask
 from ._comm import all_gather_ints, exchange, group_info
 from .plan import RingPlan, contiguous_chunks
 
@@ -194,10 +196,11 @@ def ring_plan(mask, q, k, group=None, *, chunks=None, kv_chunks=None, causal=Fal
         kv_chunks = contiguous_chunks([x[1] for x in lens]) if kv_chunks is None else kv_chunks
     kv_chunks = chunks if kv_chunks is None else kv_chunks
     key = (_freeze(chunks), _freeze(kv_chunks), bool(causal), q.shape[1], k.shape[1], rank, world)
-    cached = _PLANS.get(mask, {}) if mask is not None else {}
+    cacheable = isinstance(mask, (BlockSparseMask, StripeSparseMask))
+    cached = _PLANS.get(mask, {}) if cacheable else {}
     if key not in cached:
         cached[key] = RingPlan(mask, chunks, kv_chunks, rank, q.shape[1], k.shape[1], causal)
-        if mask is not None:
+        if cacheable:
             _PLANS[mask] = cached
     return cached[key]
 
