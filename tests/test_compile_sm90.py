@@ -1,9 +1,12 @@
-"""Ahead-of-time compilation of the block-sparse kernels for sm_90 (H100/H200), without a GPU.
+"""Ahead-of-time compilation of every kernel family for sm_90 (H100/H200) as a real launch compiles it.
 
-The interpreter never compiles a kernel, so errors that only the compiler raises (types of
-loop-carried values, layouts, shared memory beyond the chip's 227 KiB) would otherwise wait for a
-device session. Each case compiles forward, dQ, dK/dV and preprocess kernels with Triton's bundled
-ptxas, in a subprocess without TRITON_INTERPRET (tests/_aot_sm90.py).
+The interpreter never compiles a kernel, so what only the compiler knows (types of loop-carried values,
+layouts, shared memory beyond the chip's 227 KiB, register spills, whether loads are pipelined) would
+otherwise wait for a device session. One subprocess per family (without TRITON_INTERPRET) compiles the CI
+subset of tests/_aot_sm90.py with the alignment attributes of a real launch: per shape the preferred config
+of every kernel and the largest autotune candidate of the forward/dQ kernels. The whole table is
+``benchmarks/compile_table.py`` (docs/kernels.md). ``SPARSE_ATTN_AOT_QUICK=1`` compiles the quick subset
+(CI's run under a second Triton version).
 """
 
 import json
@@ -14,32 +17,85 @@ import sys
 
 import pytest
 
-HOPPER_SMEM = 227 * 1024
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
 HELPER = pathlib.Path(__file__).with_name("_aot_sm90.py")
-
-CASES = [  # num_stages: a configuration the autotuner can choose (kernels/_common/config.py); the last field
-    # switches on every in-tile predicate (band, ranges, segments, bit masks, packed rows)
-    pytest.param("bf16", 64, 64, 128, True, 1, 2, False, id="bf16-64x64-d128-causal"),
-    pytest.param("bf16", 128, 128, 128, False, 4, 2, False, id="bf16-128x128-d128-gqa4"),
-    pytest.param("bf16", 128, 128, 256, True, 1, 2, False, id="bf16-128x128-d256-causal"),
-    pytest.param("fp16", 64, 32, 80, True, 2, 2, False, id="fp16-64x32-d80-causal"),
-    pytest.param("fp32", 32, 32, 64, True, 1, 2, False, id="fp32-32x32-d64-causal"),
-    pytest.param("fp32", 64, 64, 256, True, 1, 1, False, id="fp32-64x64-d256-unpipelined"),
-    pytest.param("bf16", 128, 64, 128, True, 4, 2, True, id="bf16-128x64-d128-all-predicates"),
-    pytest.param("fp16", 64, 16, 64, False, 1, 2, True, id="fp16-64x16-d64-all-predicates"),
-]
+HOPPER_SMEM = 227 * 1024
+SPILL_LIMIT = 64  # bytes per thread, for the preferred bf16/fp16 configs at head dim <= 128
+ATTENTION = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "st_dkv_block", "st_dkv_col", "st_dk_block",
+             "st_dv_block", "st_dk_col", "st_dv_col"}
+QUICK = os.environ.get("SPARSE_ATTN_AOT_QUICK", "0") == "1"
 
 
-@pytest.mark.parametrize("dtype,block_m,block_n,head_dim,causal,group,num_stages,predicates", CASES)
-def test_block_sparse_kernels_compile_for_hopper(dtype, block_m, block_n, head_dim, causal, group, num_stages,
-                                                 predicates):
+def _compile(family):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [dtype, block_m, block_n, head_dim, int(causal), group, num_stages, int(predicates)]
-    run = subprocess.run([sys.executable, str(HELPER), *map(str, args)], env=env, capture_output=True,
-                         text=True, timeout=600)
+    cmd = [sys.executable, str(HELPER), family] + (["--quick"] if QUICK else [])
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = {r["kernel"]: r for r in map(json.loads, run.stdout.strip().splitlines())}
-    assert set(results) == {"fwd", "dq", "dkdv", "preprocess"}
-    for name, r in results.items():
+    return [json.loads(line) for line in run.stdout.strip().splitlines()]
+
+
+def _name(r):
+    return (f"{r['kernel']} {r['dtype']} {r['block']} d{r['head_dim']} {r['num_warps']}w{r['num_stages']}s "
+            f"({r['role']})")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["block", "stripe", "scoring"])
+def test_family_compiles_for_hopper_within_limits(family):
+    rows = _compile(family)
+    from _aot_sm90 import FAMILIES
+
+    kernels = {r["kernel"] for r in rows}
+    expected = {k for shape in [("bf16", 64, 64, 128, True, 1, False)] for k in FAMILIES[family](*shape)}
+    assert expected <= kernels, f"kernels not compiled: {expected - kernels}"
+    for r in rows:
+        name = _name(r)
         assert r["cubin_bytes"] > 0, f"{name}: no cubin"
-        assert r["shared"] <= HOPPER_SMEM, f"{name}: {r['shared']} B of shared memory"
+        assert r["shared"] <= HOPPER_SMEM, f"{name}: {r['shared']} B of shared memory > 227 KiB"
+        assert r["shared"] <= r["estimate"], f"{name}: the pruner's estimate {r['estimate']} B < {r['shared']} B"
+        if r["role"] == "preferred" and r["dtype"] in ("bf16", "fp16") and r["head_dim"] <= 128:
+            assert 0 <= r["spill"] <= SPILL_LIMIT, f"{name}: {r['spill']} B of register spills per thread"
+            if r["kernel"] in ATTENTION:
+                assert r["wgmma"], f"{name}: no Hopper wgmma"
+        if r["kernel"] in ("fwd", "dq", "st_fwd", "st_dq") and r["num_stages"] >= 2:
+            assert r["cp_async"], f"{name}: K/V loads are not pipelined (no cp.async)"
+
+
+def test_no_candidate_config_exceeds_the_chip():
+    """Over the shapes the launchers accept, every autotune candidate fits by the estimate (an upper bound of
+    the compiler's figure, checked above), and a shape nothing fits is refused with a ValueError."""
+    import torch
+
+    from sparse_attn_kernels._common import config as cfg
+
+    for kernel in ("fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "st_dkv_block", "st_dkv_col", "lse", "mass"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for pad in (16, 32, 64, 128, 256):
+                for bm in (16, 32, 64, 128):
+                    for bn in (16, 32, 64, 128):
+                        for w, s in cfg.candidate_configs(kernel, dtype, bm, bn, pad):
+                            assert cfg.smem_estimate(kernel, dtype, bm, bn, pad, s) <= HOPPER_SMEM
+                        if dtype != torch.float32 and pad <= 128:
+                            assert cfg.fits(kernel, dtype, bm, bn, pad), (kernel, dtype, bm, bn, pad)
+                            assert cfg.preferred_config(kernel, dtype, bm, bn, pad)
+
+
+def test_fp32_dot_precision_follows_pytorch():
+    """fp32 inputs use TF32 dots exactly when PyTorch allows TF32 for fp32 matmuls; 16-bit inputs ignore it."""
+    import torch
+
+    from sparse_attn_kernels._common.config import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "tf32"  # what set_float32_matmul_precision("high"/"medium") and allow_tf32 set
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float32, tf32=False) == "ieee"
+        assert dot_precision(torch.bfloat16) == dot_precision(torch.float16) == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+    assert dot_precision(torch.float32) == ("tf32" if saved == "tf32" else "ieee")

@@ -14,7 +14,7 @@ from sparse_attn import BlockSparseMask, sparse_attention
 pytestmark = pytest.mark.gpu
 
 
-def _case(dtype, batch, hq, hkv, q_len, kv_len, head_dim, block, density, causal):
+def _case(dtype, batch, hq, hkv, q_len, kv_len, head_dim, block, density, causal, factor=None):
     dev = "cuda"
     q = torch.randn(batch, hq, q_len, head_dim, device=dev).to(dtype)
     k = torch.randn(batch, hkv, kv_len, head_dim, device=dev).to(dtype)
@@ -24,8 +24,8 @@ def _case(dtype, batch, hq, hkv, q_len, kv_len, head_dim, block, density, causal
     out, lse = sparse_attention(q, k, v, mask, causal=causal, return_lse=True)
     tok = mask.to_dense()
     ref, ref_lse = math_attention(q, k, v, tok, causal)
-    lowp, _ = math_attention(q, k, v, tok, causal, dtype=dtype)
-    check_close(out, ref, lowp)
+    lowp, _ = math_attention(q, k, v, tok, causal, dtype=dtype)  # PyTorch under the same TF32 setting
+    check_close(out, ref, lowp, factor=factor)
     check_lse(lse, ref_lse)
 
 
@@ -39,6 +39,22 @@ def _case(dtype, batch, hq, hkv, q_len, kv_len, head_dim, block, density, causal
 ])
 def test_gpu_matches_oracle(dtype, q_len, kv_len, head_dim, block, causal):
     _case(dtype, 2, 8, 2, q_len, kv_len, head_dim, block, 0.4, causal)
+
+
+@pytest.mark.parametrize("q_len,kv_len,head_dim,block,causal", [
+    (1025, 1025, 128, (128, 128), True),
+    (513, 700, 64, (64, 64), False),
+])
+def test_gpu_fp32_tf32_follows_pytorch(q_len, kv_len, head_dim, block, causal):
+    """With TF32 allowed for fp32 matmuls the kernel's dots use TF32, and the baseline is PyTorch's fp32 math
+    under the same setting (docs/kernels.md, "fp32 and TF32"): the low-precision factor 2 applies."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        _case(torch.float32, 2, 8, 2, q_len, kv_len, head_dim, block, 0.4, causal, factor=2.0)
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_gpu_no_recompile_across_lengths():

@@ -1,6 +1,6 @@
 """GPU-only checks of the stripe-sparse kernels: bf16/fp16/fp32 on the chip, backward, no recompiles.
 
-Skipped without CUDA. Not yet run: the session that wrote them had no device.
+Skipped without CUDA. Not yet run: the sessions that wrote them had no device.
 """
 
 import pytest
@@ -47,6 +47,30 @@ def test_gpu_forward_backward_match_oracle(dtype, q_len, kv_len, head_dim, block
     low_grads = torch.autograd.grad(lowp, (q, k, v), dout)
     for name, g, r, lg in zip("qkv", grads, ref_grads, low_grads):
         check_close(g, r, lg, name=f"d{name}", factor=30.0 if dtype == torch.float32 else 3.0, dtype=dtype)
+
+
+def test_gpu_fp32_tf32_follows_pytorch():
+    """TF32 allowed: forward and gradients against PyTorch's fp32 math under the same setting (factors 2 and 3)."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        q, k, v, mask = _inputs(torch.float32, 2, 8, 2, 1025, 1025, 128, 40, 60, 2, (64, 64))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        out, lse = stripe_attention(q, k, v, mask, causal=True, return_lse=True)
+        tok = mask.to_dense()
+        ref, ref_lse = math_attention(q, k, v, tok, True)
+        lowp, _ = math_attention(q, k, v, tok, True, dtype=torch.float32)
+        check_close(out, ref, lowp, factor=2.0)
+        check_lse(lse, ref_lse)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+        low_grads = torch.autograd.grad(lowp, (q, k, v), dout)
+        for name, g, r, lg in zip("qkv", grads, ref_grads, low_grads):
+            check_close(g, r, lg, name=f"d{name}", factor=3.0, dtype=torch.float32)
+    finally:
+        matmul.fp32_precision = saved
 
 
 def test_gpu_no_recompile_across_lengths():

@@ -85,63 +85,83 @@ def dkdv_passes(dtype: torch.dtype, head_dim_pad: int) -> tuple:
     return (("dkdv", 0),)
 
 
+def stripe_dkv_passes(dtype: torch.dtype, head_dim_pad: int) -> tuple:
+    """``((block-pass name, column-pass name, PASS), ...)`` of the stripe dK/dV launches (as :func:`dkdv_passes`)."""
+    return tuple((f"st_{n}_block", f"st_{n}_col", p) for n, p in
+                 (("dkv" if name == "dkdv" else name, p) for name, p in dkdv_passes(dtype, head_dim_pad)))
+
+
 def stripe_tiles(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Inner tiles of the stripe kernels: ``tile_n`` (block part), ``tile_c`` (gathered columns), ``sub_m``
-    (query slice of the key-major passes)."""
+    (query slice of the key-major block pass), ``col_m`` (query tile of the column pass; 32 where its dK/dV run
+    as split passes, whose 64-row tiles spill); fp32 at head dims > 128 takes 32-row K/V tiles."""
     wide = head_dim > 128 or dtype == torch.float32
-    return dict(tile_n=min(block_n, 64), tile_c=32 if head_dim > 128 else 64, sub_m=min(block_m, 32 if wide else 64))
+    big = head_dim > 128 and dtype == torch.float32
+    sub_m = min(block_m, 32 if wide else 64)
+    split = len(dkdv_passes(dtype, pow2_at_least(head_dim))) > 1
+    return dict(tile_n=min(block_n, 32 if big else 64), tile_c=32 if head_dim > 128 else 64, sub_m=sub_m,
+                col_m=32 if split else sub_m)
 
 
 def _footprint(kernel, elem, block_m, block_n, pad, dtype):
-    """``(resident, per_stage, acc_rows)``: bytes of operand tiles held for the whole program, bytes loaded per
-    iteration of the pipelined loop (one buffer per stage), rows of the fp32 ``[rows, D]`` accumulators."""
+    """``(resident, per_stage, n_sub, acc_rows)``: bytes of the operand tiles loaded once per program, bytes loaded
+    per iteration of the pipelined loop (one buffer per stage; ``n_sub`` statically unrolled sub-tiles, of which an
+    unpipelined loop holds one at a time), and rows of the fp32 ``[rows, D]`` accumulators."""
     row = pad * elem  # one row of an operand tile
     if kernel == "fwd":
-        return block_m * row, 2 * block_n * row, block_m
+        return block_m * row, 2 * block_n * row, block_n // inner_tile(block_n, pad, dtype), block_m
     if kernel == "dq":
-        return 2 * block_m * row, 2 * block_n * row, block_m
+        return 2 * block_m * row, 2 * block_n * row, block_n // inner_tile(block_n, pad, dtype), block_m
     if kernel in ("dkdv", "dk", "dv"):
         kt = key_tile(block_n, pad, dtype)
-        return 2 * kt * row, 2 * block_m * row, 2 * kt if kernel == "dkdv" else kt
+        return (2 * kt * row, 2 * block_m * row, block_m // inner_tile(block_m, pad, dtype),
+                2 * kt if kernel == "dkdv" else kt)
     tiles = stripe_tiles(block_m, block_n, pad, dtype)
-    if kernel == "st_fwd":
-        return block_m * row, 2 * block_n * row, block_m
+    n_sub = block_n // tiles["tile_n"]
+    if kernel == "st_fwd":  # the block loop and the column loop reuse one set of buffers
+        return block_m * row, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, block_m
     if kernel == "st_dq":
-        return 2 * block_m * row, 2 * block_n * row, 2 * block_m
-    if kernel == "st_dkv_block":
-        return 2 * tiles["tile_n"] * row, 2 * block_m * row, 2 * tiles["tile_n"]
-    if kernel == "st_dkv_col":
-        return 2 * tiles["tile_c"] * row, 2 * tiles["sub_m"] * row, 2 * tiles["tile_c"]
+        return 2 * block_m * row, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, block_m
+    split = 1 if kernel in ("st_dk_block", "st_dv_block", "st_dk_col", "st_dv_col") else 2  # accumulators
+    if kernel in ("st_dkv_block", "st_dk_block", "st_dv_block"):
+        return 2 * tiles["tile_n"] * row, 2 * block_m * row, block_m // tiles["sub_m"], split * tiles["tile_n"]
+    if kernel in ("st_dkv_col", "st_dk_col", "st_dv_col"):
+        return 2 * tiles["tile_c"] * row, 2 * tiles["col_m"] * row, 1, split * tiles["tile_c"]
     if kernel == "lse":
-        return 64 * row, 64 * row, 0
+        return 64 * row, 64 * row, 1, 0
     if kernel == "mass":
-        return block_m * row, block_n * row, 0
+        return block_m * row, block_n * row, block_n // min(block_n, 64), 0
     if kernel == "vertical_slash":
-        return 128 * row, 0, 0
+        return 128 * row, 0, 1, 0
     if kernel == "pooled_scores":
-        return 16 * pad * 4, 32 * pad * 4, 0
+        return 16 * pad * 4, 32 * pad * 4, 1, 0
     if kernel == "kmeans":
-        return 64 * pad * 4, 32 * pad * 4, 0
+        return 64 * pad * 4, 32 * pad * 4, 1, 0
     if kernel in ("preprocess", "pool"):
-        return 0, 0, 0
+        return 0, 0, 1, 0
     raise ValueError(f"kernel must be one of the package's kernels, got {kernel!r}.")
 
 
 def smem_estimate(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int,
-                  num_stages: int) -> int:
-    """Upper bound (bytes) of the shared memory of one program on sm_90: the resident operand tiles plus one
-    buffer of the loop's loads per stage (at least one), plus 1/8 for layout conversions and barriers."""
+                  num_stages: int, num_warps: int = 8) -> int:
+    """Upper bound (bytes) of the shared memory of one program on sm_90: the resident operand tiles, plus one
+    buffer of the loop's loads per stage (one sub-tile unpipelined), plus 2 KiB per warp of layout-conversion
+    and reduction scratch. Checked against the compiler by tests/test_compile_sm90.py (docs/kernels.md)."""
     elem = 4 if dtype == torch.float32 else 2
-    resident, per_stage, _ = _footprint(kernel, elem, block_m, block_n, head_dim_pad, dtype)
-    total = resident + max(num_stages, 1) * per_stage
-    return total + total // 8 + 1024
+    resident, per_stage, n_sub, _ = _footprint(kernel, elem, block_m, block_n, head_dim_pad, dtype)
+    loop = per_stage // n_sub if num_stages <= 1 else num_stages * per_stage
+    return resident + loop + 2048 * num_warps
+
+
+def _acc_regs(kernel, dtype, block_m, block_n, pad, warps):
+    """fp32 accumulator registers per thread."""
+    return _footprint(kernel, 4, block_m, block_n, pad, dtype)[3] * pad // (32 * warps)
 
 
 def _fits(kernel, dtype, block_m, block_n, pad, warps, stages):
-    if smem_estimate(kernel, dtype, block_m, block_n, pad, stages) > HOPPER_SMEM:
+    if smem_estimate(kernel, dtype, block_m, block_n, pad, stages, warps) > HOPPER_SMEM:
         return False
-    acc_rows = _footprint(kernel, 4, block_m, block_n, pad, dtype)[2]
-    return acc_rows * pad // (32 * warps) < _ACC_REGS_PER_THREAD or warps == 8
+    return warps == 8 or _acc_regs(kernel, dtype, block_m, block_n, pad, warps) < _ACC_REGS_PER_THREAD
 
 
 def candidate_configs(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> list:
@@ -150,8 +170,9 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_m: int, block_n: in
 
 
 def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> tuple:
-    """``(num_warps, num_stages)`` launched without autotuning: 4 warps unless the fp32 accumulators need 8,
-    2 stages (1 where two do not fit).
+    """``(num_warps, num_stages)`` launched without autotuning and tried first by the autotuner: 8 warps where the
+    fp32 accumulators would take 64 or more registers per thread at 4 (4 warps spill there, from sm_90 compiles),
+    else 4; 2 stages (1 where two do not fit).
 
     Raises:
         ValueError: nothing fits (callers turn this into an error naming the argument).
@@ -160,8 +181,10 @@ def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int
     if not cands:
         raise ValueError(f"{kernel}: no launch configuration fits the 227 KiB of shared memory of an H100/H200 "
                          f"at dtype {dtype}, block size ({block_m}, {block_n}), head dim {head_dim_pad} "
-                         f"(needs {smem_estimate(kernel, dtype, block_m, block_n, head_dim_pad, 1)} B unpipelined).")
-    for pref in ((4, 2), (8, 2), (4, 1), (8, 1)):
+                         f"(needs {smem_estimate(kernel, dtype, block_m, block_n, head_dim_pad, 1, 4)} B unpipelined).")
+    wide = _acc_regs(kernel, dtype, block_m, block_n, head_dim_pad, 4) >= _ACC_REGS_PER_THREAD // 2
+    order = ((8, 2), (8, 1), (4, 2), (4, 1)) if wide else ((4, 2), (8, 2), (4, 1), (8, 1))
+    for pref in order:
         if pref in cands:
             return pref
     return cands[0]
@@ -193,7 +216,7 @@ def check_fits(kernel: str, x: torch.Tensor, block_m: int, block_n: int, head_di
     """Raise ``ValueError`` naming the block size when no configuration of ``kernel`` fits an H100/H200 for CUDA
     tensors like ``x`` (the Triton interpreter has no shared-memory limit)."""
     if x.is_cuda and not fits(kernel, x.dtype, block_m, block_n, head_dim_pad):
-        need = smem_estimate(kernel, x.dtype, block_m, block_n, head_dim_pad, 1)
+        need = smem_estimate(kernel, x.dtype, block_m, block_n, head_dim_pad, 1, 4)
         raise ValueError(
             f"block_size=({block_m}, {block_n}) with head dim {head_dim_pad} (padded) in {x.dtype}: the {kernel} "
             f"kernel needs about {need // 1024} KiB of shared memory even unpipelined, over the 227 KiB of an "

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._common.tile_jit import finite_rows, list_span
 from .._common.config import (autotune_configs, check_fits, dot_precision, launch, launch_config, pow2_at_least,
-                              pruner, stripe_tiles)
+                              pruner, stripe_dkv_passes, stripe_tiles)
 from .fwd import _mask_head_div
 
 LOG2E = 1.4426950408889634
@@ -41,17 +41,19 @@ def _dq_step(dq, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: tl.con
 
 
 @triton.jit
-def _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: tl.constexpr):
-    """dv += P^T @ dO and dk += dS^T @ Q for one [BLOCK_M, N] tile."""
+def _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: tl.constexpr, PASS: tl.constexpr):
+    """dv += P^T @ dO and dk += dS^T @ Q for one [BLOCK_M, N] tile (PASS 1: dk only, 2: dv only, 0: both)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, N]
     p = tl.where(keep, tl.math.exp2(qk - lse2[:, None]), 0.0)
     # queries and output gradients reach dK/dV only through the pairs the tile keeps
-    do_safe = tl.where(finite_rows(do)[:, None] != 0, do, 0.0)
-    dv += tl.dot(tl.trans(p.to(do.dtype)), do_safe, input_precision=DOT_PRECISION)  # [N, D]
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, N]
-    ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)
-    q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)  # [N, D]
+    if PASS != 1:
+        do_safe = tl.where(finite_rows(do)[:, None] != 0, do, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do_safe, input_precision=DOT_PRECISION)  # [N, D]
+    if PASS != 2:
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BLOCK_M, N]
+        ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)
+        q = tl.where(finite_rows(q)[:, None] != 0, q, 0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)  # [N, D]
     return dk, dv
 
 
@@ -156,7 +158,7 @@ def _stripe_sparse_bwd_dkv_block_kernel(
     n_q_heads, n_kv_heads, q_len, kv_len, n_k_blocks, width_t, mask_b_stride, qk_scale, scale,
     GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, SUB_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     # one program per TILE_N slice of a key block (key slice fastest)
     pid = tl.program_id(0)
@@ -202,10 +204,12 @@ def _stripe_sparse_bwd_dkv_block_kernel(
                 keep = pair_ok & (on_slash != 0) & not_col[None, :]  # columns belong to the column pass
                 if IS_CAUSAL:
                     keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION, PASS)
     out = pid_bh.to(tl.int64) * kv_len * HEAD_DIM + rows_n * HEAD_DIM + offs_d[None, :]  # dense fp32 [B, Hkv, Lk, D]
-    tl.store(dk_ptr + out, dk * scale, mask=kv_mask)
-    tl.store(dv_ptr + out, dv, mask=kv_mask)
+    if PASS != 2:
+        tl.store(dk_ptr + out, dk * scale, mask=kv_mask)
+    if PASS != 1:
+        tl.store(dv_ptr + out, dv, mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "n_col_tiles", "vert_width", "mask_b_stride",
@@ -217,7 +221,7 @@ def _stripe_sparse_bwd_dkv_col_kernel(
     n_q_heads, n_kv_heads, q_len, kv_len, n_q_blocks, n_col_tiles, vert_width, mask_b_stride, g_start, qk_scale,
     scale, GROUP: tl.constexpr, G_LOOP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, IS_CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_C: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_t = pid % n_col_tiles
@@ -254,10 +258,12 @@ def _stripe_sparse_bwd_dkv_col_kernel(
                 keep = (offs_m[:, None] < q_len) & c_ok[None, :]  # [BLOCK_M, TILE_C]
                 if IS_CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION)
+                dk, dv = _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION, PASS)
         out = pid_bh.to(tl.int64) * kv_len * HEAD_DIM + cols[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
-        tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+        if PASS != 2:
+            tl.store(dk_ptr + out, tl.load(dk_ptr + out, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
+        if PASS != 1:
+            tl.store(dv_ptr + out, tl.load(dv_ptr + out, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
 _dq_kernel = triton.autotune(configs=autotune_configs("st_dq"), key=["GROUP", "IS_CAUSAL", "BLOCK_M", "BLOCK_N",
@@ -302,7 +308,7 @@ def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     head_dim_pad = common["HEAD_DIM_PAD"]
-    for kernel in ("st_dq", "st_dkv_block", "st_dkv_col"):
+    for kernel in ("st_dq", "st_dkv_block", "st_dkv_col"):  # the split passes need less than the fused one
         check_fits(kernel, q, block_m, block_n, head_dim_pad)
     tiles = stripe_tiles(block_m, block_n, head_dim, q.dtype)
     tile_c, tile_n, sub_m = tiles["tile_c"], tiles["tile_n"], tiles["sub_m"]
@@ -313,23 +319,27 @@ def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical
             qk_scale, scale),
            dict(GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
                 TILE_C=tile_c, **common), q.dtype, block_m, block_n)
-    warps, stages = launch_config("st_dkv_block", q.dtype, block_m, block_n, head_dim_pad)
-    _stripe_sparse_bwd_dkv_block_kernel[(n_k_blocks * (block_n // tile_n) * batch * n_kv_heads,)](
-        q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, diag_keep, col_keep, *strides,
-        n_q_heads, n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], mask_b_stride, qk_scale, scale,
-        GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
-        SUB_M=sub_m, num_warps=warps, num_stages=stages, **common)
+    # dK/dV: one fused pass, or a dK pass and a dV pass (fp16/bf16 at D >= 128, whose fused pass spills)
+    passes = stripe_dkv_passes(q.dtype, head_dim_pad)
+    for block_pass, _, which in passes:
+        warps, stages = launch_config(block_pass, q.dtype, block_m, block_n, head_dim_pad)
+        _stripe_sparse_bwd_dkv_block_kernel[(n_k_blocks * (block_n // tile_n) * batch * n_kv_heads,)](
+            q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, diag_keep, col_keep, *strides,
+            n_q_heads, n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], mask_b_stride, qk_scale, scale,
+            GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
+            SUB_M=sub_m, PASS=which, num_warps=warps, num_stages=stages, **common)
     vert_width = vertical.shape[-1]
     if vert_width:
         n_col_tiles = triton.cdiv(vert_width, tile_c)
-        col_block_m = sub_m  # query tile of the column scan (free to choose)
-        warps, stages = launch_config("st_dkv_col", q.dtype, block_m, block_n, head_dim_pad)
+        col_block_m = tiles["col_m"]  # query tile of the column scan (free to choose)
         per_head = mask_heads == n_q_heads and group > 1  # each query head of a group has its own list
-        for g_start in (range(group) if per_head else (0,)):  # launches in order: no two writers per row
-            _stripe_sparse_bwd_dkv_col_kernel[(n_col_tiles * batch * n_kv_heads,)](
-                q, k, v, do, lse, delta, dk, dv, vertical_count, vertical, *strides,
-                n_q_heads, n_kv_heads, q_len, kv_len, triton.cdiv(q_len, col_block_m), n_col_tiles, vert_width,
-                mask_b_stride, g_start, qk_scale, scale, GROUP=group, G_LOOP=1 if per_head else group,
-                MASK_HEAD_DIV=head_div, BLOCK_M=col_block_m, TILE_C=tile_c, num_warps=warps, num_stages=stages,
-                **common)
+        for _, col_pass, which in passes:  # each pass adds into its own buffer, after the block pass stored it
+            warps, stages = launch_config(col_pass, q.dtype, block_m, block_n, head_dim_pad)
+            for g_start in (range(group) if per_head else (0,)):  # launches in order: no two writers per row
+                _stripe_sparse_bwd_dkv_col_kernel[(n_col_tiles * batch * n_kv_heads,)](
+                    q, k, v, do, lse, delta, dk, dv, vertical_count, vertical, *strides,
+                    n_q_heads, n_kv_heads, q_len, kv_len, triton.cdiv(q_len, col_block_m), n_col_tiles, vert_width,
+                    mask_b_stride, g_start, qk_scale, scale, GROUP=group, G_LOOP=1 if per_head else group,
+                    MASK_HEAD_DIV=head_div, BLOCK_M=col_block_m, TILE_C=tile_c, PASS=which, num_warps=warps,
+                    num_stages=stages, **common)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
