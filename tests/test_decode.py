@@ -53,6 +53,7 @@ CASES = [  # B, Hq, Hkv, Lq, D, L (cache), seqlens, page size, density
     pytest.param(1, 4, 1, 5, 64, 161, (150,), 32, 0.5, id="mqa-lq5-causal"),
     pytest.param(2, 2, 2, 16, 16, 70, (70, 16), 16, 1.0, id="mha-lq16-all-pages"),
     pytest.param(1, 8, 2, 3, 80, 200, (197,), 16, 0.3, id="d80-lq3"),
+    pytest.param(2, 2, 1, 2, 16, 300, (290, 129), 128, 0.7, id="page128-subtiles"),
 ]
 
 

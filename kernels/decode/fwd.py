@@ -34,8 +34,8 @@ def _decode_fwd_kernel(
     stride_ob, stride_oh, stride_os, stride_or, stride_lb, stride_lh, stride_ls,
     stride_cb, stride_ch, stride_pb, stride_ph, stride_tb,
     n_kv_heads, q_len, n_rows, n_splits, qk_scale,
-    GROUP: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid: split fastest, then row tile, then (batch, kv head)
     pid = tl.program_id(0)
@@ -48,7 +48,7 @@ def _decode_fwd_kernel(
 
     offs_r = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] packed (group head, query) rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
-    offs_t = tl.arange(0, PAGE)  # [PAGE]
+    offs_t = tl.arange(0, TILE)  # [TILE]
     row_ok = offs_r < n_rows
     d_ok = offs_d < HEAD_DIM
     h_q = h_kv * GROUP + offs_r // q_len  # [BLOCK_M] query head of each row
@@ -71,36 +71,38 @@ def _decode_fwd_kernel(
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that kept a non-finite value
     for it in range(lo, hi):
         page = tl.load(page_row + it).to(tl.int64)
-        tok = page * PAGE + offs_t  # [PAGE] logical key positions
-        tok_ok = tok < seqlen
         if PAGED:
             phys = tl.load(table_ptr + b * stride_tb + page).to(tl.int64)
-            k_rows = k_ptr + phys * stride_kb + h_kv * stride_kh + offs_t * stride_kn  # [PAGE]
-            v_rows = v_ptr + phys * stride_vb + h_kv * stride_vh + offs_t * stride_vn
+            k_page = k_ptr + phys * stride_kb + h_kv * stride_kh  # first key of the page
+            v_page = v_ptr + phys * stride_vb + h_kv * stride_vh
         else:
-            k_rows = k_ptr + b * stride_kb + h_kv * stride_kh + tok * stride_kn  # [PAGE]
-            v_rows = v_ptr + b * stride_vb + h_kv * stride_vh + tok * stride_vn
-        kv_mask = tok_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [PAGE, D]
-        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [PAGE, D]
-        # -- compute qk (log2 domain) ----
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, PAGE]
-        keep = row_ok[:, None] & tok_ok[None, :]  # [BLOCK_M, PAGE]
-        if CAUSAL:
-            keep = keep & (tok[None, :] <= last_key[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
-        # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
-        v_ok = finite_rows(v)  # [PAGE]
-        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-        v = tl.where(v_ok[:, None] != 0, v, 0.0)
-        # -- online softmax; rows that have seen nothing keep m = -inf ----
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, PAGE]
-        alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-        m_i = m_new
+            k_page = k_ptr + b * stride_kb + h_kv * stride_kh + page * PAGE * stride_kn
+            v_page = v_ptr + b * stride_vb + h_kv * stride_vh + page * PAGE * stride_vn
+        for sub in tl.static_range(PAGE // TILE):  # a page in tiles of TILE keys (bounded shared memory)
+            offs_p = sub * TILE + offs_t  # [TILE] key offsets inside the page
+            tok = page * PAGE + offs_p  # [TILE] logical key positions
+            tok_ok = tok < seqlen
+            kv_mask = tok_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_page + offs_p[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
+            v = tl.load(v_page + offs_p[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
+            # -- compute qk (log2 domain) ----
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+            keep = row_ok[:, None] & tok_ok[None, :]  # [BLOCK_M, TILE]
+            if CAUSAL:
+                keep = keep & (tok[None, :] <= last_key[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+            # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
+            v_ok = finite_rows(v)  # [TILE]
+            bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+            v = tl.where(v_ok[:, None] != 0, v, 0.0)
+            # -- online softmax; rows that have seen nothing keep m = -inf ----
+            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE]
+            alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+            m_i = m_new
 
     # -- epilogue: a split that saw no key gives o = 0, lse = -inf; a NaN row keeps NaN ----
     empty = l_i == 0.0
@@ -122,13 +124,19 @@ def _configs():
 
 
 _autotuned_kernel = triton.autotune(
-    configs=_configs(), key=["GROUP", "PAGED", "CAUSAL", "PAGE", "BLOCK_M", "HEAD_DIM_PAD", "DOT_PRECISION"],
+    configs=_configs(), key=["GROUP", "PAGED", "CAUSAL", "PAGE", "TILE", "BLOCK_M", "HEAD_DIM_PAD", "DOT_PRECISION"],
 )(_decode_fwd_kernel)
 
 
 def row_tile(n_rows):
     """``BLOCK_M`` for ``n_rows = GROUP * Lq`` packed rows: a power of two in 16..64."""
     return min(64, pow2_at_least(n_rows, 16))
+
+
+def page_tile(page_size, head_dim_pad, dtype):
+    """Keys per step inside a page: up to 64 (32 for fp32 with head dims padded to 256), so that a page of
+    any size keeps the K/V tiles within the shared memory of an H100/H200."""
+    return min(page_size, 32 if (dtype == torch.float32 and head_dim_pad >= 256) else 64)
 
 
 def default_splits(width, batch, n_kv_heads, n_rows, device):
@@ -188,7 +196,8 @@ def decode_fwd(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal,
         *q.stride()[:3], *ks, *vs, *o_part.stride()[:4], *lse_part.stride()[:3],
         counts.stride(0), counts.stride(1), pages.stride(0), pages.stride(1), table.stride(0) if paged else 0,
         n_kv_heads, q_len, n_rows, splits, scale * LOG2E,
-        GROUP=group, PAGED=paged, CAUSAL=bool(causal) and q_len > 1, PAGE=page_size, BLOCK_M=block_m,
+        GROUP=group, PAGED=paged, CAUSAL=bool(causal) and q_len > 1, PAGE=page_size,
+        TILE=page_tile(page_size, pow2_at_least(head_dim, 16), q.dtype), BLOCK_M=block_m,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16), DOT_PRECISION=dot_precision(q.dtype),
     )
     o, lse = merge_splits(o_part, lse_part)  # [B, Hkv, R, D], [B, Hkv, R]
