@@ -132,6 +132,24 @@ def _nothing_sent(rank, world):
     assert dense.bytes_sent == 2 * own * 2 * D * 4 * (world - 1), dense.bytes_sent
 
 
+def _broadcast_content_mask(rank, world):
+    """A content-based mask built on rank 0 only (it alone would see all of q/k), shared, then used by the ring."""
+    from sparse_attn import get_pattern
+    from sparse_attn.distributed import broadcast_mask
+    q, k, v, do = _inputs(4, 2)
+    built = get_pattern("block_topk", k=0.3, block_size=BLOCK).build(q, k) if rank == 0 else None
+    mask = broadcast_mask(built, src=0)
+    chunks = _zigzag(world)
+    take = lambda x: shard(x, chunks[rank])  # noqa: E731
+    x = [take(t).requires_grad_() for t in (q, k, v)]
+    o = ring_attention(*x, mask, chunks=chunks, causal=True)
+    _check("broadcast mask", (o, *torch.autograd.grad(o, x, take(do))), q, k, v, do, mask, True, take)
+    stripe = broadcast_mask(_masks(2)["stripe"] if rank == 0 else None)
+    assert torch.equal(stripe.to_dense(), _masks(2)["stripe"].to_dense())
+    token = broadcast_mask(_masks(2)["token"] if rank == 0 else None)
+    assert torch.equal(token.to_dense(), _masks(2)["token"].to_dense())
+
+
 def _plan_reuse(rank, world):
     q, k, v, _ = _inputs(4, 2)
     mask, chunks = _masks(2)["block"], _zigzag(world)
@@ -190,6 +208,7 @@ CASES = {
     "ulysses-mqa-replicated": _ulysses_case("dense", True, _ragged, hq=4, hkv=1),
     "ring-nothing-sent": _nothing_sent,
     "ring-plan-reuse": _plan_reuse,
+    "broadcast-content-mask": _broadcast_content_mask,
 }
 TWO_ONLY = {  # the tiny Wan model has 2 heads: Ulysses over 2 ranks
     "diffusers-ulysses-parallel-then-apply": _diffusers_case("parallel-then-apply"),
