@@ -150,6 +150,21 @@ def _broadcast_content_mask(rank, world):
     assert torch.equal(token.to_dense(), _masks(2)["token"].to_dense())
 
 
+def _excluded_keys_never_matter(rank, world):
+    """NaN in keys/values the mask excludes (a whole key block, and keys cut by the window inside kept tiles)."""
+    keep = torch.ones(1, 1, 7, 7, dtype=torch.bool)
+    keep[..., 3] = False
+    mask = BlockSparseMask.from_dense(keep, BLOCK, (L, L)).with_predicates(window=(20, 5))
+    q, k, v, _ = _inputs(4, 2)
+    seen = mask.to_dense(causal=True).any(2).any(1)[0]  # [L]: keys some query sees
+    k, v = (torch.where(seen[:, None], t, float("nan")) for t in (k, v))
+    chunks = _zigzag(world)
+    o = ring_attention(*(shard(t, chunks[rank]) for t in (q, k, v)), mask, chunks=chunks, causal=True)
+    ref = sparse_attention(q, torch.nan_to_num(k), torch.nan_to_num(v), mask, causal=True)
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, shard(ref, chunks[rank]), rtol=0, atol=1e-5)
+
+
 def _plan_reuse(rank, world):
     q, k, v, _ = _inputs(4, 2)
     mask, chunks = _masks(2)["block"], _zigzag(world)
@@ -209,6 +224,7 @@ CASES = {
     "ring-nothing-sent": _nothing_sent,
     "ring-plan-reuse": _plan_reuse,
     "broadcast-content-mask": _broadcast_content_mask,
+    "excluded-keys-never-matter": _excluded_keys_never_matter,
 }
 TWO_ONLY = {  # the tiny Wan model has 2 heads: Ulysses over 2 ranks
     "diffusers-ulysses-parallel-then-apply": _diffusers_case("parallel-then-apply"),
