@@ -93,3 +93,12 @@ def test_gpu_no_recompile_across_lengths():
     for length in (1001, 1500, 2048, 3333):
         run(length)
     assert n_compiled() == before
+
+
+def test_gpu_refuses_what_cannot_fit_the_chip():
+    """fp32 at head dim 256 with 128-row blocks: no dQ configuration fits 227 KiB, so the backward refuses it."""
+    q, k, v, mask = _inputs(torch.float32, 1, 2, 2, 256, 256, 256, 8, 8, 1, (128, 128))
+    q.requires_grad_()
+    out = stripe_attention(q, k, v, mask, causal=True)
+    with pytest.raises(ValueError, match="block_size"):
+        out.sum().backward()

@@ -73,7 +73,10 @@ def inner_tile(block: int, head_dim_pad: int, dtype: torch.dtype) -> int:
 
 def key_tile(block_n: int, head_dim_pad: int, dtype: torch.dtype) -> int:
     """Key rows of one block-sparse dK/dV program (a mask key block runs as ``block_n // key_tile`` programs):
-    the fp32 dK and dV accumulators ``[key_tile, D]`` must fit the registers of 8 warps (64 rows at D >= 128)."""
+    the fp32 dK and dV accumulators ``[key_tile, D]`` must fit the registers of 8 warps (64 rows at D >= 128),
+    and fp32 K/V tiles at D = 256 the shared memory (32 rows)."""
+    if dtype == torch.float32 and head_dim_pad >= 256:
+        return min(block_n, 32)
     return min(block_n, 64) if head_dim_pad >= 128 or dtype == torch.float32 else block_n
 
 
@@ -104,58 +107,74 @@ def stripe_tiles(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) 
 
 
 def _footprint(kernel, elem, block_m, block_n, pad, dtype):
-    """``(resident, per_stage, n_sub, acc_rows)``: bytes of the operand tiles loaded once per program, bytes loaded
-    per iteration of the pipelined loop (one buffer per stage; ``n_sub`` statically unrolled sub-tiles, of which an
-    unpipelined loop holds one at a time), and rows of the fp32 ``[rows, D]`` accumulators."""
+    """``(resident, per_stage, n_sub, copies, a_tiles, acc_rows)`` of one program, in bytes unless said:
+
+    resident: operand tiles loaded once; per_stage: loaded per iteration of the pipelined loop (one buffer per
+    stage; ``n_sub`` statically unrolled sub-tiles, of which an unpipelined loop holds one at a time); copies:
+    operand tiles that the masked path rewrites in registers (a second shared-memory copy); a_tiles: elements of
+    the ``[rows, cols]`` operands computed in registers (p, dS), which TF32 dots read from shared memory;
+    acc_rows: rows of the fp32 ``[rows, D]`` accumulators.
+    """
     row = pad * elem  # one row of an operand tile
-    if kernel == "fwd":
-        return block_m * row, 2 * block_n * row, block_n // inner_tile(block_n, pad, dtype), block_m
-    if kernel == "dq":
-        return 2 * block_m * row, 2 * block_n * row, block_n // inner_tile(block_n, pad, dtype), block_m
+    if kernel in ("fwd", "dq"):
+        tile = inner_tile(block_n, pad, dtype)
+        resident = (1 if kernel == "fwd" else 2) * block_m * row
+        return resident, 2 * block_n * row, block_n // tile, tile * row, block_m * tile, block_m
     if kernel in ("dkdv", "dk", "dv"):
-        kt = key_tile(block_n, pad, dtype)
-        return (2 * kt * row, 2 * block_m * row, block_m // inner_tile(block_m, pad, dtype),
-                2 * kt if kernel == "dkdv" else kt)
+        kt, tile = key_tile(block_n, pad, dtype), inner_tile(block_m, pad, dtype)
+        n_acc = 2 if kernel == "dkdv" else 1
+        return 2 * kt * row, 2 * block_m * row, block_m // tile, 2 * tile * row, n_acc * kt * tile, n_acc * kt
     tiles = stripe_tiles(block_m, block_n, pad, dtype)
     n_sub = block_n // tiles["tile_n"]
-    if kernel == "st_fwd":  # the block loop and the column loop reuse one set of buffers
-        return block_m * row, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, block_m
-    if kernel == "st_dq":
-        return 2 * block_m * row, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, block_m
-    split = 1 if kernel in ("st_dk_block", "st_dv_block", "st_dk_col", "st_dv_col") else 2  # accumulators
+    wide = max(tiles["tile_n"], tiles["tile_c"])
+    if kernel in ("st_fwd", "st_dq"):  # the block loop and the column loop reuse one set of buffers
+        resident = (1 if kernel == "st_fwd" else 2) * block_m * row
+        return resident, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, wide * row, block_m * wide, block_m
+    n_acc = 1 if kernel in ("st_dk_block", "st_dv_block", "st_dk_col", "st_dv_col") else 2
     if kernel in ("st_dkv_block", "st_dk_block", "st_dv_block"):
-        return 2 * tiles["tile_n"] * row, 2 * block_m * row, block_m // tiles["sub_m"], split * tiles["tile_n"]
+        tn, sm = tiles["tile_n"], tiles["sub_m"]
+        return 2 * tn * row, 2 * block_m * row, block_m // sm, 2 * sm * row, n_acc * tn * sm, n_acc * tn
     if kernel in ("st_dkv_col", "st_dk_col", "st_dv_col"):
-        return 2 * tiles["tile_c"] * row, 2 * tiles["col_m"] * row, 1, split * tiles["tile_c"]
+        tc, cm = tiles["tile_c"], tiles["col_m"]
+        return 2 * tc * row, 2 * cm * row, 1, 2 * cm * row, n_acc * tc * cm, n_acc * tc
     if kernel == "lse":
-        return 64 * row, 64 * row, 1, 0
+        return 64 * row, 64 * row, 1, 0, 0, 0
     if kernel == "mass":
-        return block_m * row, block_n * row, block_n // min(block_n, 64), 0
+        return block_m * row, block_n * row, block_n // min(block_n, 64), 0, 0, 0
     if kernel == "vertical_slash":
-        return 128 * row, 0, 1, 0
+        return 128 * row, 0, 1, 0, 0, 0
     if kernel == "pooled_scores":
-        return 16 * pad * 4, 32 * pad * 4, 1, 0
+        return 16 * pad * 4, 32 * pad * 4, 1, 0, 0, 0
     if kernel == "kmeans":
-        return 64 * pad * 4, 32 * pad * 4, 1, 0
+        return 64 * pad * 4, 32 * pad * 4, 1, 0, 0, 0
     if kernel in ("preprocess", "pool"):
-        return 0, 0, 1, 0
+        return 0, 0, 1, 0, 0, 0
     raise ValueError(f"kernel must be one of the package's kernels, got {kernel!r}.")
 
 
 def smem_estimate(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int,
                   num_stages: int, num_warps: int = 8) -> int:
-    """Upper bound (bytes) of the shared memory of one program on sm_90: the resident operand tiles, plus one
-    buffer of the loop's loads per stage (one sub-tile unpipelined), plus 2 KiB per warp of layout-conversion
-    and reduction scratch. Checked against the compiler by tests/test_compile_sm90.py (docs/kernels.md)."""
+    """Upper bound (bytes) of the shared memory of one program on sm_90 (:func:`_footprint`): the resident
+    operand tiles, one buffer of the loop's loads per stage (one sub-tile unpipelined), the masked path's
+    rewritten operands, fp32 operands computed in registers (TF32 dots take them from shared memory), 2 KiB per
+    warp of layout-conversion and reduction scratch and 1 KiB of barriers and scalars. Checked against the
+    compiler by tests/test_compile_sm90.py; the whole comparison is benchmarks/compile_table.py."""
     elem = 4 if dtype == torch.float32 else 2
-    resident, per_stage, n_sub, _ = _footprint(kernel, elem, block_m, block_n, head_dim_pad, dtype)
+    resident, per_stage, n_sub, copies, a_tiles, _ = _footprint(kernel, elem, block_m, block_n, head_dim_pad,
+                                                                dtype)
     loop = per_stage // n_sub if num_stages <= 1 else num_stages * per_stage
-    return resident + loop + 2048 * num_warps
+    # the key-major kernels' transposed p / dS operands go through shared memory for TF32 dots
+    scratch = a_tiles * 4 if dtype == torch.float32 and kernel not in ("fwd", "dq", "st_fwd", "st_dq") else 0
+    if kernel in ("dkdv", "dk", "dv") and dtype == torch.float32:
+        copies //= 2  # one of q / dO takes a free loop buffer (fitted to the compile table)
+    elif num_stages <= 1 or kernel not in ("fwd", "dq", "st_fwd", "st_dq"):
+        copies = 0  # rewritten in place of a free loop buffer (fitted to the compile table)
+    return resident + loop + copies + scratch + 2048 * num_warps + 1024
 
 
 def _acc_regs(kernel, dtype, block_m, block_n, pad, warps):
     """fp32 accumulator registers per thread."""
-    return _footprint(kernel, 4, block_m, block_n, pad, dtype)[3] * pad // (32 * warps)
+    return _footprint(kernel, 4, block_m, block_n, pad, dtype)[5] * pad // (32 * warps)
 
 
 def _fits(kernel, dtype, block_m, block_n, pad, warps, stages):
