@@ -15,8 +15,9 @@ Wan, CogVideoX, HunyuanVideo and Flux.
 
 Context parallelism: under diffusers' own ``ContextParallelConfig(ulysses_degree=n)`` with the native
 backend, each rank's SDPA call sees the whole sequence for its heads, so the patch composes (in either
-order with ``enable_parallelism``); diffusers' ring needs an LSE the native backend lacks and is rejected
-(docs/distributed.md).
+order with ``enable_parallelism``). Under ``ring_degree=n`` diffusers' ring needs an LSE the native
+backend lacks, so the wrapped processor runs its attention as :func:`~sparse_attn.distributed.ring_attention`
+over diffusers' ring group instead, with a mask built for the whole sequence (docs/distributed.md).
 
 Example:
     >>> handle = apply(pipe, SparseConfig(pattern, cache=StepCache(CachePolicy(warmup_steps=10))))  # doctest: +SKIP
@@ -38,14 +39,20 @@ def _native_backend(name) -> bool:
     return value is None or str(value).lstrip("_").startswith("native")
 
 
+def _ring_config(proc):
+    """diffusers' context-parallel config of a processor when it runs ring attention (else None)."""
+    cp = getattr(getattr(proc, "_parallel_config", None), "context_parallel_config", None)
+    if cp is None or getattr(cp, "ring_degree", 1) <= 1:
+        return None
+    if getattr(cp, "ulysses_degree", 1) > 1:
+        raise ValueError(f"ring_degree={cp.ring_degree} with ulysses_degree={cp.ulysses_degree}: sparse_attn runs "
+                         f"one of the two, not both (docs/distributed.md).")
+    return cp
+
+
 def _check_parallel(processors):
-    """diffusers' context parallelism: Ulysses composes (SDPA sees the whole sequence); its ring does not."""
-    for name, proc in processors.items():
-        cp = getattr(getattr(proc, "_parallel_config", None), "context_parallel_config", None)
-        if cp is not None and getattr(cp, "ring_degree", 1) > 1:
-            raise ValueError(f"{name} runs diffusers' ring attention (ring_degree={cp.ring_degree}), which needs a "
-                             f"backend that returns the LSE; the native backend that sparse_attn routes has none. Use "
-                             f"ContextParallelConfig(ulysses_degree=...) (docs/distributed.md).")
+    for proc in processors.values():
+        _ring_config(proc)
 
 
 def _check_backends(model, processors):
@@ -129,6 +136,9 @@ class _SparseProcessor:
 
     def __call__(self, *args, **kwargs):
         handle = self._handle
+        ring = _ring_config(self.original)
+        if ring is not None:  # diffusers' ring: its native op has no LSE, so the ring is ours
+            return self._ring_call(ring, args, kwargs)
         scope = {"layer": self.layer, "name": self.name, "calls": 0, "role": handle._role}
         if handle._layout is not None:
             scope["layout"] = handle._layout
@@ -139,6 +149,19 @@ class _SparseProcessor:
         finally:
             _SCOPE.reset(scope_token)
             _ROUTE.reset(route_token)
+
+    def _ring_call(self, ring, args, kwargs):
+        """The original processor on this rank's shard, its SDPA call run as sparse ring attention."""
+        from ..distributed.sdpa_ring import RingSDPA
+        handle, parallel = self._handle, self.original._parallel_config
+        mode = RingSDPA(handle.config, ring._ring_mesh.get_group(), self.layer, handle._role, handle._layout)
+        self.original._parallel_config = None  # the processor's attention call then is plain SDPA on shards
+        try:
+            with mode:
+                return self.original(*args, **kwargs)
+        finally:
+            self.original._parallel_config = parallel
+            handle._route.stats.update(sparse=mode.sparse, ring=mode.calls)
 
     def __getattr__(self, item):  # attributes of the wrapped processor (e.g. _attention_backend)
         if item == "original":
