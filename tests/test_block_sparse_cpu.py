@@ -72,3 +72,37 @@ def test_cpu_path_gradcheck():
         return block_sparse_attn_cpu(q, k, v, mask.counts, mask.indices, 8, 8, True)[0]
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("hq,hkv,mask_heads,q_len,kv_len", [(4, 2, 2, 128, 192), (4, 2, 4, 192, 192),
+                                                            (2, 2, 1, 64, 64)],
+                         ids=["gqa-shared-lk>lq", "per-head", "one-tile"])
+def test_causal_aligned_one_pass(hq, hkv, mask_heads, q_len, kv_len, monkeypatch):
+    """Causality alone on an aligned grid runs one fused pass per chunk (diagonal tile last, a shared mask):
+    checked against the oracle on rows with and without their diagonal tile and rows that see nothing, and
+    it must hand over to the two-pass path when a key excluded by causality is not finite."""
+    import sparse_attn_kernels.block_sparse.cpu as cpu
+
+    calls = []
+    one_pass = cpu._fwd_one_pass
+    monkeypatch.setattr(cpu, "_fwd_one_pass", lambda *a: calls.append(1) or one_pass(*a))
+    torch.manual_seed(0)
+    q = torch.randn(2, hq, q_len, 32)
+    k, v = torch.randn(2, hkv, kv_len, 32), torch.randn(2, hkv, kv_len, 32)
+    keep = torch.rand(2, mask_heads, q_len // 32, kv_len // 32) < 0.6
+    keep[:, :, 0] = False  # a row that sees nothing
+    mask = BlockSparseMask.from_dense(keep, 32, seq_lens=(q_len, kv_len))
+    out, lse = block_sparse_fwd_cpu(q, k, v, mask.counts, mask.indices, 32, 32, True, 32 ** -0.5)
+    assert calls, "the one-pass path did not run"
+    ref, ref_lse = math_attention(q, k, v, mask.to_dense(), True)
+    check_close(out, ref, math_attention(q, k, v, mask.to_dense(), True, dtype=torch.float32)[0])
+    check_lse(lse.double(), ref_lse)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+    calls.clear()
+    k[:, :, -1], v[:, :, -1] = float("nan"), float("inf")  # the last key: hidden from every row but the last
+    out, _ = block_sparse_fwd_cpu(q, k, v, mask.counts, mask.indices, 32, 32, True, 32 ** -0.5)
+    assert not calls
+    dense = mask.to_dense()
+    sees_last = dense.repeat_interleave(hq // dense.shape[1], 1)[..., -1].expand(2, hq, q_len).clone()
+    sees_last[..., :-1] = False
+    assert torch.isnan(out[sees_last]).all() and torch.isfinite(out[~sees_last]).all()

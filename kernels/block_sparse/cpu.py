@@ -61,25 +61,36 @@ class _Rows(BlockRows):
         visible, full = visible & self.slot_ok, full & self.slot_ok
         self.full_idx, _, self.n_full = _compact(self.idx, full, None)
         self.part_idx, self.part_slots, self.n_part = _compact(self.idx, visible & ~full, self.slots)
+        self.visible = visible
         self.tok_m = torch.arange(block_m, device=q.device).repeat(self.g_u)  # [G*bm]
         # partial tiles that only carry bits (no band, range or segment): the packed-words fast path
-        self.bits_only = preds.bit_slots is not None and self.left < 0 and self.right < 0 and \
-            preds.q_range is None and preds.kv_range is None and preds.q_segments is None
+        no_ranges = preds.q_range is None and preds.kv_range is None and preds.q_segments is None
+        self.bits_only = preds.bit_slots is not None and self.left < 0 and self.right < 0 and no_ranges
+        # causality alone on an aligned grid: every partial tile is a diagonal tile whose pairs are
+        # "key offset <= query offset" (top-left causal inside the tile), so no mask needs building
+        shift = self.kv_len - self.q_len
+        self.diagonal_only = (causal and self.left < 0 and self.right == 0 and no_ranges and
+                              preds.bit_slots is None and block_m == block_n and shift % block_n == 0 and
+                              self.q_len % block_m == 0 and self.kv_len % block_n == 0)
 
     def key_blocks(self, x):
         """[B, Hkv, Lk, D] -> [B*Hkv*NKB, bn*D] (zero padded): one gather row per block."""
         return super().key_blocks(x).reshape(-1, self.block_n * self.head_dim)
 
-    def plan(self, n_tiles, cap):
-        """Chunks ``(rows, n)`` of the rows with ``n_tiles == n > 0``, at most ``max(cap, n)`` tiles each."""
-        order = torch.argsort(n_tiles, stable=True)
-        runs, run_len = torch.unique_consecutive(n_tiles[order], return_counts=True)
+    def plan(self, n_tiles, cap, tag=None):
+        """Chunks ``(rows, n)`` of the rows with ``n_tiles == n > 0``, at most ``max(cap, n)`` tiles each;
+        with ``tag`` (bool ``[R]``) the chunks are ``(rows, n, t)``, rows of one chunk sharing ``t`` too."""
+        key = n_tiles if tag is None else n_tiles * 2 + tag.long()
+        order = torch.argsort(key, stable=True)
+        runs, run_len = torch.unique_consecutive(key[order], return_counts=True)
         chunks, start = [], 0
-        for n, n_run in zip(runs.tolist(), run_len.tolist()):
+        for kv, n_run in zip(runs.tolist(), run_len.tolist()):
+            n = kv if tag is None else kv // 2
             if n > 0:
                 step = max(1, cap // n)
                 for a in range(start, start + n_run, step):
-                    chunks.append((order[a:min(start + n_run, a + step)], n))
+                    rows = order[a:min(start + n_run, a + step)]
+                    chunks.append((rows, n) if tag is None else (rows, n, bool(kv % 2)))
             start += n_run
         return chunks
 
@@ -196,6 +207,46 @@ def _merge(o_acc, lse_acc, rows, o_c, lse_c):
     lse_acc.index_copy_(0, rows, lse)
 
 
+def _merge_or_store(o_acc, lse_acc, rows, o_c, lse_c, n_full):
+    """Merge a partial-pass result into rows that also had full tiles; store it where they had none."""
+    if bool((n_full.index_select(0, rows) > 0).any()):
+        _merge(o_acc, lse_acc, rows, o_c, lse_c)
+    else:  # no full tiles in these rows: nothing to merge with
+        o_acc.index_copy_(0, rows, o_c)
+        lse_acc.index_copy_(0, rows, lse_c)
+
+
+def _diagonal_masks(n, g, block, dtype, device, cache):
+    """``[1, 1, G*bm, n*bn]`` additive mask of a row whose last tile is its diagonal: 0 on the ``n - 1`` full
+    tiles, top-left causal on the last (the same for every row of a chunk: broadcast over them)."""
+    key = (n, g)
+    if key not in cache:
+        tri = torch.ones(block, block, dtype=torch.bool, device=device).tril()
+        add = torch.zeros(g * block, n * block, dtype=dtype, device=device)
+        add[:, (n - 1) * block:] = torch.where(tri, 0.0, float("-inf")).to(dtype).repeat(g, 1)
+        cache[key] = add.view(1, 1, g * block, n * block)
+    return cache[key]
+
+
+def _fwd_one_pass(r, qr, kb, vb, scale, acc, cap, buf_k, buf_v):
+    """Causality alone on an aligned grid (:attr:`_Rows.diagonal_only`) with finite K/V: each row gathers
+    its visible tiles once (the diagonal tile is the last, as indices are sorted) and one fused call runs
+    them under a mask shared by its chunk: no second pass, no merge."""
+    flash = _flash_cpu()
+    vis_idx, _, n_vis = _compact(r.idx, r.visible, None)
+    o = torch.zeros(qr.shape, dtype=acc, device=qr.device)
+    lse = torch.full(qr.shape[:2], float("-inf"), dtype=acc, device=qr.device)
+    masks = {}
+    for rows, n, diag in r.plan(n_vis, cap, tag=r.n_part > 0):
+        kg, _ = r.gather(kb, rows, vis_idx, n, buf_k)  # [C, 1, n*bn, D]
+        vg, _ = r.gather(vb, rows, vis_idx, n, buf_v)
+        add = _diagonal_masks(n, r.g_u, r.block_m, qr.dtype, qr.device, masks) if diag else None
+        o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=add, scale=scale)
+        o.index_copy_(0, rows, o_c.squeeze(1).to(acc))
+        lse.index_copy_(0, rows, lse_c.squeeze(1).to(acc))
+    return o, lse
+
+
 @torch.no_grad()
 def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, scale, chunk_bytes=CHUNK_BYTES,
                          preds=NO_PREDICATES):
@@ -222,6 +273,9 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
     cap = _cap(block_n, r.head_dim, q.dtype, chunk_bytes)
     n_buf = max(cap, r.width)  # one reused gather buffer: no page faults for every chunk
     buf_k, buf_v = kb.new_empty((n_buf, kb.shape[1])), vb.new_empty((n_buf, vb.shape[1]))
+    if r.diagonal_only and _surely_finite(kb, vb):
+        o, lse = _fwd_one_pass(r, qr, kb, vb, scale, acc, cap, buf_k, buf_v)
+        return r.scatter_rows(o.to(q.dtype)), r.scatter_rows(lse)
     o = torch.zeros(qr.shape, dtype=acc, device=q.device)  # rows that see no key stay 0
     lse = torch.full(qr.shape[:2], float("-inf"), dtype=acc, device=q.device)
     # -- full tiles: no mask; each row appears in at most one chunk, so results are stored directly ----
@@ -240,6 +294,13 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
         kg, flat_idx = r.gather(kb, rows, r.part_idx, n, buf_k)
         vg, _ = r.gather(vb, rows, r.part_idx, n, buf_v)
         kg, vg, bad = _clean(kg, vg, bad_keys, flat_idx)
+        if r.diagonal_only and n == 1 and bad is None:  # one diagonal tile per row: top-left causal
+            qc = qr.index_select(0, rows).view(len(rows), r.g_u, block_m, -1)  # [C, G, bm, D]
+            kc, vc = (x.expand(len(rows), r.g_u, block_n, x.shape[-1]) for x in (kg, vg))  # [C, G, bn, D]
+            o_c, lse_c = flash(qc, kc, vc, is_causal=True, scale=scale)
+            o_c, lse_c = o_c.reshape(len(rows), -1, o_c.shape[-1]).to(acc), lse_c.reshape(len(rows), -1).to(acc)
+            _merge_or_store(o, lse, rows, o_c, lse_c, r.n_full)
+            continue
         if r.bits_only:
             add, empty = _bits_additive(r, rows, n, q.dtype, add_buf)
             keep = add[:, 0] == 0 if bad is not None else None
@@ -249,11 +310,7 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
         o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=add, scale=scale)
         o_c = o_c.squeeze(1).to(acc).masked_fill(empty[..., None], 0.0)
         lse_c = lse_c.squeeze(1).to(acc).masked_fill(empty, float("-inf"))
-        if bool((r.n_full.index_select(0, rows) > 0).any()):
-            _merge(o, lse, rows, o_c, lse_c)
-        else:  # no full tiles in these rows: nothing to merge with
-            o.index_copy_(0, rows, o_c)
-            lse.index_copy_(0, rows, lse_c)
+        _merge_or_store(o, lse, rows, o_c, lse_c, r.n_full)
         if bad is not None:
             bad_rows.index_copy_(0, rows, bad_rows.index_select(0, rows) | (keep & bad[:, None]).any(-1))
     if bad_keys is not None and bool(bad_rows.any()):
