@@ -12,7 +12,7 @@ Example:
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict
+from typing import Any, Callable, ClassVar, Dict, Optional
 
 from .._checks import check_positive_int
 from ..cache import CachePolicy, StepCache
@@ -166,6 +166,18 @@ def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, min_seq
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
+def flexprefill(*, p=0.9, sink: int = 64, window: int = 64, estimate_block: Optional[int] = None,
+                block_size: int = 64, min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
+    """FlexPrefill-style cumulative-attention selection for LLM prefill: per query block the fewest key blocks
+    whose estimated attention mass reaches ``p`` (``block_topp``), plus sink keys and a local window
+    (token-exact ``sink_local``), built at every prefill."""
+    from ..patterns import BlockTopP, SinkLocal
+
+    pattern = BlockTopP(p=p, estimate_block=estimate_block, block_size=block_size) | SinkLocal(
+        sink=sink, window=window, block_size=block_size)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
 def streamingllm(*, sink: int = 128, window: int = 1024, block_size: int = 64, min_seq_len: int = 1024,
                  backend: str = "auto") -> SparseConfig:
     """StreamingLLM A-shape: attention sinks (first keys) plus a local window, at prefill."""
@@ -220,6 +232,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("moba", "LLM prefill (transformers)", "MoBA (MoonshotAI/MoBA) chunk gating",
            "gates per 64-query block with the mean query (MoBA gates each query token); adds sink keys and a "
            "local window", moba),
+    Preset("flexprefill", "LLM prefill (transformers)", "FlexPrefill (Lai et al., ICLR 2025) cumulative-attention "
+           "index selection", "the mass is estimated per 64-query block from pooled q/k (FlexPrefill scores the last "
+           "query block against every key); no per-head switch to vertical-slash; sink keys and a local window added",
+           flexprefill),
     Preset("streamingllm", "LLM prefill (transformers)", "StreamingLLM A-shape",
            "applied at prefill only (decode runs dense over the whole cache; no KV eviction)", streamingllm),
     Preset("kinetics", "LLM decoding (transformers generate)", "Kinetics block top-k (Infini-AI-Lab/Kinetics)",
@@ -245,5 +261,5 @@ def get_preset(name: str, **kw) -> SparseConfig:
     return PRESETS[name].make(**kw)
 
 
-__all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "minference", "moba",
+__all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "flexprefill", "minference", "moba",
            "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest"]
