@@ -1,9 +1,10 @@
 """Context parallelism on CPU with gloo: 2 and 4 processes against the single-process result.
 
-One spawn per world size runs every case (spawning and the first imports cost seconds per process); each
+One 4-process spawn runs every case (starting a process and its first imports cost seconds); each
 case compares this rank's output and gradients with single-process :func:`sparse_attention` under the
 fp32 rule of RELIABILITY.md (fp64 oracle, 10x the fp32 single-process error, 3x that for gradients).
-The diffusers cases (2 processes) run diffusers' own Ulysses context parallelism with our processor patch:
+The 2-process cases run on two 2-rank subgroups of one 4-process spawn at once. The diffusers cases
+(4 processes) run diffusers' own context parallelism (Ulysses and ring) with our processor patch:
 ``enable_parallelism`` picks ``rank % torch.accelerator.device_count()`` as the device, which divides by
 zero on a CPU-only machine, so the workers report one CPU "device" and diffusers' gloo path runs here.
 """
@@ -76,7 +77,7 @@ def _ring_case(kind, causal, chunks_fn, hq=4, hkv=2, batch=1, mask_heads=None):
         chunks = chunks_fn(world)
         take = lambda x: shard(x, chunks[rank])  # noqa: E731
         x = [take(t).requires_grad_() for t in (q, k, v)]
-        o, lse = ring_attention(*x, mask, chunks=chunks, causal=causal, return_lse=True)
+        o, lse = ring_attention(*x, mask, group=_group(), chunks=chunks, causal=causal, return_lse=True)
         grads = torch.autograd.grad(o, x, take(do))
         _check(f"ring {kind}", (o, *grads), q, k, v, do, mask, causal, take)
         _, ref_lse = sparse_attention(q, k, v, mask, causal=causal, return_lse=True)
@@ -94,7 +95,7 @@ def _ulysses_case(kind, causal, lens_fn, hq=4, hkv=2, batch=1, mask_heads=None):
         chunks = contiguous_chunks(lens_fn(world))
         take = lambda x: shard(x, chunks[rank])  # noqa: E731
         x = [take(t).requires_grad_() for t in (q, k, v)]
-        o = ulysses_attention(*x, mask, causal=causal)
+        o = ulysses_attention(*x, mask, _group(), causal=causal)
         grads = torch.autograd.grad(o, x, take(do))
         _check(f"ulysses {kind}", (o, *grads), q, k, v, do, mask, causal, take)
     return run
@@ -122,12 +123,12 @@ def _nothing_sent(rank, world):
     q, k, v, do = _inputs(4, 2)
     x = [shard(t, chunks[rank]).requires_grad_() for t in (q, k, v)]
     with count_bytes() as stats:
-        o = ring_attention(*x, mask, chunks=chunks)
+        o = ring_attention(*x, mask, group=_group(), chunks=chunks)
         o.backward(shard(do, chunks[rank]))
     assert stats.bytes_sent == 0, f"sent {stats.bytes_sent} bytes"
     full = BlockSparseMask.full(L, L, BLOCK)
     with count_bytes() as dense:
-        ring_attention(*(t.detach() for t in x), full, chunks=chunks)
+        ring_attention(*(t.detach() for t in x), full, group=_group(), chunks=chunks)
     own = -(-sum(b - a for a, b in chunks[rank]) // BLOCK) * BLOCK  # whole key blocks travel
     assert dense.bytes_sent == 2 * own * 2 * D * 4 * (world - 1), dense.bytes_sent
 
@@ -138,15 +139,15 @@ def _broadcast_content_mask(rank, world):
     from sparse_attn.distributed import broadcast_mask
     q, k, v, do = _inputs(4, 2)
     built = get_pattern("block_topk", k=0.3, block_size=BLOCK).build(q, k) if rank == 0 else None
-    mask = broadcast_mask(built, src=0)
+    mask = broadcast_mask(built, src=0, group=_group())
     chunks = _zigzag(world)
     take = lambda x: shard(x, chunks[rank])  # noqa: E731
     x = [take(t).requires_grad_() for t in (q, k, v)]
-    o = ring_attention(*x, mask, chunks=chunks, causal=True)
+    o = ring_attention(*x, mask, group=_group(), chunks=chunks, causal=True)
     _check("broadcast mask", (o, *torch.autograd.grad(o, x, take(do))), q, k, v, do, mask, True, take)
-    stripe = broadcast_mask(_masks(2)["stripe"] if rank == 0 else None)
+    stripe = broadcast_mask(_masks(2)["stripe"] if rank == 0 else None, group=_group())
     assert torch.equal(stripe.to_dense(), _masks(2)["stripe"].to_dense())
-    token = broadcast_mask(_masks(2)["token"] if rank == 0 else None)
+    token = broadcast_mask(_masks(2)["token"] if rank == 0 else None, group=_group())
     assert torch.equal(token.to_dense(), _masks(2)["token"].to_dense())
 
 
@@ -159,7 +160,7 @@ def _excluded_keys_never_matter(rank, world):
     seen = mask.to_dense(causal=True).any(2).any(1)[0]  # [L]: keys some query sees
     k, v = (torch.where(seen[:, None], t, float("nan")) for t in (k, v))
     chunks = _zigzag(world)
-    o = ring_attention(*(shard(t, chunks[rank]) for t in (q, k, v)), mask, chunks=chunks, causal=True)
+    o = ring_attention(*(shard(t, chunks[rank]) for t in (q, k, v)), mask, group=_group(), chunks=chunks, causal=True)
     ref = sparse_attention(q, torch.nan_to_num(k), torch.nan_to_num(v), mask, causal=True)
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o, shard(ref, chunks[rank]), rtol=0, atol=1e-5)
@@ -177,7 +178,7 @@ def _cross_lengths(rank, world):
     kv_chunks = contiguous_chunks({2: [64, 96], 4: [32, 64, 0, 64]}[world])
     xq = shard(q, chunks[rank]).requires_grad_()
     xk, xv = (shard(t, kv_chunks[rank]).requires_grad_() for t in (k, v))
-    o = ring_attention(xq, xk, xv, mask, chunks=chunks, kv_chunks=kv_chunks, causal=True)
+    o = ring_attention(xq, xk, xv, mask, group=_group(), chunks=chunks, kv_chunks=kv_chunks, causal=True)
     got = (o, *torch.autograd.grad(o, (xq, xk, xv), shard(do, chunks[rank])))
     ref = _single(q, k, v, do, mask, True, torch.float64)
     base = _single(q, k, v, do, mask, True, torch.float32)
@@ -192,30 +193,40 @@ def _plan_reuse(rank, world):
     q, k, v, _ = _inputs(4, 2)
     mask, chunks = _masks(2)["block"], _zigzag(world)
     x = [shard(t, chunks[rank]) for t in (q, k, v)]
-    plan = ring_plan(mask, x[0], x[1], chunks=chunks, causal=True)
-    a = ring_attention(*x, plan=plan)
-    b = ring_attention(*x, mask, chunks=chunks, causal=True)
+    plan = ring_plan(mask, x[0], x[1], group=_group(), chunks=chunks, causal=True)
+    a = ring_attention(*x, group=_group(), plan=plan)
+    b = ring_attention(*x, mask, group=_group(), chunks=chunks, causal=True)
     assert torch.equal(a, b)
 
 
+def _wan(heads):
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=16,
+                                 in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                 rope_max_seq_len=32).eval()
+
+
 def _diffusers_case(order):
+    """diffusers' own CP over the whole (4-process) world: 192 tokens, 4 heads; ring shards of 48 tokens."""
     def run(rank, world):
         torch.accelerator.device_count = lambda: 1  # CPU-only: see the module docstring
         from diffusers import ContextParallelConfig
         from _toy_patterns import BandPattern
-        from test_integration_diffusers import cfg, tiny_wan, wan_inputs
+        from test_integration_diffusers import cfg, wan_inputs
         from sparse_attn.integrations.diffusers import apply
 
-        inputs, model = wan_inputs(), tiny_wan()
-        with apply(model, cfg(BandPattern(block=32, width=1))):
+        pattern = lambda: BandPattern(block=16, width=2)  # noqa: E731  (16 divides the ring shards)
+        inputs, model = wan_inputs(), _wan(world)
+        with apply(model, cfg(pattern())):
             with torch.no_grad():
                 ref = model(**inputs)[0]
-        model = tiny_wan()
+        model = _wan(world)
         parallel = ContextParallelConfig(ring_degree=world) if order == "ring" else \
             ContextParallelConfig(ulysses_degree=world)
         if order in ("parallel-then-apply", "ring"):
             model.enable_parallelism(config=parallel)
-        handle = apply(model, cfg(BandPattern(block=32, width=1)))
+        handle = apply(model, cfg(pattern()))
         if order == "apply-then-parallel":
             model.enable_parallelism(config=parallel)
         with torch.no_grad():
@@ -245,31 +256,46 @@ CASES = {
     "excluded-keys-never-matter": _excluded_keys_never_matter,
     "ring-cross-lengths-causal": _cross_lengths,
 }
-TWO_ONLY = {  # the tiny Wan model has 2 heads: Ulysses over 2 ranks
+WORLD_ONLY = {  # diffusers' CP spans the whole default group: run on the 4-process world only
     "diffusers-ulysses-parallel-then-apply": _diffusers_case("parallel-then-apply"),
     "diffusers-ulysses-apply-then-parallel": _diffusers_case("apply-then-parallel"),
     "diffusers-ring": _diffusers_case("ring"),
 }
+_GROUP = [None]
 
 
-def _worker(rank, world, store, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    cases = {**CASES, **TWO_ONLY} if world == 2 else CASES
+def _group():
+    """The process group of the running case (a 2-rank subgroup or the 4-rank world)."""
+    return _GROUP[0]
+
+
+def _run(cases, rank, world, group, tag, results):
+    _GROUP[0] = group
     for name, case in cases.items():
         try:
             case(rank, world)
-            results[name] = "ok"
-        except Exception as e:  # reported per case by the test below
-            results[name] = f"{type(e).__name__}: {e}"
+            results[f"{tag}:{name}"] = "ok"
+        except Exception as e:  # reported per case by the tests below
+            results[f"{tag}:{name}"] = f"{type(e).__name__}: {e}"
+
+
+def _worker(rank, world, store, out_dir):
+    """4 processes: every case on two 2-rank subgroups at once ({0, 1} and {2, 3}), then on all 4 ranks
+    (one spawn: starting a process and its first imports cost more than the cases)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    results = {}
+    _run(CASES, rank % 2, 2, pairs[rank // 2], f"2/{rank // 2}", results)
+    dist.barrier()
+    _run({**CASES, **WORLD_ONLY}, rank, world, None, "4", results)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.destroy_process_group()
 
 
-def _spawn(world):
+def _spawn(world=4):
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp), nprocs=world,
                                  join=False, start_method="spawn")
@@ -279,26 +305,23 @@ def _spawn(world):
         for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:
                 for name, res in json.load(f).items():
+                    out.setdefault(name, [])
                     if res != "ok":
-                        out.setdefault(name, []).append(f"rank {r}: {res}")
-        return {name: out.get(name, []) for name in (CASES if world == 4 else {**CASES, **TWO_ONLY})}
+                        out[name].append(f"rank {r}: {res}")
+        return out
 
 
 @pytest.fixture(scope="module")
-def world2():
-    return _spawn(2)
-
-
-@pytest.fixture(scope="module")
-def world4():
-    return _spawn(4)
-
-
-@pytest.mark.parametrize("case", list(CASES) + list(TWO_ONLY))
-def test_two_processes(world2, case):
-    assert not world2[case], "\n".join(world2[case])
+def results():
+    return _spawn()
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_four_processes(world4, case):
-    assert not world4[case], "\n".join(world4[case])
+def test_two_processes(results, case):
+    errors = results[f"2/0:{case}"] + results[f"2/1:{case}"]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(WORLD_ONLY))
+def test_four_processes(results, case):
+    assert not results[f"4:{case}"], "\n".join(results[f"4:{case}"])
