@@ -194,7 +194,7 @@ def _decode_config(select, prefill, page_size, min_context, min_seq_len, backend
                               decode=select, min_context=min_context, page_size=page_size)
 
 
-def kinetics(*, k=0.125, sink: int = 16, window: int = 64, page_size: int = 16, min_context: int = 4096,
+def kinetics(*, k=0.125, sink: int = 64, window: int = 128, page_size: int = 16, min_context: int = 4096,
              prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
     """Kinetics block top-k decoding (transformers ``generate()``): past ``min_context`` cached keys each step
     attends the ``k`` pages (of ``page_size`` tokens) with the largest ``mean_group(q) . mean(page keys)``, the
@@ -239,8 +239,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("streamingllm", "LLM prefill (transformers)", "StreamingLLM A-shape",
            "applied at prefill only (decode runs dense over the whole cache; no KV eviction)", streamingllm),
     Preset("kinetics", "LLM decoding (transformers generate)", "Kinetics block top-k (Infini-AI-Lab/Kinetics)",
-           "budget k counts every kept page (the paper: top 64 + the current page, here k=65); selection per kv "
-           "head; decode steps below min_context cached keys and left-padded batches run dense", kinetics),
+           "budget k counts every kept page (the paper: top 64 + the current page, here k=65); 64 sink and 128 "
+           "recent tokens kept (inside the budget); selection per kv head; decode steps below min_context cached "
+           "keys and left-padded batches run dense", kinetics),
     Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",
            "bound maxed over the query heads of a GQA group (one page list per kv head); the current page is "
            "always kept; decode steps below min_context cached keys run dense", quest),

