@@ -189,6 +189,26 @@ def _cross_lengths(rank, world):
             assert (x.double() - r).abs().max() <= 30 * (b.double() - r).abs().max() + 1e-6
 
 
+def _llm_prefill(rank, world):
+    """Sequence-sharded prefill of a tiny Llama (GQA 4:2): each rank runs its token shard with its positions."""
+    from _tiny_llama import tiny_llama
+    from _toy_patterns import BandPattern
+    from sparse_attn import patch_sdpa
+    from sparse_attn.distributed import ring_sdpa
+    from sparse_attn.integrations.sdpa import SparseConfig
+
+    model, n = tiny_llama(seed=0), 192
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with patch_sdpa(SparseConfig(BandPattern(block=16, width=2), min_seq_len=16)) as patch:
+            ref = model(ids, use_cache=False).logits
+        assert patch.stats["sparse"] == 2, patch.stats
+        a, b = rank * n // world, (rank + 1) * n // world
+        with ring_sdpa(BandPattern(block=16, width=2), _group()):
+            out = model(ids[:, a:b], position_ids=torch.arange(a, b)[None], use_cache=False).logits
+    torch.testing.assert_close(out, ref[:, a:b], rtol=0, atol=1e-4)
+
+
 def _plan_reuse(rank, world):
     q, k, v, _ = _inputs(4, 2)
     mask, chunks = _masks(2)["block"], _zigzag(world)
@@ -255,6 +275,7 @@ CASES = {
     "broadcast-content-mask": _broadcast_content_mask,
     "excluded-keys-never-matter": _excluded_keys_never_matter,
     "ring-cross-lengths-causal": _cross_lengths,
+    "transformers-ring-prefill": _llm_prefill,
 }
 WORLD_ONLY = {  # diffusers' CP spans the whole default group: run on the 4-process world only
     "diffusers-ulysses-parallel-then-apply": _diffusers_case("parallel-then-apply"),

@@ -1,10 +1,14 @@
 """SDPA calls on sequence shards -> :func:`ring_attention` with a mask built for the whole sequence.
 
-Used by the diffusers integration under diffusers' ring context parallelism: diffusers shards the hidden
-states (and RoPE) over the ring group; each attention processor's SDPA call then holds this rank's shard
-of q, k, v. The pattern needs the whole sequence, so the shards of q and k are gathered (without
-gradient) to build the mask, identically on every rank; attention itself runs as a sparse ring.
+Used by the diffusers integration under diffusers' ring context parallelism (diffusers shards the hidden
+states and RoPE over the ring group), and by :func:`ring_sdpa` for models whose only token-mixing layer
+is attention (LLM prefill: each rank runs the model on its token shard with its ``position_ids``). Each
+SDPA call then holds this rank's shard of q, k, v. The pattern needs the whole sequence, so the shards
+of q and k are gathered (without gradient) to build the mask, identically on every rank; attention
+itself runs as a sparse ring.
 """
+
+import contextlib
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -28,7 +32,8 @@ class RingSDPA(TorchFunctionMode):
 
     Args:
         config: a :class:`~sparse_attn.integrations.sdpa.SparseConfig` (its ``pattern_for`` and ``cache``).
-        group: the ring's process group; layer, role, layout: the cache key parts and the token layout.
+        group: the ring's process group; layer, role, layout: the cache key parts and the token layout
+            (``layer=None``: the call's ordinal inside the block).
     """
 
     def __init__(self, config, group, layer, role=None, layout=None):
@@ -46,7 +51,10 @@ class RingSDPA(TorchFunctionMode):
             raise ValueError("ring context parallelism with sparse_attn takes SDPA calls without attn_mask and "
                              "dropout_p; use Ulysses (ContextParallelConfig(ulysses_degree=...)) for those.")
         causal = bool(call.get("is_causal", False))  # self-attention: SDPA's top-left = bottom-right
-        layer = self.layer if self.calls == 0 else (self.layer, self.calls)
+        if self.layer is None:
+            layer = self.calls
+        else:
+            layer = self.layer if self.calls == 0 else (self.layer, self.calls)
         self.calls += 1
         pattern = self.config.pattern_for(layer)
         mask = None
@@ -62,3 +70,39 @@ class RingSDPA(TorchFunctionMode):
                 mask = pattern.build(q_all, k_all, causal=causal, layout=layout)
             self.sparse += mask is not None
         return ring_attention(q, k, v, mask, self.group, causal=causal, scale=call.get("scale"))
+
+
+class _OnePattern:
+    """A bare pattern as a config: the same pattern for every layer, no cache."""
+
+    cache = None
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def pattern_for(self, layer):
+        return self.pattern
+
+
+@contextlib.contextmanager
+def ring_sdpa(config, group=None):
+    """Run every ``F.scaled_dot_product_attention`` call in the block as sparse ring attention over ``group``.
+
+    For sequence-sharded prefill: each rank calls the model on its contiguous token shard (rank order =
+    sequence order, shard borders on the pattern's tiles) with the matching ``position_ids``; SDPA's
+    ``is_causal`` becomes the global causal mask. Calls with ``attn_mask`` or dropout raise ValueError.
+
+    Args:
+        config: a pattern (``build(q, k, causal=, layout=)``) or a SparseConfig (``pattern_for(layer)`` with
+            the call's ordinal as the layer, and its ``cache``).
+
+    Example:
+        >>> with ring_sdpa(get_pattern("sliding_window", left=256, right=0)):  # doctest: +SKIP
+        ...     logits = model(ids[:, a:b], position_ids=torch.arange(a, b)[None], use_cache=False).logits
+    """
+    if not hasattr(config, "pattern_for"):
+        if not hasattr(config, "build"):
+            raise TypeError(f"config must be a pattern or a SparseConfig, got {type(config).__name__}.")
+        config = _OnePattern(config)
+    with RingSDPA(config, group, layer=None):
+        yield
