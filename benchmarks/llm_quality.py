@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_texts import HELD_OUT, TUNING, text_file  # noqa: E402
 
 from sparse_attn.bench.machine import machine_header  # noqa: E402
-from sparse_attn.integrations import lm_quality as lq  # noqa: E402
+from sparse_attn.bench import lm_quality as lq  # noqa: E402
 
 DEFAULT_CONFIGS = ("moba", "streamingllm", "minference", "exact_importance:block_size=64",
                    "lse_mass:block_size=64", "block_topp:p=0.9+sink_local:sink=64:window=64")

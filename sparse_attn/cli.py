@@ -444,7 +444,7 @@ def _split_configs(text: str) -> List[str]:
 
 def cmd_quality(args) -> int:
     from .bench.machine import machine_header
-    from .integrations import lm_quality as lq
+    from .bench import lm_quality as lq
 
     try:
         configs = [lq.parse_config(c, min_seq_len=args.min_seq_len) for c in _split_configs(args.configs)]

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from _tiny_llama import tiny_llama  # noqa: E402
 from sparse_attn.cli import main  # noqa: E402
-from sparse_attn.integrations import lm_quality as lq  # noqa: E402
+from sparse_attn.bench import lm_quality as lq  # noqa: E402
 from sparse_attn.patterns import BlockTopP, SinkLocal, Union  # noqa: E402
 
 

@@ -54,8 +54,8 @@ def _options(parts, label):
 def parse_config(label: str, min_seq_len: int = 1024) -> NamedConfig:
     """``NAME[:key=value...]`` (a preset or a registered pattern), or patterns joined by ``+`` (their union)."""
     from ..patterns import Union, get_pattern, list_patterns
-    from .presets import PRESETS, get_preset
-    from .sdpa import SparseConfig
+    from ..integrations.presets import PRESETS, get_preset
+    from ..integrations.sdpa import SparseConfig
 
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"a configuration must be a non-empty string, got {label!r}.")
@@ -143,7 +143,7 @@ def evaluate(model, windows: Sequence[torch.Tensor], configs: Sequence[NamedConf
              name: str = "sparse_attn_quality", progress: Optional[Callable[[str], None]] = None) -> List[dict]:
     """One row per (configuration, window) plus a ``window="all"`` row per configuration (perplexity of the
     mean loss over the windows). The dense rows come first, with ``config="dense"``."""
-    from . import transformers as hf
+    from ..integrations import transformers as hf
 
     previous = model.config._attn_implementation
     rows, dense = [], []
@@ -225,7 +225,7 @@ def pareto(rows: Sequence[dict]) -> List[dict]:
 
 def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     """Perplexity change against density, one curve per pattern family, the Pareto front dashed."""
-    from ..bench.report import matplotlib_pyplot
+    from .report import matplotlib_pyplot
 
     plt = matplotlib_pyplot()
     pts = [r for r in rows if r["window"] == "all" and r["config"] != "dense"]
