@@ -152,7 +152,7 @@ def test_smollm2_generates_with_a_budget_and_reports_decode_perplexity(capsys):
     from _smollm2 import load_smollm2
 
     model, ids = load_smollm2()
-    prefix, tokens = 4096, 160
+    prefix, tokens = 4096, 96
     ids = ids[:, :prefix + tokens]
     model.set_attn_implementation("sdpa")
     start = hf.prefill(model, ids[:, :prefix])
