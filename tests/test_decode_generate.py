@@ -172,3 +172,20 @@ def test_smollm2_generates_with_a_budget_and_reports_decode_perplexity(capsys):
         print(f"\nSmolLM2-135M, {prefix} prefill + {tokens} decoded tokens: dense decode ppl {dense:.3f}, kinetics 1/8 "
               f"of the pages ppl {sparse:.3f} ({(sparse / dense - 1) * 100:+.2f}%)")
     assert sparse <= 1.05 * dense
+
+
+def test_decode_state_follows_a_growing_cache_and_starts_over_on_a_new_one():
+    from sparse_attn.decode import DecodeState
+
+    state, k = DecodeState(), torch.randn(2, 2, 300, 16)
+    for length in list(range(20, 60)) + [200, 201, 300]:  # one token at a time, then jumps
+        seq = torch.tensor([length, length - 3], dtype=torch.int32)
+        got = state.summaries(0, k[:, :, :length], seq, 16)
+        want = PageSummaries.from_cache(k[:, :, :length], seq, page_size=16)
+        n = want.mean.shape[2]
+        for name in ("mean", "kmin", "kmax"):
+            assert torch.equal(getattr(got, name)[:, :, :n], getattr(want, name)), (length, name)
+    other = torch.randn(2, 2, 100, 16)  # shorter: a new sequence
+    seq = torch.tensor([100, 100], dtype=torch.int32)
+    assert torch.equal(state.summaries(0, other, seq, 16).mean[:, :, :7],
+                       PageSummaries.from_cache(other, seq, page_size=16).mean)
