@@ -6,7 +6,8 @@ strides with ``tt.divisibility=16``; tests/_aot_sm90.py), for the shapes below a
 removes), without a GPU. Results are cached per Triton version and kernel source, so a rerun after a change
 compiles only what changed. A new kernel must enter ``tests/_aot_sm90.FAMILIES`` and this table.
 
-    python benchmarks/compile_table.py [--family block|stripe|scoring] [--jsonl out.jsonl] [--markdown out.md]
+    python benchmarks/compile_table.py [--family block|stripe|scoring] [--preferred] [--pruned]
+                                       [--jsonl out.jsonl] [--markdown out.md]
 
 Slow (about 300 compiles, 3-30 s each on one core, 600 with ``--pruned``); run it with ``nice`` in the background.
 """
@@ -70,6 +71,7 @@ def main(argv=None):
     ap.add_argument("--jsonl", type=pathlib.Path)
     ap.add_argument("--markdown", type=pathlib.Path)
     ap.add_argument("--pruned", action="store_true", help="compile the configs the pruner removes too (slow)")
+    ap.add_argument("--preferred", action="store_true", help="only the preferred configs (docs/kernels.md)")
     args = ap.parse_args(argv)
     families = args.family or list(aot.FAMILIES)
     import triton
@@ -80,6 +82,8 @@ def main(argv=None):
     print(HEADER, flush=True)
     print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
     for family, shape, kernel, w, s, role in variants(families, args.pruned):
+        if args.preferred and role != "preferred":
+            continue
         dtype, bm, bn, d, causal, group, preds = shape
         try:
             r = aot.compile_variant(family, shape, kernel, w, s)

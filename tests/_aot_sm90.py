@@ -147,9 +147,9 @@ def _stripe_family(dtype, block_m, block_n, head_dim, causal, group, predicates)
                   DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
     kernels = {
         "st_fwd": (fwd._stripe_sparse_fwd_kernel, dict(common, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                       TILE_N=tiles["tile_n"], TILE_C=tiles["tile_c"])),
+                                                       TILE_N=tiles["q_tile_n"], TILE_C=tiles["tile_c"])),
         "st_dq": (bwd._stripe_sparse_bwd_dq_kernel, dict(common, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         TILE_N=tiles["tile_n"], TILE_C=tiles["tile_c"])),
+                                                         TILE_N=tiles["q_tile_n"], TILE_C=tiles["tile_c"])),
     }
     for block_pass, col_pass, which in cfg.stripe_dkv_passes(t, pad):  # fused dK/dV, or a dK and a dV pass
         kernels[block_pass] = (bwd._stripe_sparse_bwd_dkv_block_kernel,

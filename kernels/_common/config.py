@@ -95,15 +95,19 @@ def stripe_dkv_passes(dtype: torch.dtype, head_dim_pad: int) -> tuple:
 
 
 def stripe_tiles(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Inner tiles of the stripe kernels: ``tile_n`` (block part), ``tile_c`` (gathered columns), ``sub_m``
-    (query slice of the key-major block pass), ``col_m`` (query tile of the column pass; 32 where its dK/dV run
-    as split passes, whose 64-row tiles spill); fp32 at head dims > 128 takes 32-row K/V tiles."""
+    """Inner tiles of the stripe kernels: ``q_tile_n`` (K/V rows per step of the query-major forward and dQ
+    block part), ``tile_n`` (key slice of one key-major dK/dV program), ``tile_c`` (gathered columns), ``sub_m``
+    (query slice of the key-major block pass), ``col_m`` (query tile of the column pass). Where dK/dV run as
+    split passes (fp16/bf16, D >= 128) the key-major pass steps 16 queries, the column pass 32, and 128-row
+    blocks step 32 keys in the forward/dQ (larger tiles spill registers, from sm_90 compiles); fp32 at
+    head dims > 128 takes 32-row K/V tiles (64 rows do not fit shared memory)."""
     wide = head_dim > 128 or dtype == torch.float32
     big = head_dim > 128 and dtype == torch.float32
-    sub_m = min(block_m, 32 if wide else 64)
     split = len(dkdv_passes(dtype, pow2_at_least(head_dim))) > 1
-    return dict(tile_n=min(block_n, 32 if big else 64), tile_c=32 if head_dim > 128 else 64, sub_m=sub_m,
-                col_m=32 if split else sub_m)
+    tile_n = min(block_n, 32 if big else 64)
+    sub_m = min(block_m, 16 if split else (32 if wide else 64))
+    return dict(q_tile_n=min(tile_n, 32) if split and block_m >= 128 else tile_n, tile_n=tile_n,
+                tile_c=32 if head_dim > 128 else 64, sub_m=sub_m, col_m=32 if split else sub_m)
 
 
 def _footprint(kernel, elem, block_m, block_n, pad, dtype):
@@ -125,8 +129,8 @@ def _footprint(kernel, elem, block_m, block_n, pad, dtype):
         n_acc = 2 if kernel == "dkdv" else 1
         return 2 * kt * row, 2 * block_m * row, block_m // tile, 2 * tile * row, n_acc * kt * tile, n_acc * kt
     tiles = stripe_tiles(block_m, block_n, pad, dtype)
-    n_sub = block_n // tiles["tile_n"]
-    wide = max(tiles["tile_n"], tiles["tile_c"])
+    n_sub = block_n // tiles["q_tile_n"]
+    wide = max(tiles["q_tile_n"], tiles["tile_c"])
     if kernel in ("st_fwd", "st_dq"):  # the block loop and the column loop reuse one set of buffers
         resident = (1 if kernel == "st_fwd" else 2) * block_m * row
         return resident, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, wide * row, block_m * wide, block_m

@@ -317,7 +317,7 @@ def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical
             *strides, dq.stride(0), dq.stride(1), dq.stride(2),
             n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1], mask_b_stride,
             qk_scale, scale),
-           dict(GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n,
+           dict(GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tiles["q_tile_n"],
                 TILE_C=tile_c, **common), q.dtype, block_m, block_n)
     # dK/dV: one fused pass, or a dK pass and a dV pass (fp16/bf16 at D >= 128, whose fused pass spills)
     passes = stripe_dkv_passes(q.dtype, head_dim_pad)

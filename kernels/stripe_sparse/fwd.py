@@ -205,7 +205,7 @@ def stripe_sparse_fwd(q, k, v, block_counts, block_indices, block_full, col_coun
             n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1],
             mask_heads if mask_batch > 1 else 0, scale * LOG2E),
            dict(GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=_mask_head_div(mask_heads, n_q_heads, n_kv_heads),
-                IS_CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tiles["tile_n"],
+                IS_CAUSAL=bool(causal), BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tiles["q_tile_n"],
                 TILE_C=tiles["tile_c"], HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
                 DOT_PRECISION=dot_precision(q.dtype)),
            q.dtype, block_m, block_n)
