@@ -107,3 +107,20 @@ def test_fp32_dot_precision_follows_pytorch():
     finally:
         matmul.fp32_precision = saved
     assert dot_precision(torch.float32) == ("tf32" if saved == "tf32" else "ieee")
+
+
+def test_autotune_pruner_keeps_the_candidates():
+    """The ``early_config_prune`` the autotuned launchers pass keeps exactly the fitting candidates, preferred one
+    included, from the arguments of a launch (the dK/dV pruner names its pass from ``PASS``)."""
+    import torch
+
+    from sparse_attn_kernels._common import config as cfg
+
+    configs = cfg.autotune_configs("fwd")
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kept = cfg.pruner("fwd")["early_config_prune"](configs, {"q_ptr": q}, BLOCK_M=128, BLOCK_N=128, HEAD_DIM_PAD=128)
+    assert [(c.num_warps, c.num_stages) for c in kept] == cfg.candidate_configs("fwd", torch.bfloat16, 128, 128, 128)
+    assert cfg.preferred_config("fwd", torch.bfloat16, 128, 128, 128) in [(c.num_warps, c.num_stages) for c in kept]
+    dkdv = cfg.pruner(lambda a: ("dkdv", "dk", "dv")[a["PASS"]])["early_config_prune"]
+    kept = dkdv(configs, {"q_ptr": q}, BLOCK_M=128, BLOCK_N=128, HEAD_DIM_PAD=128, PASS=1)
+    assert [(c.num_warps, c.num_stages) for c in kept] == cfg.candidate_configs("dk", torch.bfloat16, 128, 128, 128)
