@@ -65,8 +65,12 @@ def tile_keep(q_idx, k_idx, kv_start, kv_end, shift, left, right, q_seg, kv_seg_
         keep = keep & (q_seg == k_seg)
     if HAS_BITS:
         if slot >= 0:
-            col = k_idx - col0
-            word = tl.load(words_ptr + slot.to(tl.int64) * (BLOCK_M * WORDS) + (q_idx - row0) * WORDS + col // 32)
+            col = k_idx - col0  # the key's column in its mask block, k_idx's shape
+            # the row's WORDS words are loaded in q_idx's shape and selected per column: no per-pair gather
+            row_words = words_ptr + slot.to(tl.int64) * (BLOCK_M * WORDS) + (q_idx - row0) * WORDS
+            word = tl.zeros_like(keep.to(tl.int32))
+            for w in tl.static_range(WORDS):
+                word = tl.where(col // 32 == w, tl.load(row_words + w), word)
             keep = keep & (((word >> (col % 32)) & 1) != 0)
     return keep
 
