@@ -126,11 +126,22 @@ class Union(Pattern):
             full = whole if full is None else full | whole
         shape = torch.broadcast_shapes(keep.shape, full.shape)
 
-        def evaluate(b, h, qb, kb):
+        def tokens(b, h, qb, kb):
             out = exact[0].tile_tokens(b, h, qb, kb)
             for m in exact[1:]:
                 out = out | m.tile_tokens(b, h, qb, kb)
             return out
+
+        shared = all(m.counts.shape[:2] == (1, 1) and m.predicate_batch <= 1 for m in exact)
+        n_kb = keep.shape[-1]
+
+        def evaluate(b, h, qb, kb):
+            if not shared:
+                return tokens(b, h, qb, kb)
+            # exact members the same for every batch row and head: each tile position evaluated once
+            pos, inv = torch.unique(qb * n_kb + kb, return_inverse=True)
+            zero = torch.zeros_like(pos)
+            return tokens(zero, zero, pos // n_kb, pos % n_kb)[inv]
         return BlockSparseMask.from_tile_evaluator(evaluate, keep.expand(shape), self.block_pair,
                                                    (q.shape[2], k.shape[2]), full=full.expand(shape))
 
