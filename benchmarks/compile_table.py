@@ -14,6 +14,7 @@ Slow (about 300 compiles, 3-30 s each on one core, 600 with ``--pruned``); run i
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -21,7 +22,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-import _aot_sm90 as aot  # noqa: E402  (sets up the compile-only environment before triton is imported)
+os.environ["SPARSE_ATTN_AOT_PROCESS"] = "1"  # _aot_sm90 sets up the compile-only environment before triton loads
+import _aot_sm90 as aot  # noqa: E402
 
 # (dtype, block_m, block_n, head_dim, causal, group, predicates); fp16 compiles as bf16 does (one shape shows it);
 # "tf32": fp32 inputs with TF32 allowed; "fp32": exact fp32 products (PyTorch's default), preferred configs only

@@ -25,9 +25,12 @@ import pathlib
 import re
 import sys
 
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output: registers and spills
-os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a Triton cache hit would skip ptxas and its log; we cache results
+# the compiling process (this file run as a script, or a script that sets SPARSE_ATTN_AOT_PROCESS=1 before
+# importing it); a test process that imports this module keeps its environment (TRITON_INTERPRET=1)
+if __name__ == "__main__" or os.environ.get("SPARSE_ATTN_AOT_PROCESS") == "1":
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output: registers and spills
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a Triton cache hit would skip ptxas and its log; we cache results
 
 import torch  # noqa: E402
 import triton  # noqa: E402
