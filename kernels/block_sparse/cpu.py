@@ -294,13 +294,6 @@ def block_sparse_fwd_cpu(q, k, v, counts, indices, block_m, block_n, causal, sca
         kg, flat_idx = r.gather(kb, rows, r.part_idx, n, buf_k)
         vg, _ = r.gather(vb, rows, r.part_idx, n, buf_v)
         kg, vg, bad = _clean(kg, vg, bad_keys, flat_idx)
-        if r.diagonal_only and n == 1 and bad is None:  # one diagonal tile per row: top-left causal
-            qc = qr.index_select(0, rows).view(len(rows), r.g_u, block_m, -1)  # [C, G, bm, D]
-            kc, vc = (x.expand(len(rows), r.g_u, block_n, x.shape[-1]) for x in (kg, vg))  # [C, G, bn, D]
-            o_c, lse_c = flash(qc, kc, vc, is_causal=True, scale=scale)
-            o_c, lse_c = o_c.reshape(len(rows), -1, o_c.shape[-1]).to(acc), lse_c.reshape(len(rows), -1).to(acc)
-            _merge_or_store(o, lse, rows, o_c, lse_c, r.n_full)
-            continue
         if r.bits_only:
             add, empty = _bits_additive(r, rows, n, q.dtype, add_buf)
             keep = add[:, 0] == 0 if bad is not None else None
