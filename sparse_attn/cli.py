@@ -443,8 +443,9 @@ def _split_configs(text: str) -> List[str]:
 
 
 def cmd_quality(args) -> int:
-    from .bench.machine import machine_header
     from .bench import lm_quality as lq
+    from .bench.machine import machine_header
+    from .bench.report import write_csv, write_json
 
     try:
         configs = [lq.parse_config(c, min_seq_len=args.min_seq_len) for c in _split_configs(args.configs)]
@@ -472,14 +473,8 @@ def cmd_quality(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "quality.csv", "w", encoding="utf-8") as fh:
-            for k, v in header.items():
-                fh.write(f"# {k}: {v}\n")
-            fh.write(",".join(lq.COLUMNS) + "\n")
-            for r in rows:
-                fh.write(",".join(json.dumps(r.get(k)) if isinstance(r.get(k), str) else str(r.get(k))
-                                  for k in lq.COLUMNS) + "\n")
-        (out / "quality.json").write_text(json.dumps({"machine": header, "rows": rows}, indent=1), encoding="utf-8")
+        write_csv(out / "quality.csv", rows, header, lq.COLUMNS)
+        write_json(out / "quality.json", rows, header)
         if not args.no_plots:
             try:
                 lq.plot_pareto(rows, out / "pareto.png", title=f"{Path(args.model).name}, {text_path.name}, "

@@ -112,15 +112,15 @@ def header_lines(header: Dict[str, object]) -> List[str]:
     return [f"{k}: {header[k]}" for k in keys if k in header]
 
 
-def write_csv(path: Path, rows: Sequence[dict], header: dict) -> None:
-    """CSV with ``# key: value`` machine lines first (``pandas.read_csv(path, comment='#')`` reads it)."""
+def write_csv(path: Path, rows: Sequence[dict], header: dict, columns: Sequence[str] = COLUMNS) -> None:
+    """CSV of ``columns`` with ``# key: value`` machine lines first (``pandas.read_csv(path, comment='#')``)."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         for k, v in header.items():
             fh.write(f"# {k}: {v}\n")
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
 
 def write_json(path: Path, rows: Sequence[dict], header: dict, extra: Optional[dict] = None) -> None:
