@@ -10,7 +10,10 @@ so a group need not hold whole GQA groups) and puts the outputs back in head ord
 import torch
 
 from .mask import BlockSparseMask
+from .mask_kinds import register_mask_kind
+from .ops import sparse_attention
 from .permuted import PermutedMask
+from .quality import attention_quality, summarize
 from .routed import RoutedMask
 from .stripe_mask import StripeSparseMask
 
@@ -135,7 +138,6 @@ def head_groups_attention(q, k, v, mask: HeadGroupsMask, *, causal=False, scale=
         >>> head_groups_attention(q, k, v, m).shape
         torch.Size([1, 2, 64, 16])
     """
-    from .ops import sparse_attention
     if not isinstance(mask, HeadGroupsMask):
         raise TypeError(f"mask must be a HeadGroupsMask, got {type(mask).__name__}.")
     _check(mask, q, k)
@@ -158,7 +160,8 @@ def head_groups_attention(q, k, v, mask: HeadGroupsMask, *, causal=False, scale=
 
 def head_groups_quality(mask: HeadGroupsMask, q, k, v, *, causal=False, scale=None) -> dict:
     """:func:`~sparse_attn.attention_quality` per group, reassembled into ``[B, Hq]`` tensors."""
-    from .quality import attention_quality, summarize
+    if not isinstance(mask, HeadGroupsMask):
+        raise TypeError(f"mask must be a HeadGroupsMask, got {type(mask).__name__}.")
     _check(mask, q, k)
     out = {}
     for heads, m in mask.groups:
@@ -169,3 +172,6 @@ def head_groups_quality(mask: HeadGroupsMask, q, k, v, *, causal=False, scale=No
                 out[key] = torch.zeros(q.shape[0], mask.n_heads, dtype=torch.float64, device=q.device)
             out[key][:, heads.to(q.device)] = qual[key].to(q.device)
     return summarize(out["recall"], out["error"], out["density"])
+
+
+register_mask_kind(HeadGroupsMask, attend=head_groups_attention, quality=head_groups_quality)

@@ -11,9 +11,7 @@ from ._checks import check_bool, check_mask_fits, check_qkv, check_scale, empty_
 from .mask import BlockSparseMask
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
-from .permuted import PermutedMask, permuted_attention
-from .routed import RoutedMask, routed_attention
-from .head_groups import HeadGroupsMask, head_groups_attention
+from .mask_kinds import mask_kind
 
 DENSE_BLOCK = 64
 
@@ -35,9 +33,10 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA without repeating K/V).
         mask: :class:`BlockSparseMask` for ``(Lq, Lk)`` (tiles plus its token predicates: band, padding
             ranges, segments, bit masks), or None for dense attention;
-            a :class:`StripeSparseMask` goes to :func:`stripe_attention` and a :class:`PermutedMask`
-            (non-causal) to :func:`permuted_attention`, a :class:`~sparse_attn.RoutedMask` to
-            :func:`~sparse_attn.routed_attention`, a :class:`~sparse_attn.head_groups.HeadGroupsMask` to
+            a :class:`StripeSparseMask` goes to :func:`stripe_attention`, and a composite mask registered
+            in :mod:`sparse_attn.mask_kinds` to its own attend function: :class:`~sparse_attn.PermutedMask`
+            (non-causal) to :func:`~sparse_attn.permuted_attention`, :class:`~sparse_attn.RoutedMask` to
+            :func:`~sparse_attn.routed_attention`, :class:`~sparse_attn.head_groups.HeadGroupsMask` to
             :func:`~sparse_attn.head_groups.head_groups_attention`.
         causal: AND the bottom-right causal predicate ``j <= i + (Lk - Lq)`` into the mask.
         window: ``(left, right)`` sliding window ANDed in (FlashAttention's ``window_size``: key ``j`` seen by
@@ -64,16 +63,10 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
     if isinstance(mask, StripeSparseMask):
         _no_window(window, "StripeSparseMask")
         return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
-    if isinstance(mask, PermutedMask):
-        _no_window(window, "PermutedMask")
-        return permuted_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
-    if isinstance(mask, RoutedMask):
-        _no_window(window, "RoutedMask")
-        return routed_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
-    if isinstance(mask, HeadGroupsMask):
-        _no_window(window, "HeadGroupsMask")
-        return head_groups_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse,
-                                     backend=backend)
+    kind = mask_kind(mask)
+    if kind is not None:  # a composite mask runs itself, calling back down here for its inner masks
+        _no_window(window, type(mask).__name__)
+        return kind.attend(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     check_qkv(q, k, v, backend)
     if mask is not None:
         _check_mask(mask, q, k)

@@ -13,6 +13,9 @@ import torch
 
 from ._checks import check_index_mask_inputs
 from .mask import BlockSparseMask
+from .mask_kinds import register_mask_kind
+from .ops import sparse_attention
+from .quality import attention_quality
 
 
 def _check_perm(perm, name, length):
@@ -118,7 +121,6 @@ class PermutedMask:
     def quality(self, q, k, v, *, scale=None) -> dict:
         """:func:`~sparse_attn.attention_quality` of this mask (computed in the permuted order, where the
         inner mask is block-sparse; recall, error and density are permutation invariant)."""
-        from .quality import attention_quality
         qp, kp, vp = _gather_qkv(self, q, k, v)
         return attention_quality(qp, kp, vp, self.inner, causal=False, scale=scale)
 
@@ -159,7 +161,6 @@ def permuted_attention(q, k, v, mask: PermutedMask, *, causal=False, scale=None,
         >>> permuted_attention(q, k, v, m).shape
         torch.Size([1, 2, 4, 16])
     """
-    from .ops import sparse_attention
     if not isinstance(mask, PermutedMask):
         raise TypeError(f"mask must be a PermutedMask, got {type(mask).__name__}.")
     if causal:
@@ -177,3 +178,15 @@ def permuted_attention(q, k, v, mask: PermutedMask, *, causal=False, scale=None,
         o, lse = out
         return o.take_along_dim(inv[..., None], dim=2), lse.take_along_dim(inv, dim=2)
     return out.take_along_dim(inv[..., None], dim=2)
+
+
+def permuted_quality(mask: PermutedMask, q, k, v, *, causal=False, scale=None) -> dict:
+    """:func:`~sparse_attn.attention_quality` under a :class:`PermutedMask` (:meth:`PermutedMask.quality`);
+    ``causal=True`` raises ValueError."""
+    if causal:
+        raise ValueError("causal=True is not supported with a PermutedMask (causality is defined in the "
+                         "original token order); got causal=True.")
+    return mask.quality(q, k, v, scale=scale)
+
+
+register_mask_kind(PermutedMask, attend=permuted_attention, quality=permuted_quality)

@@ -8,9 +8,7 @@ import math
 import torch
 
 from .mask import BlockSparseMask
-from .permuted import PermutedMask
-from .routed import RoutedMask
-from .head_groups import HeadGroupsMask, head_groups_quality
+from .mask_kinds import mask_kind
 
 # Upper bound, in bytes, of one chunk of float32 scores [B, Hq, rows, Lk].
 CHUNK_BYTES = 128 * 1024 * 1024
@@ -42,8 +40,9 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
-        mask: BlockSparseMask, StripeSparseMask, PermutedMask (non-causal only), RoutedMask, HeadGroupsMask
-            or None (dense).
+        mask: BlockSparseMask, StripeSparseMask or None (dense), or a composite mask registered in
+            :mod:`sparse_attn.mask_kinds` (PermutedMask (non-causal only), RoutedMask, HeadGroupsMask), which
+            reports through its own quality function.
         causal: bottom-right causal attention (both dense and sparse).
         scale: softmax scale (default ``1/sqrt(D)``).
 
@@ -57,15 +56,9 @@ def attention_quality(q, k, v, mask, *, causal=False, scale=None, chunk_bytes=CH
         >>> round(attention_quality(q, k, v, None)["recall_mean"], 6)
         1.0
     """
-    if isinstance(mask, PermutedMask):
-        if causal:
-            raise ValueError("causal=True is not supported with a PermutedMask (causality is defined in the "
-                             "original token order); got causal=True.")
-        return mask.quality(q, k, v, scale=scale)
-    if isinstance(mask, RoutedMask):
-        return mask.quality(q, k, v, causal=causal, scale=scale)
-    if isinstance(mask, HeadGroupsMask):
-        return head_groups_quality(mask, q, k, v, causal=causal, scale=scale)
+    kind = mask_kind(mask)
+    if kind is not None:  # a composite mask grades itself, calling back down here for its inner masks
+        return kind.quality(mask, q, k, v, causal=causal, scale=scale)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a [B, H, L, D] tensor, got {getattr(x, 'shape', type(x).__name__)}.")
