@@ -35,6 +35,10 @@ TABLE_SHAPES = {
     "stripe": [(dt, 64, 64, d, True, 1, False) for dt in ("bf16", "tf32") for d in (128, 64, 256)]
               + [("bf16", 128, 128, 128, True, 1, False), ("fp16", 64, 64, 128, True, 1, False)] + _IEEE,
     "scoring": [(dt, 64, 64, d, True, 1, False) for dt in ("bf16", "tf32") for d in (128, 64, 256)] + _IEEE[1:],
+    # decode: block = packed query rows (GQA x Lq) x page size
+    "decode": [(dt, 16, 64, d, False, 4, False) for dt in ("bf16", "tf32") for d in (128, 64, 256)]
+              + [("bf16", 64, 256, 128, True, 4, False), ("fp16", 16, 16, 128, False, 1, False),
+                 ("fp32", 16, 64, 128, False, 4, False)],
 }
 
 

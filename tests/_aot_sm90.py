@@ -53,6 +53,10 @@ _I8 = ("bfull_ptr", "diag_ptr", "vert_ptr")
 
 def _pointer_type(kernel, name, dtype):
     dtype = "fp32" if dtype == "tf32" else dtype
+    if kernel.startswith("decode"):  # fp32 split partials; lengths, page lists and the block table in int32
+        if name in ("o_ptr", "lse_ptr"):
+            return "*fp32"
+        return "*i32" if name in ("seqlens_ptr", "counts_ptr", "pages_ptr", "table_ptr") else "*" + dtype
     if kernel.startswith("st_") and name in _I8:
         return "*i8"
     if kernel.startswith("st_dkv") and name in ("dk_ptr", "dv_ptr"):
@@ -66,6 +70,12 @@ def _pointer_type(kernel, name, dtype):
     if name in _F32:
         return "*fp32"
     return "*" + dtype
+
+
+# strides that are no multiple of 16 in a typical launch (the JIT specializes only those that are): the decode
+# kernel's LSE partials [B, Hkv, S, GROUP * Lq], page counts [B, Hkv], page lists and the block table
+_ODD_STRIDES = {"decode": ("stride_lb", "stride_lh", "stride_ls", "stride_cb", "stride_ch", "stride_pb", "stride_ph",
+                           "stride_tb")}
 
 
 def signature(kernel, fn, dtype, constexprs):
@@ -82,7 +92,7 @@ def signature(kernel, fn, dtype, constexprs):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name.startswith("stride_"):
+            if name.startswith("stride_") and name not in _ODD_STRIDES.get(kernel.split("_")[0], ()):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
 
@@ -128,7 +138,7 @@ def _block_family(dtype, block_m, block_n, head_dim, causal, group, predicates):
                   DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
     tile_n = cfg.inner_tile(block_n, pad, t)
     kernels = {
-        "fwd": (fwd._block_sparse_fwd_kernel, dict(common, TILE_N=tile_n)),
+        "fwd": (fwd._block_sparse_fwd_kernel, dict(common, TILE_N=cfg.fwd_tile(block_m, block_n, pad, t))),
         "dq": (bwd._block_sparse_bwd_dq_kernel, dict(common, TILE_N=tile_n)),
     }
     for name, which in cfg.dkdv_passes(t, pad):  # one fused dK/dV pass, or a dK pass and a dV pass
@@ -152,7 +162,7 @@ def _stripe_family(dtype, block_m, block_n, head_dim, causal, group, predicates)
         "st_fwd": (fwd._stripe_sparse_fwd_kernel, dict(common, BLOCK_M=block_m, BLOCK_N=block_n,
                                                        TILE_N=tiles["q_tile_n"], TILE_C=tiles["tile_c"])),
         "st_dq": (bwd._stripe_sparse_bwd_dq_kernel, dict(common, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                         TILE_N=tiles["q_tile_n"], TILE_C=tiles["tile_c"])),
+                                                         TILE_N=tiles["q_tile_n"], TILE_C=tiles["dq_tile_c"])),
     }
     for block_pass, col_pass, which in cfg.stripe_dkv_passes(t, pad):  # fused dK/dV, or a dK and a dV pass
         kernels[block_pass] = (bwd._stripe_sparse_bwd_dkv_block_kernel,
@@ -187,22 +197,47 @@ def _scoring_family(dtype, block_m, block_n, head_dim, causal, group, predicates
     }
 
 
-FAMILIES = {"block": _block_family, "stripe": _stripe_family, "scoring": _scoring_family}
+def _decode_family(dtype, block_m, block_n, head_dim, causal, group, predicates):
+    """The decode kernel over a contiguous and a paged cache: ``block_m`` packed query rows (GROUP x Lq),
+    ``block_n`` the page size."""
+    from sparse_attn_kernels.decode import fwd
+
+    t = DTYPES[dtype]
+    pad = cfg.pow2_at_least(head_dim)
+    common = dict(GROUP=group, CAUSAL=causal, PAGE=block_n, TILE=fwd.page_tile(block_n, pad, t), BLOCK_M=block_m,
+                  HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
+    return {"decode": (fwd._decode_fwd_kernel, dict(common, PAGED=False)),
+            "decode_paged": (fwd._decode_fwd_kernel, dict(common, PAGED=True))}
+
+
+FAMILIES = {"block": _block_family, "stripe": _stripe_family, "scoring": _scoring_family, "decode": _decode_family}
 
 
 # the (dtype, block_m, block_n) a scoring launcher passes to the config functions (kernels/scoring/*.py)
 _SCORING_SHAPE = {"lse": lambda t, bm, bn: (t, 64, 64), "vertical_slash": lambda t, bm, bn: (t, 64, 64),
                   "pool": lambda t, bm, bn: (t, bn, bn), "pooled_scores": lambda t, bm, bn: (torch.float32, 16, 32),
                   "kmeans": lambda t, bm, bn: (torch.float32, 64, 32)}
+_DECODE = ("decode", "decode_paged")
+
+
+def _config_name(kernel):
+    """The name of ``kernel`` in kernels/_common/config.py (both decode variants are one kernel)."""
+    return "decode" if kernel in _DECODE else kernel
+
+
+def _config_shape(kernel, t, block_m, block_n, pad):
+    """(dtype, block_m, block_n) that the launcher passes to the config functions."""
+    if kernel in _SCORING_SHAPE:
+        return _SCORING_SHAPE[kernel](t, block_m, block_n)
+    return t, block_m, block_n
 
 
 def launch_configs(kernel, dtype, block_m, block_n, head_dim):
     """``[(num_warps, num_stages, role)]``: what the launcher and the autotuner can choose for this shape, the
     preferred config first (role "preferred", then "candidate"), then the pruned ones (role "pruned")."""
-    t = DTYPES[dtype]
     pad = cfg.pow2_at_least(head_dim)
-    if kernel in _SCORING_SHAPE:
-        t, block_m, block_n = _SCORING_SHAPE[kernel](t, block_m, block_n)
+    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n, pad)
+    kernel = _config_name(kernel)
     if not cfg.fits(kernel, t, block_m, block_n, pad):
         return [(w, s, "pruned") for w, s in cfg.CONFIG_SPACE]  # the launcher refuses the shape
     pref = cfg.preferred_config(kernel, t, block_m, block_n, pad)
@@ -221,12 +256,15 @@ CI_SHAPES = {
               ("bf16", 64, 64, 256, True, 1, False)],
     "stripe": [("bf16", 64, 64, 128, True, 4, False), ("tf32", 64, 64, 128, True, 1, False)],
     "scoring": [("bf16", 64, 64, 128, True, 4, False), ("tf32", 64, 64, 128, True, 1, False)],
+    # decode: block_m = packed query rows (GQA 4 x Lq 1 -> 16), block_n = page size; Lq 16 with GQA 4 -> 64 rows
+    "decode": [("bf16", 16, 64, 128, False, 4, False), ("fp16", 64, 256, 128, True, 4, False),
+               ("tf32", 16, 64, 128, False, 4, False), ("bf16", 16, 16, 256, False, 8, False)],
 }
 # the kernels whose largest candidate CI compiles too (the rest: the preferred config; all: compile_table.py)
-CI_LARGEST = {"fwd", "dq", "st_fwd"}
+CI_LARGEST = {"fwd", "dq", "st_fwd", "decode"}
 
 
-AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq"}  # the others launch their preferred config only
+AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "decode", "decode_paged"}  # the others launch their preferred config only
 
 
 def ci_variants(family, quick=False):
@@ -250,10 +288,9 @@ def ci_variants(family, quick=False):
 
 def estimate(kernel, dtype, block_m, block_n, head_dim, num_stages, num_warps):
     """The pruner's shared-memory estimate (bytes) for a variant, with the shape its launcher passes."""
-    t = DTYPES[dtype]
-    if kernel in _SCORING_SHAPE:
-        t, block_m, block_n = _SCORING_SHAPE[kernel](t, block_m, block_n)
-    return cfg.smem_estimate(kernel, t, block_m, block_n, cfg.pow2_at_least(head_dim), num_stages, num_warps)
+    pad = cfg.pow2_at_least(head_dim)
+    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n, pad)
+    return cfg.smem_estimate(_config_name(kernel), t, block_m, block_n, pad, num_stages, num_warps)
 
 
 def compile_variant(family, shape, kernel, num_warps, num_stages):

@@ -47,6 +47,8 @@ CASES = [
     pytest.param(torch.float16, 2, 2, 2, 17, 1, 128, (16, 16), 1.0, False, 2, id="lk1-d128"),
     pytest.param(torch.float32, 1, 1, 1, 1, 33, 160, (16, 32), 1.0, True, 1, id="lq1-d160"),
     pytest.param(torch.float16, 1, 2, 1, 100, 130, 256, (64, 128), 0.6, False, 1, id="block128-d256"),
+    # 128-row blocks at D = 128 in fp16: 32-row K/V steps (config.fwd_tile)
+    pytest.param(torch.float16, 1, 4, 1, 200, 260, 128, (128, 128), 0.6, True, 1, id="block128x128-d128-gqa4"),
     pytest.param(torch.float32, 1, 2, 2, 64, 64, 32, (32, 32), 0.0, False, 2, id="empty-mask"),
     pytest.param(torch.float16, 1, 2, 2, 150, 150, 48, (32, 32), 0.05, True, 2, id="sparse5pct-d48"),
 ]

@@ -17,6 +17,8 @@ BWD_CASES = [  # batch, Hq, Hkv, Hm, Bm, Lq, Lk, D, block_size, causal, dtype
     pytest.param(1, 4, 1, 1, 1, 150, 113, 32, (64, 32), True, torch.float32, id="mqa-causal-lq>lk"),
     pytest.param(1, 4, 2, 4, 1, 70, 70, 16, 16, True, torch.float32, id="gqa-mask-per-qhead"),
     pytest.param(1, 1, 1, 1, 1, 70, 200, 48, (32, 128), True, torch.float16, id="bn128-subtiles"),
+    # fp16 64-row blocks at D = 128: the dQ kernel gathers 32 columns per step (config.stripe_tiles)
+    pytest.param(1, 4, 1, 1, 1, 130, 150, 128, 64, True, torch.float16, id="fp16-d128-b64-dq-narrow-columns"),
 ]
 
 

@@ -71,6 +71,16 @@ def inner_tile(block: int, head_dim_pad: int, dtype: torch.dtype) -> int:
     return min(block, tile)
 
 
+def fwd_tile(block_m: int, block_n: int, head_dim_pad: int, dtype: torch.dtype) -> int:
+    """K/V rows per step of the block-sparse forward: :func:`inner_tile`, but 32 for 128-row query blocks at
+    fp16/bf16 with head dims padded to >= 128, where 64-row steps spill registers under Triton 3.6 (block fwd bf16
+    128x128 D=128 at 8 warps, 2 stages: 208 B per thread at 64 rows, 0 B at 32; sm_90 compiles)."""
+    tile = inner_tile(block_n, head_dim_pad, dtype)
+    if block_m >= 128 and head_dim_pad >= 128 and dtype != torch.float32:
+        tile = min(tile, 32)
+    return tile
+
+
 def key_tile(block_n: int, head_dim_pad: int, dtype: torch.dtype) -> int:
     """Key rows of one block-sparse dK/dV program (a mask key block runs as ``block_n // key_tile`` programs):
     the fp32 dK and dV accumulators ``[key_tile, D]`` must fit the registers of 8 warps (64 rows at D >= 128),
@@ -106,8 +116,17 @@ def stripe_tiles(block_m: int, block_n: int, head_dim: int, dtype: torch.dtype) 
     split = len(dkdv_passes(dtype, pow2_at_least(head_dim))) > 1
     tile_n = min(block_n, 32 if big else 64)
     sub_m = min(block_m, 16 if split else (32 if wide else 64))
-    return dict(q_tile_n=min(tile_n, 32) if split and block_m >= 128 else tile_n, tile_n=tile_n,
-                tile_c=32 if head_dim > 128 else 64, sub_m=sub_m, col_m=32 if split else sub_m)
+    tile_c = 32 if head_dim > 128 else 64
+    return dict(q_tile_n=min(tile_n, 32) if split and block_m >= 128 else tile_n, tile_n=tile_n, tile_c=tile_c,
+                dq_tile_c=32 if _narrow_stripe_dq(dtype, block_m, pow2_at_least(head_dim)) else tile_c,
+                sub_m=sub_m, col_m=32 if split else sub_m)
+
+
+def _narrow_stripe_dq(dtype, block_m, head_dim_pad):
+    """The stripe dQ kernel at fp16/bf16, 64-row blocks, head dims padded to 128 runs 32-column gathers at 4
+    warps: at 64 columns and 8 warps it spills 100 B per thread under Triton 3.6 (4 warps, 32 columns: 52 B under
+    3.6, 0 B under 3.9; sm_90 compiles, bf16 64x64 GQA 4, 2 stages)."""
+    return dtype != torch.float32 and block_m == 64 and head_dim_pad == 128
 
 
 def _footprint(kernel, elem, block_m, block_n, pad, dtype):
@@ -121,7 +140,7 @@ def _footprint(kernel, elem, block_m, block_n, pad, dtype):
     """
     row = pad * elem  # one row of an operand tile
     if kernel in ("fwd", "dq"):
-        tile = inner_tile(block_n, pad, dtype)
+        tile = fwd_tile(block_m, block_n, pad, dtype) if kernel == "fwd" else inner_tile(block_n, pad, dtype)
         resident = (1 if kernel == "fwd" else 2) * block_m * row
         return resident, 2 * block_n * row, block_n // tile, tile * row, block_m * tile, block_m
     if kernel in ("dkdv", "dk", "dv"):
@@ -133,7 +152,9 @@ def _footprint(kernel, elem, block_m, block_n, pad, dtype):
     wide = max(tiles["q_tile_n"], tiles["tile_c"])
     if kernel in ("st_fwd", "st_dq"):  # the block loop and the column loop reuse one set of buffers
         resident = (1 if kernel == "st_fwd" else 2) * block_m * row
-        return resident, 2 * max(block_n, tiles["tile_c"]) * row, n_sub, wide * row, block_m * wide, block_m
+        tile_c = tiles["tile_c" if kernel == "st_fwd" else "dq_tile_c"]
+        wide = max(tiles["q_tile_n"], tile_c)
+        return resident, 2 * max(block_n, tile_c) * row, n_sub, wide * row, block_m * wide, block_m
     n_acc = 1 if kernel in ("st_dk_block", "st_dv_block", "st_dk_col", "st_dv_col") else 2
     if kernel in ("st_dkv_block", "st_dk_block", "st_dv_block"):
         tn, sm = tiles["tile_n"], tiles["sub_m"]
@@ -141,6 +162,9 @@ def _footprint(kernel, elem, block_m, block_n, pad, dtype):
     if kernel in ("st_dkv_col", "st_dk_col", "st_dv_col"):
         tc, cm = tiles["tile_c"], tiles["col_m"]
         return 2 * tc * row, 2 * cm * row, 1, 2 * cm * row, n_acc * tc * cm, n_acc * tc
+    if kernel == "decode":  # block_n: the page size, read in flat steps of inner_tile keys
+        tile = inner_tile(block_n, pad, dtype)
+        return block_m * row, 2 * tile * row, 1, tile * row, block_m * tile, block_m
     if kernel == "lse":
         return 64 * row, 64 * row, 1, 0, 0, 0
     if kernel == "mass":
@@ -206,6 +230,8 @@ def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int
                          f"at dtype {dtype}, block size ({block_m}, {block_n}), head dim {head_dim_pad} "
                          f"(needs {smem_estimate(kernel, dtype, block_m, block_n, head_dim_pad, 1, 4)} B unpipelined).")
     wide = _acc_regs(kernel, dtype, block_m, block_n, head_dim_pad, 4) >= _ACC_REGS_PER_THREAD // 2
+    if kernel == "st_dq" and _narrow_stripe_dq(dtype, block_m, head_dim_pad):
+        wide = False  # 4 warps, 32-column gathers (stripe_tiles)
     order = ((8, 2), (8, 1), (4, 2), (4, 1)) if wide else ((4, 2), (8, 2), (4, 1), (8, 1))
     for pref in order:
         if pref in cands:

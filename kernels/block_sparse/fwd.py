@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.config import autotune_configs, check_fits, dot_precision, inner_tile, launch, pow2_at_least, pruner
+from .._common.config import autotune_configs, check_fits, dot_precision, fwd_tile, launch, pow2_at_least, pruner
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
 from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
                                 visible_keys, visible_span)
@@ -209,7 +209,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
     meta = dict(
         GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
         HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None, VARLEN=cu is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=inner_tile(block_n, head_dim_pad, q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=fwd_tile(block_m, block_n, head_dim_pad, q.dtype),
         WORDS=words_per_row(block_n), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         DOT_PRECISION=dot_precision(q.dtype),
     )

@@ -14,13 +14,12 @@ and pages outside the list are never read; with ``causal``, query ``i`` of ``Lq`
 ``j <= seqlen - Lq + i`` (bottom-right).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .._common.config import dot_precision, interpreting, pow2_at_least
+from .._common.config import (autotune_configs, check_fits, dot_precision, inner_tile, launch, pow2_at_least,
+                              pruner)
 from .._common.tile_jit import finite_rows
 from .merge import merge_splits
 
@@ -69,8 +68,11 @@ def _decode_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     bad = tl.zeros([BLOCK_M], dtype=tl.int32)  # rows that kept a non-finite value
-    for it in range(lo, hi):
-        page = tl.load(page_row + it).to(tl.int64)
+    # one step per TILE keys of a page (a page of any size in bounded shared memory; a flat loop, so the loads of
+    # the next step are pipelined and no unrolled sub-tiles hold registers)
+    for it in range(lo * (PAGE // TILE), hi * (PAGE // TILE)):
+        page = tl.load(page_row + it // (PAGE // TILE)).to(tl.int64)
+        offs_p = (it % (PAGE // TILE)) * TILE + offs_t  # [TILE] key offsets inside the page
         if PAGED:
             phys = tl.load(table_ptr + b * stride_tb + page).to(tl.int64)
             k_page = k_ptr + phys * stride_kb + h_kv * stride_kh  # first key of the page
@@ -78,31 +80,29 @@ def _decode_fwd_kernel(
         else:
             k_page = k_ptr + b * stride_kb + h_kv * stride_kh + page * PAGE * stride_kn
             v_page = v_ptr + b * stride_vb + h_kv * stride_vh + page * PAGE * stride_vn
-        for sub in tl.static_range(PAGE // TILE):  # a page in tiles of TILE keys (bounded shared memory)
-            offs_p = sub * TILE + offs_t  # [TILE] key offsets inside the page
-            tok = page * PAGE + offs_p  # [TILE] logical key positions
-            tok_ok = tok < seqlen
-            kv_mask = tok_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_page + offs_p[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
-            v = tl.load(v_page + offs_p[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
-            # -- compute qk (log2 domain) ----
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
-            keep = row_ok[:, None] & tok_ok[None, :]  # [BLOCK_M, TILE]
-            if CAUSAL:
-                keep = keep & (tok[None, :] <= last_key[:, None])
-            qk = tl.where(keep, qk, float("-inf"))
-            # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
-            v_ok = finite_rows(v)  # [TILE]
-            bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-            v = tl.where(v_ok[:, None] != 0, v, 0.0)
-            # -- online softmax; rows that have seen nothing keep m = -inf ----
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE]
-            alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-            m_i = m_new
+        tok = page * PAGE + offs_p  # [TILE] logical key positions
+        tok_ok = tok < seqlen
+        kv_mask = tok_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_page + offs_p[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
+        v = tl.load(v_page + offs_p[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
+        # -- compute qk (log2 domain) ----
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE]
+        keep = row_ok[:, None] & tok_ok[None, :]  # [BLOCK_M, TILE]
+        if CAUSAL:
+            keep = keep & (tok[None, :] <= last_key[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+        # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
+        v_ok = finite_rows(v)  # [TILE]
+        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
+        v = tl.where(v_ok[:, None] != 0, v, 0.0)
+        # -- online softmax; rows that have seen nothing keep m = -inf ----
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE]
+        alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
+        m_i = m_new
 
     # -- epilogue: a split that saw no key gives o = 0, lse = -inf; a NaN row keeps NaN ----
     empty = l_i == 0.0
@@ -116,15 +116,10 @@ def _decode_fwd_kernel(
     tl.store(lse_ptr + b * stride_lb + h_kv * stride_lh + split * stride_ls + offs_r, lse, mask=row_ok)
 
 
-def _configs():
-    """num_warps/num_stages candidates (one under the interpreter or ``SPARSE_ATTN_NO_AUTOTUNE=1``)."""
-    if interpreting() or os.environ.get("SPARSE_ATTN_NO_AUTOTUNE", "0") == "1":
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (2, 4, 8) for s in (1, 2, 3)]
-
-
 _autotuned_kernel = triton.autotune(
-    configs=_configs(), key=["GROUP", "PAGED", "CAUSAL", "PAGE", "TILE", "BLOCK_M", "HEAD_DIM_PAD", "DOT_PRECISION"],
+    configs=autotune_configs("decode"), key=["GROUP", "PAGED", "CAUSAL", "PAGE", "TILE", "BLOCK_M", "HEAD_DIM_PAD",
+                                            "DOT_PRECISION"],
+    prune_configs_by=pruner("decode", block_n_arg="PAGE"),
 )(_decode_fwd_kernel)
 
 
@@ -134,9 +129,9 @@ def row_tile(n_rows):
 
 
 def page_tile(page_size, head_dim_pad, dtype):
-    """Keys per step inside a page: up to 64 (32 for fp32 with head dims padded to 256), so that a page of
-    any size keeps the K/V tiles within the shared memory of an H100/H200."""
-    return min(page_size, 32 if (dtype == torch.float32 and head_dim_pad >= 256) else 64)
+    """Keys per step inside a page (:func:`~.._common.config.inner_tile`: up to 64, 32 for fp32 with head dims
+    padded to 256), so that a page of any size keeps the K/V tiles within the shared memory of an H100/H200."""
+    return inner_tile(page_size, head_dim_pad, dtype)
 
 
 def default_splits(width, batch, n_kv_heads, n_rows, device):
@@ -190,16 +185,19 @@ def decode_fwd(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal,
     else:
         ks, vs = k_cache.stride()[:3], v_cache.stride()[:3]
         table = seqlens  # unused
+    head_dim_pad = pow2_at_least(head_dim, 16)
+    tile = page_tile(page_size, head_dim_pad, q.dtype)
+    check_fits("decode", q, block_m, page_size, head_dim_pad)
     grid = (batch * n_kv_heads * n_tiles * splits,)
-    _autotuned_kernel[grid](
+    args = (
         q, k_cache, v_cache, o_part, lse_part, seqlens, counts, pages, table,
         *q.stride()[:3], *ks, *vs, *o_part.stride()[:4], *lse_part.stride()[:3],
         counts.stride(0), counts.stride(1), pages.stride(0), pages.stride(1), table.stride(0) if paged else 0,
         n_kv_heads, q_len, n_rows, splits, scale * LOG2E,
-        GROUP=group, PAGED=paged, CAUSAL=bool(causal) and q_len > 1, PAGE=page_size,
-        TILE=page_tile(page_size, pow2_at_least(head_dim, 16), q.dtype), BLOCK_M=block_m,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=pow2_at_least(head_dim, 16), DOT_PRECISION=dot_precision(q.dtype),
     )
+    meta = dict(GROUP=group, PAGED=paged, CAUSAL=bool(causal) and q_len > 1, PAGE=page_size, TILE=tile,
+                BLOCK_M=block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=dot_precision(q.dtype))
+    launch(_autotuned_kernel, _decode_fwd_kernel, "decode", grid, args, meta, q.dtype, block_m, page_size)
     o, lse = merge_splits(o_part, lse_part)  # [B, Hkv, R, D], [B, Hkv, R]
     o = o.view(batch, n_kv_heads, group, q_len, head_dim).reshape(batch, n_q_heads, q_len, head_dim)
     return o.to(q.dtype), lse.view(batch, n_q_heads, q_len)

@@ -318,7 +318,7 @@ def stripe_sparse_bwd(do, q, k, v, o, lse, lowered, kv_major, vertical, vertical
             n_q_heads, q_len, kv_len, n_q_blocks, block_indices.shape[-1], col_indices.shape[-1], mask_b_stride,
             qk_scale, scale),
            dict(GROUP=group, MASK_HEAD_DIV=head_div, BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tiles["q_tile_n"],
-                TILE_C=tile_c, **common), q.dtype, block_m, block_n)
+                TILE_C=tiles["dq_tile_c"], **common), q.dtype, block_m, block_n)
     # dK/dV: one fused pass, or a dK pass and a dV pass (fp16/bf16 at D >= 128, whose fused pass spills)
     passes = stripe_dkv_passes(q.dtype, head_dim_pad)
     for block_pass, _, which in passes:
