@@ -54,6 +54,9 @@ CASES = [  # B, Hq, Hkv, Lq, D, L (cache), seqlens, page size, density
     pytest.param(2, 2, 2, 16, 16, 70, (70, 16), 16, 1.0, id="mha-lq16-all-pages"),
     pytest.param(1, 8, 2, 3, 80, 200, (197,), 16, 0.3, id="d80-lq3"),
     pytest.param(2, 2, 1, 2, 16, 300, (290, 129), 128, 0.7, id="page128-subtiles"),
+    # caches of whole pages: the CPU path copies pages, not key rows
+    pytest.param(2, 4, 2, 1, 32, 128, (128, 45), 16, 0.4, id="whole-pages-ragged"),
+    pytest.param(1, 4, 2, 4, 32, 192, (190,), 32, 0.5, id="whole-pages-lq4-causal"),
 ]
 
 

@@ -29,6 +29,12 @@ def _gather(cache, block_table, b_idx, h_idx, pg, page_size):
     """
     offs = torch.arange(page_size, device=cache.device)
     rows = _rows(cache)
+    if block_table is None and rows is not None and cache.shape[2] % page_size == 0:
+        # whole pages are contiguous [P * D] runs: copy them as such (far fewer, longer copies than key rows)
+        n_pages = cache.shape[2] // page_size
+        flat = (b_idx * cache.shape[1] + h_idx)[:, None] * n_pages + pg.clamp(max=n_pages - 1)  # [n, W]
+        page_rows = cache.view(-1, page_size * cache.shape[-1])
+        return page_rows.index_select(0, flat.flatten()).view(flat.shape[0], -1, cache.shape[-1])
     if block_table is None:  # [B, Hkv, Lmax, D]
         n_tok = cache.shape[2]
         tok = (pg[:, :, None] * page_size + offs).clamp(max=n_tok - 1).flatten(1)  # [n, W*P]
