@@ -70,6 +70,55 @@ def _zero_nonfinite(v, fix, keep):
     return rows.view(v.shape), bad
 
 
+def _prefix_lists(counts, pages):
+    """Whether every (row, kv head) lists pages ``0 .. count - 1`` with one count per row (dense decode)."""
+    width = pages.shape[-1]
+    cnt = counts.long()
+    used = torch.arange(width, device=pages.device) < cnt[..., None]  # [B, Hkv, W]
+    in_order = (pages.long() == torch.arange(width, device=pages.device)) | ~used
+    return bool(in_order.all()) and bool((cnt == cnt[:, :1]).all())
+
+
+def _decode_prefix(q, k_cache, v_cache, seqlens, counts, causal, scale, page_size, o, lse):
+    """Contiguous cache, every row attends its first pages: attention over views of the cache, no copy."""
+    batch, n_kv_heads, n_rows, head_dim = o.shape
+    q_len = q.shape[2]
+    acc = accum_dtype(q.dtype)
+    qg = q.reshape(batch, n_kv_heads, n_rows, head_dim)
+    row_q = torch.arange(n_rows, device=q.device) % q_len  # [R]
+    for b in range(batch):
+        n_tok = min(int(counts[b, 0]) * page_size, k_cache.shape[2])
+        seq = int(seqlens[b])
+        if n_tok == 0 or seq <= 0:  # an empty row sees nothing
+            o[b], lse[b] = 0.0, float("-inf")
+            continue
+        k, v = k_cache[b, :, :n_tok], v_cache[b, :, :n_tok]  # [Hkv, n_tok, D] views
+        if acc != k.dtype:
+            k, v = k.to(acc), v.to(acc)
+        tok = torch.arange(n_tok, device=q.device)
+        keep = (tok < seq)[None, :].expand(n_rows, n_tok)  # [R, n_tok]
+        first_fix = min(seq, n_tok)  # keys from here on are not seen by every row
+        if causal and q_len > 1:
+            keep = keep & (tok[None, :] <= (seq - q_len + row_q)[:, None])
+            first_fix = max(0, min(first_fix, seq - q_len + 1))
+        s = torch.matmul(qg[b].to(acc), k.transpose(1, 2)) * scale  # [Hkv, R, n_tok]
+        s = s.masked_fill(~keep, float("-inf"))
+        tail = v[:, first_fix:]
+        bad = None
+        if tail.numel() and not bool(torch.isfinite(tail).all()):  # zero them; rows that keep one get NaN
+            bad_tok = ~torch.isfinite(tail).all(-1)  # [Hkv, n_tail]
+            v = v.clone()
+            v[:, first_fix:][bad_tok] = 0.0
+            bad = (keep[None, :, first_fix:] & bad_tok[:, None, :]).any(-1)  # [Hkv, R]
+        o_b, lse_b = softmax_rows(s, v)  # [Hkv, R, D], [Hkv, R, 1]
+        lse_b = lse_b.squeeze(-1)
+        if bad is not None:
+            o_b = o_b.masked_fill(bad[:, :, None], float("nan"))
+            lse_b = lse_b.masked_fill(bad, float("nan"))
+        o[b] = o_b.to(q.dtype)
+        lse[b] = lse_b
+
+
 def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal, scale, page_size,
                    n_splits=None):
     """Decode attention over the selected pages with PyTorch ops (see :func:`~.fwd.decode_fwd`).
@@ -86,6 +135,9 @@ def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, cau
     lse = torch.empty((batch, n_kv_heads, n_rows), dtype=acc, device=dev)
     if q.numel() == 0:
         return o.view(q.shape), lse.view(q.shape[:3])
+    if block_table is None and _prefix_lists(counts.expand(batch, n_kv_heads), pages.expand(batch, n_kv_heads, width)):
+        _decode_prefix(q, k_cache, v_cache, seqlens, counts.expand(batch, n_kv_heads), causal, scale, page_size, o, lse)
+        return o.view(batch, n_kv_heads, group, q_len, head_dim).reshape(q.shape), lse.view(q.shape[:3])
     qg = q.reshape(batch, n_kv_heads, n_rows, head_dim)  # rows of a group: (head, query), head-major
     pairs = torch.arange(batch * n_kv_heads, device=dev)
     b_all, h_all = pairs // n_kv_heads, pairs % n_kv_heads
