@@ -24,47 +24,37 @@ Example:
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Tuple, Union
+from typing import ClassVar, Tuple, Union
 
 import torch
 
-_DECODE: Dict[str, type] = {}
+from .registry import Registry
+
+_DECODE = Registry("decode pattern")
 Budget = Union[int, float, Tuple[Union[int, float], ...]]
 
 
 def register_decode(name: str):
     """Class decorator: make a decode pattern available as ``get_decode_pattern(name)``."""
-    def deco(cls):
-        if name in _DECODE:
-            raise ValueError(f"decode pattern name {name!r} is already registered to {_DECODE[name].__name__}.")
-        cls.name = name
-        _DECODE[name] = cls
-        return cls
-    return deco
+    return _DECODE.register(name)
 
 
 def list_decode_patterns() -> list:
     """Registered decode pattern names, sorted."""
-    return sorted(_DECODE)
+    return _DECODE.names()
 
 
 def get_decode_pattern(name: str, **kw):
     """A configured decode pattern by name, e.g. ``get_decode_pattern("quest", k=64)``."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}.")
-    if name not in _DECODE:
-        raise ValueError(f"unknown decode pattern {name!r}; expected one of {list_decode_patterns()}.")
-    return _DECODE[name](**kw)
+    return _DECODE.get(name, **kw)
 
 
 def decode_pattern_from_dict(d):
     """Inverse of ``to_dict()``."""
-    if not isinstance(d, dict) or "name" not in d:
-        raise ValueError(f"a decode pattern config must be a dict with a 'name' key, got {d!r}.")
-    d = dict(d)
-    if isinstance(d.get("k"), list):
-        d["k"] = tuple(d["k"])
-    return get_decode_pattern(d.pop("name"), **d)
+    name, kw = _DECODE.split_config(d)
+    if isinstance(kw.get("k"), list):
+        kw["k"] = tuple(kw["k"])
+    return get_decode_pattern(name, **kw)
 
 
 def _check_budget(k):
