@@ -14,48 +14,37 @@ the predicate (and, with ``causal``, the bottom-right causal predicate) holds so
 import dataclasses
 import json
 import math
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 import torch
 
 from ..layout import TokenLayout
 from ..mask import BlockSparseMask, _as_pair
+from .registry import Registry
 
-_REGISTRY: Dict[str, type] = {}
+_REGISTRY = Registry("pattern")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def register(name: str):
     """Class decorator: make a pattern class available as ``get_pattern(name)``."""
-    def deco(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"pattern name {name!r} is already registered to {_REGISTRY[name].__name__}.")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
+    return _REGISTRY.register(name)
 
 
 def list_patterns() -> list:
     """Registered pattern names, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_pattern(name: str, **kw) -> "Pattern":
     """A configured pattern by registry name, e.g. ``get_pattern("block_topk", k=8)``."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}.")
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown pattern {name!r}; expected one of {list_patterns()}.")
-    return _REGISTRY[name](**kw)
+    return _REGISTRY.get(name, **kw)
 
 
 def pattern_from_dict(d) -> "Pattern":
     """Inverse of :meth:`Pattern.to_dict`."""
-    if not isinstance(d, dict) or "name" not in d:
-        raise ValueError(f"a pattern config must be a dict with a 'name' key, got {d!r}.")
-    d = dict(d)
-    return get_pattern(d.pop("name"), **d)
+    name, kw = _REGISTRY.split_config(d)
+    return get_pattern(name, **kw)
 
 
 def pattern_from_json(text) -> "Pattern":
@@ -236,8 +225,12 @@ class Pattern:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def __or__(self, other):
-        from .combine import Union
-        return Union(patterns=(self, other))
+        """``a | b``: the registered ``"union"`` pattern of both (:class:`~sparse_attn.patterns.Union`).
+
+        Looked up by name so that this module does not import ``combine`` (which builds on it); importing
+        :mod:`sparse_attn` or any of its pattern modules registers it.
+        """
+        return _REGISTRY.get("union", patterns=(self, other))
 
 
 class StructuralPattern(Pattern):
