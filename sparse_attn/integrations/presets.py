@@ -3,7 +3,8 @@
 Each preset returns a :class:`~sparse_attn.integrations.sdpa.SparseConfig` (patterns from
 :mod:`sparse_attn.patterns`, a :class:`~sparse_attn.cache.StepCache` with the method's
 schedule) that every integration accepts. :data:`PRESETS` says, for each, what differs from
-the paper. Patterns are imported when a preset is made, so this module loads without them.
+the paper. Pattern classes are imported when a preset is made. :class:`LSEWarmStart` lives in
+:mod:`.warm_start` (below :mod:`.sdpa`, which loads saved configs with it) and is re-exported here.
 
 Example:
     >>> cfg = get_preset("adaspa", num_steps=50)
@@ -12,11 +13,12 @@ Example:
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Optional
+from typing import Callable, Dict, Optional
 
 from .._checks import check_positive_int
 from ..cache import CachePolicy, StepCache
-from .sdpa import SparseConfig, is_pattern
+from .sdpa import SparseConfig
+from .warm_start import LSEWarmStart
 
 
 @dataclass(frozen=True)
@@ -28,53 +30,6 @@ class Preset:
     source: str
     differs: str
     make: Callable[..., SparseConfig]
-
-
-@dataclass(repr=False)
-class LSEWarmStart:
-    """Carries the row LSE of the first build to later builds (AdaSpa: step 30 reuses step 10's LSE).
-
-    Wraps a pattern whose ``build`` accepts ``lse=`` (``LSEMass``, ``ExactImportance``). The first
-    build computes the LSE with one dense pass (:func:`~sparse_attn.sparse_attention` with
-    ``return_lse``) and keeps it as the cache's warm-start state; later builds of the same entry
-    reuse it and skip that pass. Saved as ``{"name": "lse_warm_start", "pattern": {...}}``.
-    """
-
-    name: ClassVar[str] = "lse_warm_start"
-    pattern: Any = None
-
-    def __post_init__(self):
-        if not is_pattern(self.pattern):
-            raise TypeError(f"pattern must have a build method, got {type(self.pattern).__name__}.")
-
-    def build(self, q, k, *, causal=False, layout=None):
-        return self.build_stateful(q, k, causal=causal, layout=layout, state=None)[0]
-
-    def build_stateful(self, q, k, *, causal=False, layout=None, state=None):
-        from ..ops import sparse_attention
-
-        if state is None:
-            scale = getattr(self.pattern, "scale", None)
-            _, state = sparse_attention(q, k, k, None, causal=bool(causal), scale=scale, return_lse=True)
-        return self.pattern.build(q, k, causal=causal, layout=layout, lse=state), state
-
-    def to_dict(self) -> dict:
-        if not callable(getattr(self.pattern, "to_dict", None)):
-            raise TypeError(f"pattern {type(self.pattern).__name__} has no to_dict(); only registry patterns can be "
-                            "saved.")
-        return {"name": self.name, "pattern": self.pattern.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d) -> "LSEWarmStart":
-        from ..patterns import pattern_from_dict
-
-        if not isinstance(d, dict) or d.get("name") != cls.name or set(d) != {"name", "pattern"}:
-            raise ValueError(f"an LSEWarmStart dict must be {{'name': 'lse_warm_start', 'pattern': {{...}}}}, "
-                             f"got {str(d)[:200]!r}.")
-        return cls(pattern_from_dict(d["pattern"]))
-
-    def __repr__(self):
-        return f"LSEWarmStart({self.pattern!r})"
 
 
 def _steps_share(num_steps, share):

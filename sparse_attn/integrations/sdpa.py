@@ -43,6 +43,7 @@ from ..cache import StepCache
 from ..mask import BlockSparseMask, ranges_from_attention_mask
 from ..ops import sparse_attention
 from ..patterns import padding
+from .warm_start import LSEWarmStart, is_pattern
 
 _ORIG_SDPA = torch.nn.functional.scaled_dot_product_attention
 _BACKENDS = ("auto", "triton", "torch")
@@ -60,11 +61,6 @@ def _call_original(query, key, value, attn_mask, dropout_p, is_causal, scale, en
                           scale=scale, enable_gqa=enable_gqa)
     finally:
         _BYPASS.reset(token)
-
-
-def is_pattern(obj) -> bool:
-    """True for objects with ``build(q, k, *, causal, layout)`` (or ``build_stateful``)."""
-    return callable(getattr(obj, "build", None)) or callable(getattr(obj, "build_stateful", None))
 
 
 @dataclass
@@ -229,14 +225,12 @@ def _layer_from_key(key):
 
 
 def _decode_pattern(p):
-    """A saved pattern: a registry pattern, or a wrapper of the presets (``lse_warm_start``)."""
+    """A saved pattern: a registry pattern, or the presets' wrapper (``lse_warm_start``)."""
     from ..patterns import pattern_from_dict
 
     if p is None:
         return None
-    if isinstance(p, dict) and p.get("name") == "lse_warm_start":
-        from .presets import LSEWarmStart
-
+    if isinstance(p, dict) and p.get("name") == LSEWarmStart.name:
         return LSEWarmStart.from_dict(p)
     return pattern_from_dict(p)
 
