@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.attn_jit import split_program
 from .._common.config import (autotune_configs, check_fits, dkdv_passes, dot_precision, inner_tile, key_tile, launch,
                               pow2_at_least, pruner)
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
@@ -41,11 +42,7 @@ def _bwd_preprocess_kernel(
     n_heads, q_len, n_q_blocks,
     HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    pid_m, pid_bh, b, h = split_program(tl.program_id(0), n_q_blocks, n_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     io_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_M, D]
@@ -88,13 +85,9 @@ def _block_sparse_bwd_dkdv_kernel(
     # as BLOCK_N // KEY_TILE programs, each owning KEY_TILE key rows (its dK/dV accumulators fit registers).
     # PASS 0 accumulates dK and dV; PASS 1 only dK and PASS 2 only dV (two launches with one accumulator each,
     # for head dims whose fused pass spills registers; each accumulator sees the same operations either way).
-    pid = tl.program_id(0)
     n_slices = n_k_blocks * (BLOCK_N // KEY_TILE)
-    pid_s = pid % n_slices
+    pid_s, _, b, h_kv = split_program(tl.program_id(0), n_slices, n_kv_heads)
     pid_n = pid_s // (BLOCK_N // KEY_TILE)  # the mask key block
-    pid_bh = pid // n_slices
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    h_kv = (pid_bh % n_kv_heads).to(tl.int64)
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
     q_tok, k_tok = packed_offsets(cu_q_ptr, cu_k_ptr, b, VARLEN)  # packed layout: the sequence's first rows
 
@@ -204,11 +197,7 @@ def _block_sparse_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid, query block fastest (as the forward).
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, _, b, h = split_program(tl.program_id(0), n_q_blocks, n_q_heads)
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)

@@ -14,8 +14,9 @@ import triton.language as tl
 
 from .._common.config import autotune_configs, check_fits, dot_precision, fwd_tile, launch, pow2_at_least, pruner
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
-from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
-                                visible_keys, visible_span)
+from .._common.attn_jit import drop_nonfinite, finish_rows, online_update, split_program
+from .._common.tile_jit import (packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask, visible_keys,
+                                visible_span)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -36,11 +37,7 @@ def _block_sparse_fwd_kernel(
 ):
     # 1-D grid (no 65535 limit on B*H): query block fastest, so programs that run
     # together share the K/V of one head in L2.
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, _, b, h = split_program(tl.program_id(0), n_q_blocks, n_q_heads)
     h_kv = h // GROUP
     h_mask = h // MASK_HEAD_DIV
     q_start, q_end, kv_start, kv_end, shift = row_bounds(ranges_ptr, b, q_len, kv_len, HAS_RANGE)
@@ -98,26 +95,11 @@ def _block_sparse_fwd_kernel(
                                  q_seg[:, None], kv_seg_ptr + b * stride_sk, words_ptr, slot, m0, kb * BLOCK_N,
                                  HAS_BAND, HAS_SEG, HAS_BITS, BLOCK_M, WORDS)  # [BLOCK_M, TILE_N]
                 qk = tl.where(keep, qk, float("-inf"))
-                # a key the tile excludes never reaches an output: zero its non-finite values
-                v_ok = finite_rows(v)  # [TILE_N]
-                bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-                v = tl.where(v_ok[:, None] != 0, v, 0.0)
-            # -- online softmax; rows that have seen nothing keep m = -inf ----
-            m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE_N]
-            alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-            m_i = m_new
+                v, bad = drop_nonfinite(v, keep, bad)  # a key the tile excludes never reaches an output
+            acc, l_i, m_i = online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)  # [BLOCK_M, D]
 
     # -- epilogue: rows that saw no key give o = 0 and lse = -inf; a NaN row keeps NaN in both ----
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]  # [BLOCK_M, D]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
-    o = tl.where(bad[:, None] != 0, float("nan"), o)
-    lse = tl.where(bad != 0, float("nan"), lse)
+    o, lse = finish_rows(acc, l_i, m_i, bad)  # [BLOCK_M, D], [BLOCK_M]
     o = tl.where(q_valid[:, None], o, 0.0)
     lse = tl.where(q_valid, lse, float("-inf"))
     row_ok = offs_m < q_len

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .._common.config import (autotune_configs, check_fits, dot_precision, inner_tile, launch, pow2_at_least,
                               pruner)
-from .._common.tile_jit import finite_rows
+from .._common.attn_jit import drop_nonfinite, finish_rows, online_update, split_program
 from .merge import merge_splits
 
 LOG2E = 1.4426950408889634
@@ -37,13 +37,10 @@ def _decode_fwd_kernel(
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid: split fastest, then row tile, then (batch, kv head)
-    pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
-    split = pid % n_splits
-    tile = (pid // n_splits) % n_tiles
-    bh = pid // (n_splits * n_tiles)
-    b = (bh // n_kv_heads).to(tl.int64)
-    h_kv = (bh % n_kv_heads).to(tl.int64)
+    inner, _, b, h_kv = split_program(tl.program_id(0), n_splits * n_tiles, n_kv_heads)
+    split = inner % n_splits
+    tile = inner // n_splits
 
     offs_r = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] packed (group head, query) rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
@@ -91,26 +88,11 @@ def _decode_fwd_kernel(
         if CAUSAL:
             keep = keep & (tok[None, :] <= last_key[:, None])
         qk = tl.where(keep, qk, float("-inf"))
-        # a key a row excludes never reaches its output: zero non-finite values, flag rows that keep one
-        v_ok = finite_rows(v)  # [TILE]
-        bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-        v = tl.where(v_ok[:, None] != 0, v, 0.0)
-        # -- online softmax; rows that have seen nothing keep m = -inf ----
-        m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, TILE]
-        alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-        m_i = m_new
+        v, bad = drop_nonfinite(v, keep, bad)  # a key a row excludes never reaches its output
+        acc, l_i, m_i = online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)  # [BLOCK_M, D]
 
     # -- epilogue: a split that saw no key gives o = 0, lse = -inf; a NaN row keeps NaN ----
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]  # [BLOCK_M, D]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
-    o = tl.where(bad[:, None] != 0, float("nan"), o)
-    lse = tl.where(bad != 0, float("nan"), lse)
+    o, lse = finish_rows(acc, l_i, m_i, bad)  # [BLOCK_M, D], [BLOCK_M]
     o_ptrs = o_ptr + b * stride_ob + h_kv * stride_oh + split * stride_os + offs_r[:, None] * stride_or + offs_d[None, :]
     tl.store(o_ptrs, o, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + b * stride_lb + h_kv * stride_lh + split * stride_ls + offs_r, lse, mask=row_ok)

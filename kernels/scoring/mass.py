@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.attn_jit import load_rows, split_program
 from .._common.config import check_fits, dot_precision, launch_config, pow2_at_least
 
 LOG2E = 1.4426950408889634
@@ -37,15 +38,11 @@ def _attention_lse_kernel(
     GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, pid_bh, b, h = split_program(tl.program_id(0), n_q_blocks, n_q_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, offs_m < q_len, stride_qm,
+                  HEAD_DIM)  # [BLOCK_M, D]
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh
     causal_shift = kv_len - q_len
     end = kv_len
@@ -95,14 +92,11 @@ def _block_mass_kernel(
     TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, pid_bh, b, h = split_program(pid, n_q_blocks, n_q_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, offs_m < q_len, stride_qm,
+                  HEAD_DIM)  # [BLOCK_M, D]
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * q_len + offs_m, mask=offs_m < q_len, other=float("-inf"))
     # rows that see no key (lse = -inf) contribute 0: subtract +inf instead
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # [BLOCK_M], log2 domain

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.attn_jit import split_program
 from .._common.config import launch_config, pow2_at_least
 
 
@@ -18,10 +19,7 @@ def _block_mean_pool_kernel(
     BLOCK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    blk = pid % n_blocks
-    bh = pid // n_blocks
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    blk, _, b, h = split_program(pid, n_blocks, n_heads)
     end = tl.minimum(blk * block + block, length)
     offs_l = blk * block + tl.arange(0, BLOCK_PAD)  # [BLOCK_PAD]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.attn_jit import load_rows
 from .._common.config import check_fits, dot_precision, launch_config, pow2_at_least
 from .mass import LOG2E, attention_lse
 
@@ -30,8 +31,7 @@ def _vertical_slash_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_n = pid_n * TILE_N + tl.arange(0, TILE_N)  # [TILE_N]
     row_ok = offs_m < q_len
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [ROWS, D]
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, row_ok, stride_qm, HEAD_DIM)  # [ROWS, D]
     k = tl.load(k_ptr + b * stride_kb + (h // GROUP) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
                 + offs_d[None, :], mask=(offs_n[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     lse = tl.load(lse_ptr + bh * (q_len - row0) + offs_r, mask=row_ok, other=float("-inf"))

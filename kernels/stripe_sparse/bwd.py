@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common.attn_jit import load_rows, split_program
 from .._common.tile_jit import finite_rows, list_span
 from .._common.config import (autotune_configs, check_fits, dot_precision, launch, launch_config, pow2_at_least,
                               pruner, stripe_dkv_passes, stripe_tiles)
@@ -58,14 +59,12 @@ def _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: t
 
 
 @triton.jit
-def _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len, n_q_heads,
+def _load_q_do_stats(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len, n_q_heads,
                stride_qb, stride_qh, stride_qm, stride_db, stride_dh, stride_dm, HEAD_DIM: tl.constexpr):
     """q, do ``[BLOCK_M, D]``, lse (log2 units, 0 on empty rows) and delta ``[BLOCK_M]`` of one query block."""
     row_ok = offs_m < q_len
-    mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_db + h * stride_dh + rows * stride_dm + offs_d[None, :], mask=mask, other=0.0)
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, row_ok, stride_qm, HEAD_DIM)
+    do = load_rows(do_ptr + b * stride_db + h * stride_dh, offs_m, offs_d, row_ok, stride_dm, HEAD_DIM)
     row_id = (b * n_q_heads + h) * q_len + offs_m
     lse = tl.load(lse_ptr + row_id, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -84,17 +83,13 @@ def _stripe_sparse_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, TILE_C: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, _, b, h = split_program(tl.program_id(0), n_q_blocks, n_q_heads)
     mrow = b * mask_b_stride + h // MASK_HEAD_DIV
     row = mrow * n_q_blocks + pid_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len, n_q_heads,
+    q, do, lse2, delta = _load_q_do_stats(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len, n_q_heads,
                                     stride_qb, stride_qh, stride_qm, stride_db, stride_dh, stride_dm, HEAD_DIM)
     k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + offs_d[None, :]
     v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + offs_d[None, :]
@@ -161,13 +156,9 @@ def _stripe_sparse_bwd_dkv_block_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     # one program per TILE_N slice of a key block (key slice fastest)
-    pid = tl.program_id(0)
     n_sub = BLOCK_N // TILE_N
-    pid_s = pid % (n_k_blocks * n_sub)
+    pid_s, pid_bh, b, h_kv = split_program(tl.program_id(0), n_k_blocks * n_sub, n_kv_heads)
     pid_n = pid_s // n_sub
-    pid_bh = pid // (n_k_blocks * n_sub)
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    h_kv = (pid_bh % n_kv_heads).to(tl.int64)
     start_n = pid_s * TILE_N
     offs_n = start_n + tl.arange(0, TILE_N)  # [TILE_N]
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -196,7 +187,7 @@ def _stripe_sparse_bwd_dkv_block_kernel(
             m = tl.load(t_row + it)
             for sm in tl.static_range(BLOCK_M // SUB_M):  # query block in SUB_M-row slices; hidden pairs masked
                 offs_m = m * BLOCK_M + sm * SUB_M + tl.arange(0, SUB_M)  # [SUB_M]
-                q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
+                q, do, lse2, delta = _load_q_do_stats(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
                                                 n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
                                                 stride_dh, stride_dm, HEAD_DIM)
                 pair_ok = (offs_m[:, None] < q_len) & col_ok[None, :]  # [SUB_M, TILE_N]
@@ -223,11 +214,7 @@ def _stripe_sparse_bwd_dkv_col_kernel(
     BLOCK_M: tl.constexpr, TILE_C: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_t = pid % n_col_tiles
-    pid_bh = pid // n_col_tiles
-    b = (pid_bh // n_kv_heads).to(tl.int64)
-    h_kv = (pid_bh % n_kv_heads).to(tl.int64)
+    pid_t, pid_bh, b, h_kv = split_program(tl.program_id(0), n_col_tiles, n_kv_heads)
     mrow = b * mask_b_stride + (h_kv * GROUP + g_start) // MASK_HEAD_DIV  # one list for the G_LOOP heads
     v_count = tl.load(vcount_ptr + mrow)
     c0 = pid_t * TILE_C
@@ -252,7 +239,7 @@ def _stripe_sparse_bwd_dkv_col_kernel(
             h = h_kv * GROUP + g_start + g
             for m in range(m_first, n_q_blocks):
                 offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-                q, do, lse2, delta = _load_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
+                q, do, lse2, delta = _load_q_do_stats(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len,
                                                 n_q_heads, stride_qb, stride_qh, stride_qm, stride_db,
                                                 stride_dh, stride_dm, HEAD_DIM)
                 keep = (offs_m[:, None] < q_len) & c_ok[None, :]  # [BLOCK_M, TILE_C]

@@ -18,33 +18,10 @@ import triton
 import triton.language as tl
 
 from .._common.config import autotune_configs, check_fits, dot_precision, launch, pow2_at_least, pruner, stripe_tiles
-from .._common.tile_jit import finite_rows, list_span
+from .._common.attn_jit import drop_nonfinite, finish_rows, load_rows, online_update, split_program
+from .._common.tile_jit import list_span
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mask_scores(qk, v, keep, bad):
-    """Scores ``qk [BLOCK_M, N]`` with the pairs outside ``keep`` at -inf; the non-finite value rows of ``v [N, D]``
-    zeroed (an excluded key never reaches an output) and ``bad [BLOCK_M]`` set where a kept key has one."""
-    qk = tl.where(keep, qk, float("-inf"))
-    v_ok = finite_rows(v)  # [N]
-    bad = tl.maximum(bad, tl.max((keep & (v_ok[None, :] == 0)).to(tl.int32), 1))
-    v = tl.where(v_ok[:, None] != 0, v, 0.0)
-    return qk, v, bad
-
-
-@triton.jit
-def _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over the scores ``qk [BLOCK_M, N]`` (log2 domain); rows that have seen nothing
-    keep m = -inf, and a tile with no kept pair leaves ``acc``, ``l_i`` and ``m_i`` exactly as they were."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BLOCK_M]
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_ref[:, None])  # [BLOCK_M, N]
-    alpha = tl.math.exp2(m_i - m_ref)  # [BLOCK_M]
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # [BLOCK_M, D]
-    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "col_width", "mask_b_stride"])
@@ -59,11 +36,7 @@ def _stripe_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1-D grid, query block fastest (programs running together share one head's K/V in L2)
-    pid = tl.program_id(0)
-    pid_m = pid % n_q_blocks
-    pid_bh = pid // n_q_blocks
-    b = (pid_bh // n_q_heads).to(tl.int64)
-    h = (pid_bh % n_q_heads).to(tl.int64)
+    pid_m, pid_bh, b, h = split_program(tl.program_id(0), n_q_blocks, n_q_heads)
     h_kv = h // GROUP
     mrow = b * mask_b_stride + h // MASK_HEAD_DIV  # flat (batch, head) row of the mask tensors
     row = mrow * n_q_blocks + pid_m  # flat (batch, head, query block) row
@@ -71,8 +44,8 @@ def _stripe_sparse_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_d = tl.arange(0, HEAD_DIM_PAD)  # [D]
     d_ok = offs_d[None, :] < HEAD_DIM  # [1, D]
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & d_ok, other=0.0)  # [BLOCK_M, D]
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, offs_m < q_len, stride_qm,
+                  HEAD_DIM)  # [BLOCK_M, D]
     k_base = k_ptr + b * stride_kb + h_kv * stride_kh + offs_d[None, :]
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh + offs_d[None, :]
     diag_row = diag_ptr + mrow * (q_len + kv_len - 1) + (kv_len - 1)  # diag_row[i - j]: is i - j a slash
@@ -117,8 +90,9 @@ def _stripe_sparse_fwd_kernel(
                 keep = pair_ok & ((on_slash != 0) | (on_col[None, :] != 0))
                 if IS_CAUSAL:
                     keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                qk, v, bad = _mask_scores(qk, v, keep, bad)
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+                qk = tl.where(keep, qk, float("-inf"))
+                v, bad = drop_nonfinite(v, keep, bad)
+            acc, l_i, m_i = online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
     # -- column part: vertical columns outside the block part, gathered TILE_C at a time ----
     col_row = cindex_ptr + row * col_width
@@ -135,16 +109,12 @@ def _stripe_sparse_fwd_kernel(
         keep = c_ok[None, :] & row_ok  # [BLOCK_M, TILE_C]
         if IS_CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + causal_shift)
-        qk, v, bad = _mask_scores(qk, v, keep, bad)
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+        qk = tl.where(keep, qk, float("-inf"))
+        v, bad = drop_nonfinite(v, keep, bad)
+        acc, l_i, m_i = online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
 
     # -- epilogue: rows that saw no key give o = 0 and lse = -inf; a NaN row keeps NaN in both ----
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]  # [BLOCK_M, D]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # [BLOCK_M]
-    o = tl.where(bad[:, None] != 0, float("nan"), o)
-    lse = tl.where(bad != 0, float("nan"), lse)
+    o, lse = finish_rows(acc, l_i, m_i, bad)  # [BLOCK_M, D], [BLOCK_M]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok & d_ok)
     tl.store(lse_ptr + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
