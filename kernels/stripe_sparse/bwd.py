@@ -25,7 +25,7 @@ from .._common.attn_jit import load_rows, split_program
 from .._common.tile_jit import finite_rows, list_span
 from .._common.config import (autotune_configs, check_fits, dot_precision, launch, launch_config, pow2_at_least,
                               pruner, stripe_dkv_passes, stripe_tiles)
-from .fwd import _mask_head_div
+from .fwd import _mask_head_div, block_list
 
 LOG2E = 1.4426950408889634
 
@@ -104,10 +104,7 @@ def _stripe_sparse_bwd_dq_kernel(
 
     # -- block part: pairs on a slash or on a vertical column ----
     # loop bounds before the loops, loads at loop top level (pipelined); hidden pairs are masked, not branched
-    idx_row = bindex_ptr + row * width
-    count = tl.load(bcount_ptr + row)
-    if IS_CAUSAL:  # sorted: the blocks wholly above the diagonal are a suffix of the list
-        _, count = list_span(idx_row, count, 0, kb_limit, BLOCK_N)
+    idx_row, count = block_list(bindex_ptr, bcount_ptr, row, width, kb_limit, IS_CAUSAL, BLOCK_N)
     for it in range(0, count):
         kb = tl.load(idx_row + it).to(tl.int64)
         for sub in tl.static_range(BLOCK_N // TILE_N):

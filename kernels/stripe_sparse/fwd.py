@@ -24,6 +24,17 @@ from .._common.tile_jit import list_span
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def block_list(bindex_ptr, bcount_ptr, row, width, kb_limit, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(idx_row, count)``: the block part's sorted key-block list of query-block row ``row``, without the blocks
+    wholly past key ``kb_limit`` under causality (a suffix of the list)."""
+    idx_row = bindex_ptr + row * width
+    count = tl.load(bcount_ptr + row)
+    if IS_CAUSAL:
+        _, count = list_span(idx_row, count, 0, kb_limit, BLOCK_N)
+    return idx_row, count
+
+
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "col_width", "mask_b_stride"])
 def _stripe_sparse_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
@@ -65,10 +76,7 @@ def _stripe_sparse_fwd_kernel(
     # -- block part: key blocks crossed by a slash ----
     # The loop bounds are computed before the loops and the loads sit at loop top level, so Triton pipelines
     # them (num_stages); tiles that causality hides for some queries are masked, never branched around.
-    idx_row = bindex_ptr + row * width
-    count = tl.load(bcount_ptr + row)
-    if IS_CAUSAL:  # sorted: the blocks wholly above the diagonal are a suffix of the list
-        _, count = list_span(idx_row, count, 0, kb_limit, BLOCK_N)
+    idx_row, count = block_list(bindex_ptr, bcount_ptr, row, width, kb_limit, IS_CAUSAL, BLOCK_N)
     for it in range(0, count):
         kb = tl.load(idx_row + it).to(tl.int64)
         full = tl.load(bfull_ptr + row * width + it) != 0
