@@ -47,7 +47,7 @@ def variants(families, pruned=False):
     for family in families:
         for shape in TABLE_SHAPES[family]:
             for kernel in aot.FAMILIES[family](*shape):
-                rows = aot.launch_configs(kernel, *shape[:4])
+                rows = aot.launch_configs(kernel, *shape[:4], predicates=shape[6])
                 if kernel not in aot.AUTOTUNED or shape[0] == "fp32":
                     rows = rows[:1]
                 for w, s, role in rows:

@@ -232,7 +232,7 @@ def _config_shape(kernel, t, block_m, block_n, pad):
     return t, block_m, block_n
 
 
-def launch_configs(kernel, dtype, block_m, block_n, head_dim):
+def launch_configs(kernel, dtype, block_m, block_n, head_dim, predicates=False):
     """``[(num_warps, num_stages, role)]``: what the launcher and the autotuner can choose for this shape, the
     preferred config first (role "preferred", then "candidate"), then the pruned ones (role "pruned")."""
     pad = cfg.pow2_at_least(head_dim)
@@ -240,7 +240,7 @@ def launch_configs(kernel, dtype, block_m, block_n, head_dim):
     kernel = _config_name(kernel)
     if not cfg.fits(kernel, t, block_m, block_n, pad):
         return [(w, s, "pruned") for w, s in cfg.CONFIG_SPACE]  # the launcher refuses the shape
-    pref = cfg.preferred_config(kernel, t, block_m, block_n, pad)
+    pref = cfg.preferred_config(kernel, t, block_m, block_n, pad, predicates)
     kept = cfg.candidate_configs(kernel, t, block_m, block_n, pad)
     rows = [(pref[0], pref[1], "preferred")]
     rows += [(w, s, "candidate") for w, s in kept if (w, s) != pref]
@@ -275,7 +275,7 @@ def ci_variants(family, quick=False):
         for kernel in FAMILIES[family](*shape):
             if family == "scoring" and shape[0] == "tf32" and kernel not in ("lse", "mass", "vertical_slash"):
                 continue  # pool, pooled scores and k-means take fp32 whatever the input dtype
-            rows = launch_configs(kernel, *shape[:4])
+            rows = launch_configs(kernel, *shape[:4], predicates=shape[6])
             if rows[0][2] != "preferred":
                 continue
             chosen = [rows[0]]

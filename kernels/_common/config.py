@@ -216,10 +216,12 @@ def candidate_configs(kernel: str, dtype: torch.dtype, block_m: int, block_n: in
     return [(w, s) for w, s in CONFIG_SPACE if _fits(kernel, dtype, block_m, block_n, head_dim_pad, w, s)]
 
 
-def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> tuple:
+def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int,
+                     predicates: bool = False) -> tuple:
     """``(num_warps, num_stages)`` launched without autotuning and tried first by the autotuner: 8 warps where the
     fp32 accumulators would take 64 or more registers per thread at 4 (4 warps spill there, from sm_90 compiles),
-    else 4; 2 stages (1 where two do not fit).
+    else 4; 2 stages (1 where two do not fit). The forward with in-tile predicates other than the causal/window
+    band (``predicates=True``) and the stripe dQ at 64-row blocks, D = 128 are exceptions (8 and 4 warps).
 
     Raises:
         ValueError: nothing fits (callers turn this into an error naming the argument).
@@ -232,6 +234,10 @@ def preferred_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int
     wide = _acc_regs(kernel, dtype, block_m, block_n, head_dim_pad, 4) >= _ACC_REGS_PER_THREAD // 2
     if kernel == "st_dq" and _narrow_stripe_dq(dtype, block_m, head_dim_pad):
         wide = False  # 4 warps, 32-column gathers (stripe_tiles)
+    if kernel == "fwd" and predicates:
+        # the in-tile predicates (ranges, segments, bit masks, packed rows) need registers of their own: fp16
+        # 64x64 D=64 with all of them spills 184 B at 4 warps under Triton 3.6 (44 B under 3.9), 0 B at 8
+        wide = True
     order = ((8, 2), (8, 1), (4, 2), (4, 1)) if wide else ((4, 2), (8, 2), (4, 1), (8, 1))
     for pref in order:
         if pref in cands:
@@ -277,13 +283,15 @@ def launch(autotuned, kernel_fn, kernel: str, grid, args, meta, dtype, block_m: 
     if autotuning():
         autotuned[grid](*args, **meta)
         return
-    warps, stages = launch_config(kernel, dtype, block_m, block_n, meta["HEAD_DIM_PAD"])
+    predicates = any(meta.get(flag, False) for flag in ("HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN"))
+    warps, stages = launch_config(kernel, dtype, block_m, block_n, meta["HEAD_DIM_PAD"], predicates)
     kernel_fn[grid](*args, num_warps=warps, num_stages=stages, **meta)
 
 
-def launch_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int) -> tuple:
+def launch_config(kernel: str, dtype: torch.dtype, block_m: int, block_n: int, head_dim_pad: int,
+                  predicates: bool = False) -> tuple:
     """:func:`preferred_config`, or ``(4, 1)`` where nothing fits a GPU (the interpreter ignores both numbers; a
     CUDA launcher has refused such a shape with :func:`check_fits` before)."""
     if fits(kernel, dtype, block_m, block_n, head_dim_pad):
-        return preferred_config(kernel, dtype, block_m, block_n, head_dim_pad)
+        return preferred_config(kernel, dtype, block_m, block_n, head_dim_pad, predicates)
     return 4, 1
