@@ -106,3 +106,12 @@ def test_causal_aligned_one_pass(hq, hkv, mask_heads, q_len, kv_len, monkeypatch
     sees_last = dense.repeat_interleave(hq // dense.shape[1], 1)[..., -1].expand(2, hq, q_len).clone()
     sees_last[..., :-1] = False
     assert torch.isnan(out[sees_last]).all() and torch.isfinite(out[~sees_last]).all()
+
+
+def test_softmax_rows_with_no_keys_gives_zero_and_minus_inf():
+    """The PyTorch paths' softmax over an empty key set: o = 0, lse = -inf, shapes as with keys."""
+    from sparse_attn_kernels._common.softmax import softmax_rows
+
+    o, lse = softmax_rows(torch.empty(2, 3, 0), torch.empty(2, 0, 4))
+    assert o.shape == (2, 3, 4) and lse.shape == (2, 3, 1)
+    assert torch.equal(o, torch.zeros(2, 3, 4)) and bool(torch.isneginf(lse).all())

@@ -14,7 +14,7 @@ def softmax_rows(s, v):
     Returns ``(o [N, M, D], lse [N, M, 1])``; rows with no kept key give ``o = 0`` and ``lse = -inf``;
     a NaN row keeps NaN in both (never a silent ``-inf`` that a merge by LSE would drop).
     """
-    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(s[..., :1], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_full(s.shape[:-1] + (1,), float("-inf"))
     m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m_ref)
     l_sum = p.sum(dim=-1, keepdim=True)
