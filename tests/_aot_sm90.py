@@ -92,7 +92,7 @@ def signature(kernel, fn, dtype, constexprs):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name.startswith("stride_") and name not in _ODD_STRIDES.get(kernel.split("_")[0], ()):
+            if name.startswith("stride_") and name not in _ODD_STRIDES.get(_config_name(kernel), ()):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
 
@@ -225,7 +225,7 @@ def _config_name(kernel):
     return "decode" if kernel in _DECODE else kernel
 
 
-def _config_shape(kernel, t, block_m, block_n, pad):
+def _config_shape(kernel, t, block_m, block_n):
     """(dtype, block_m, block_n) that the launcher passes to the config functions."""
     if kernel in _SCORING_SHAPE:
         return _SCORING_SHAPE[kernel](t, block_m, block_n)
@@ -236,7 +236,7 @@ def launch_configs(kernel, dtype, block_m, block_n, head_dim, predicates=False):
     """``[(num_warps, num_stages, role)]``: what the launcher and the autotuner can choose for this shape, the
     preferred config first (role "preferred", then "candidate"), then the pruned ones (role "pruned")."""
     pad = cfg.pow2_at_least(head_dim)
-    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n, pad)
+    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n)
     kernel = _config_name(kernel)
     if not cfg.fits(kernel, t, block_m, block_n, pad):
         return [(w, s, "pruned") for w, s in cfg.CONFIG_SPACE]  # the launcher refuses the shape
@@ -264,7 +264,8 @@ CI_SHAPES = {
 CI_LARGEST = {"fwd", "dq", "st_fwd", "decode"}
 
 
-AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "decode", "decode_paged"}  # the others launch their preferred config only
+# the kernels launched through the autotuner; the others launch their preferred config only
+AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "decode", "decode_paged"}
 
 
 def ci_variants(family, quick=False):
@@ -289,7 +290,7 @@ def ci_variants(family, quick=False):
 def estimate(kernel, dtype, block_m, block_n, head_dim, num_stages, num_warps):
     """The pruner's shared-memory estimate (bytes) for a variant, with the shape its launcher passes."""
     pad = cfg.pow2_at_least(head_dim)
-    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n, pad)
+    t, block_m, block_n = _config_shape(kernel, DTYPES[dtype], block_m, block_n)
     return cfg.smem_estimate(_config_name(kernel), t, block_m, block_n, pad, num_stages, num_warps)
 
 

@@ -70,6 +70,17 @@ def _zero_nonfinite(v, fix, keep):
     return rows.view(v.shape), bad
 
 
+def _softmax_nan_rows(s, v, bad):
+    """``softmax_rows`` of scores ``s [n, R, K]`` over ``v [n, K, D]``: ``(o [n, R, D], lse [n, R])``, with NaN in
+    both for the rows of ``bad [n, R]`` (they keep a non-finite value; None: no such row)."""
+    o, lse = softmax_rows(s, v)
+    lse = lse.squeeze(-1)
+    if bad is not None:
+        o = o.masked_fill(bad[:, :, None], float("nan"))
+        lse = lse.masked_fill(bad, float("nan"))
+    return o, lse
+
+
 def _prefix_lists(counts, pages):
     """Whether every (row, kv head) lists pages ``0 .. count - 1`` with one count per row (dense decode)."""
     width = pages.shape[-1]
@@ -110,13 +121,8 @@ def _decode_prefix(q, k_cache, v_cache, seqlens, counts, causal, scale, page_siz
             v = v.clone()
             v[:, first_fix:][bad_tok] = 0.0
             bad = (keep[None, :, first_fix:] & bad_tok[:, None, :]).any(-1)  # [Hkv, R]
-        o_b, lse_b = softmax_rows(s, v)  # [Hkv, R, D], [Hkv, R, 1]
-        lse_b = lse_b.squeeze(-1)
-        if bad is not None:
-            o_b = o_b.masked_fill(bad[:, :, None], float("nan"))
-            lse_b = lse_b.masked_fill(bad, float("nan"))
+        o_b, lse[b] = _softmax_nan_rows(s, v, bad)  # [Hkv, R, D], [Hkv, R]
         o[b] = o_b.to(q.dtype)
-        lse[b] = lse_b
 
 
 def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, causal, scale, page_size,
@@ -165,11 +171,7 @@ def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, cau
         s = torch.matmul(qg[b_idx, h_idx].to(acc), k.transpose(1, 2)) * scale  # [n, R, W*P]
         s = s.masked_fill(~keep, float("-inf"))
         v, bad = _zero_nonfinite(v, fix, keep)
-        o_c, lse_c = softmax_rows(s, v)  # [n, R, D], [n, R, 1]
-        lse_c = lse_c.squeeze(-1)
-        if bad is not None:
-            o_c = o_c.masked_fill(bad[:, :, None], float("nan"))
-            lse_c = lse_c.masked_fill(bad, float("nan"))
+        o_c, lse_c = _softmax_nan_rows(s, v, bad)  # [n, R, D], [n, R]
         o[b_idx, h_idx] = o_c.to(q.dtype)
         lse[b_idx, h_idx] = lse_c
     return o.view(batch, n_kv_heads, group, q_len, head_dim).reshape(q.shape), lse.view(q.shape[:3])

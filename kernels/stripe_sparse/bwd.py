@@ -60,7 +60,7 @@ def _dkv_step(dk, dv, q, do, k, v, lse2, delta, keep, qk_scale, DOT_PRECISION: t
 
 @triton.jit
 def _load_q_do_stats(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, q_len, n_q_heads,
-               stride_qb, stride_qh, stride_qm, stride_db, stride_dh, stride_dm, HEAD_DIM: tl.constexpr):
+                     stride_qb, stride_qh, stride_qm, stride_db, stride_dh, stride_dm, HEAD_DIM: tl.constexpr):
     """q, do ``[BLOCK_M, D]``, lse (log2 units, 0 on empty rows) and delta ``[BLOCK_M]`` of one query block."""
     row_ok = offs_m < q_len
     q = load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, row_ok, stride_qm, HEAD_DIM)
