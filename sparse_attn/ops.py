@@ -25,8 +25,26 @@ def _check_mask(mask, q, k):
         raise ValueError(f"mask's token predicates (ranges, segments) have batch {pb}, expected 1 or {q.shape[0]}.")
 
 
+def check_key_bias(key_bias, q, k):
+    """``key_bias``: None or a floating ``[B|1, H|1, Lk]`` tensor on q's device, ``H`` the query or kv heads."""
+    if key_bias is None:
+        return
+    if not isinstance(key_bias, torch.Tensor):
+        raise TypeError(f"key_bias must be a torch.Tensor or None, got {type(key_bias).__name__}.")
+    if not key_bias.is_floating_point():
+        raise TypeError(f"key_bias must have a floating dtype, got {key_bias.dtype}.")
+    batch, n_q_heads, n_kv_heads, kv_len = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+    shape = list(key_bias.shape)
+    if (key_bias.dim() != 3 or shape[0] not in (1, batch) or shape[1] not in (1, n_kv_heads, n_q_heads)
+            or shape[2] != kv_len):
+        raise ValueError(f"key_bias must have shape [B|1, H|1, Lk] = [{batch}|1, {n_q_heads}|{n_kv_heads}|1, "
+                         f"{kv_len}], got {shape}.")
+    if key_bias.device != q.device:
+        raise ValueError(f"key_bias must be on q's device {q.device}, got {key_bias.device}.")
+
+
 def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=None, return_lse=False,
-                     backend="auto"):
+                     backend="auto", key_bias=None):
     """Attention restricted to the pairs of ``mask``, exact at token level.
 
     Args:
@@ -44,8 +62,11 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, Lq]`` (natural log; -inf on empty rows).
         backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
-
-    Returns:
+        key_bias: optional float ``[B|1, H|1, Lk]`` (``H`` the query or the key/value heads) added to the score
+            of key ``j`` for every query: ``softmax(scale * q k^T + key_bias)`` over the kept pairs (a trainable
+            per-key bias, as Dynamic Mask Attention uses). Differentiable (its gradient sums ``dS`` over the
+            queries). With a :class:`BlockSparseMask` or no mask; on CPU it runs the chunked PyTorch reference.
+            ``-inf`` excludes a key; ``+inf`` or NaN on a kept key gives NaN rows.
         ``o`` ``[B, Hq, Lq, D]`` in q's dtype (rows that see no key are 0), and ``lse`` when asked.
         Differentiable in q, k and v on both backends (through ``lse`` too); rows that see no key get
         zero gradients. A key the mask excludes never influences any output, whatever its value; a row
@@ -60,6 +81,8 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
     """
     check_bool(causal, "causal")
     check_bool(return_lse, "return_lse")
+    if key_bias is not None and mask is not None and not isinstance(mask, BlockSparseMask):
+        raise ValueError(f"key_bias is supported with a BlockSparseMask or no mask, got a {type(mask).__name__}.")
     if isinstance(mask, StripeSparseMask):
         _no_window(window, "StripeSparseMask")
         return stripe_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
@@ -68,6 +91,7 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
         _no_window(window, type(mask).__name__)
         return kind.attend(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
     check_qkv(q, k, v, backend)
+    check_key_bias(key_bias, q, k)
     if mask is not None:
         _check_mask(mask, q, k)
     backend = resolve_backend(backend, q, None if mask is None else mask.block_size)
@@ -93,16 +117,18 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
         from sparse_attn_kernels.block_sparse.op import block_sparse_attn
 
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        if mask is not None and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        needs_grad = any(x is not None and x.requires_grad for x in (q, k, v, key_bias))
+        if mask is not None and torch.is_grad_enabled() and needs_grad:
             counts_t, indices_t, slots_t = _kv_major(mask)
             preds = preds._replace(bit_slots_t=slots_t)
         o, lse = block_sparse_attn(q, k, v, counts, indices, bm, bn, causal, scale,
-                                   counts_t=counts_t, indices_t=indices_t, preds=preds)
-    elif _use_cpu_path(q, k, v, return_lse):
+                                   counts_t=counts_t, indices_t=indices_t, preds=preds, key_bias=key_bias)
+    elif key_bias is None and _use_cpu_path(q, k, v, return_lse):
         o, lse = block_sparse_attn_cpu(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds)
         lse = lse.float()
     else:
-        o, lse = block_sparse_attn_ref(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds)
+        o, lse = block_sparse_attn_ref(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds,
+                                       key_bias=key_bias)
         lse = lse.float()
     return (o, lse) if return_lse else o
 

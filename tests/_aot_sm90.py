@@ -47,7 +47,7 @@ CACHE = pathlib.Path(os.environ.get("SPARSE_ATTN_AOT_CACHE", pathlib.Path.home()
 
 # pointer element types by argument name: the attention tensors take the input dtype
 _I32 = ("count", "index", "indices", "slots", "words", "ranges", "cu_", "seg")
-_F32 = ("lse_ptr", "delta_ptr", "dlse_ptr", "vert_ptr", "slash_ptr", "w_ptr")
+_F32 = ("lse_ptr", "delta_ptr", "dlse_ptr", "vert_ptr", "slash_ptr", "w_ptr", "bias_ptr", "dbias_ptr")
 _I8 = ("bfull_ptr", "diag_ptr", "vert_ptr")
 
 
@@ -133,7 +133,8 @@ def _block_family(dtype, block_m, block_n, head_dim, causal, group, predicates):
     t = DTYPES[dtype]
     pad = cfg.pow2_at_least(head_dim)
     common = dict(GROUP=group, MASK_HEAD_DIV=1, HAS_BAND=causal or predicates, HAS_RANGE=predicates,
-                  HAS_SEG=predicates, HAS_BITS=predicates, VARLEN=predicates, BLOCK_M=block_m, BLOCK_N=block_n,
+                  HAS_SEG=predicates, HAS_BITS=predicates, VARLEN=predicates, HAS_BIAS=predicates,
+                  BLOCK_M=block_m, BLOCK_N=block_n,
                   WORDS=-(-block_n // 32), HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
                   DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
     tile_n = cfg.inner_tile(block_n, pad, t)

@@ -99,3 +99,21 @@ def test_fake_impls_match_real_outputs():
                 None, None, 0, 0)
     torch.library.opcheck(torch.ops.sparse_attn.block_sparse_attn_fwd, tri_args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_fake_impls_match_real_outputs_with_key_bias():
+    """opcheck of both forward ops with a differentiable key_bias (its gradient through the fake backward too)."""
+    from sparse_attn_kernels.block_sparse import op  # noqa: F401  (registers the Triton ops)
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 40, 16, generator=gen, requires_grad=True)
+    k = torch.randn(1, 1, 40, 16, generator=gen, requires_grad=True)
+    v = torch.randn(1, 1, 40, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(1, 1, 40, generator=gen, requires_grad=True)
+    mask = _mask(40, 16, 1, seed=3, cache_kv_major=True)
+    ref_args = (q, k, v, mask.counts, mask.indices, 16, 16, True, 0.25, *flat(NO_PREDICATES), bias)
+    torch.library.opcheck(torch.ops.sparse_attn.block_sparse_attn_fwd_ref, ref_args)
+    tri_args = (q, k, v, mask.counts, mask.indices, *mask.kv_major(), 16, 16, True, 0.25, *flat(NO_PREDICATES),
+                None, None, 0, 0, bias)
+    torch.library.opcheck(torch.ops.sparse_attn.block_sparse_attn_fwd, tri_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -42,6 +42,14 @@ def drop_nonfinite(v, keep, bad):
 
 
 @triton.jit
+def key_bias(bias_row, offs_n, kv_start, kv_end):
+    """``[N]`` float32: the additive bias of keys ``offs_n`` read from ``bias_row`` (natural-log units), in the
+    kernels' log2 domain; keys outside ``[kv_start, kv_end)`` read 0 (their scores are masked anyway)."""
+    ok = (offs_n >= kv_start) & (offs_n < kv_end)
+    return tl.load(bias_row + offs_n, mask=ok, other=0.0) * 1.4426950408889634
+
+
+@triton.jit
 def online_update(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over the scores ``qk [BLOCK_M, N]`` (log2 domain, ``-inf`` = not kept): returns
     ``(acc, l_i, m_i)``. Rows that have seen nothing keep ``m = -inf``; a tile with no kept pair leaves the

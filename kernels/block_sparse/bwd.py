@@ -24,13 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common.attn_jit import split_program
+from .._common.attn_jit import key_bias, split_program
+from .._common.bias import reduce_bias_grad
 from .._common.config import (autotune_configs, check_fits, dkdv_passes, dot_precision, inner_tile, key_tile, launch,
                               pow2_at_least, pruner)
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
 from .._common.tile_jit import (finite_rows, packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask,
                                 visible_keys, visible_span)
-from .fwd import _bstride
+from .fwd import _bstride, bias_table
 
 LOG2E = 1.4426950408889634
 
@@ -70,13 +71,14 @@ def _load_row_stats(lse_ptr, delta_ptr, offs, valid):
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_k_blocks", "width_t", "left", "right"])
 def _block_sparse_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, counts_t_ptr, indices_t_ptr, slots_t_ptr,
-    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
+    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr, bias_ptr, dbias_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh, stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    stride_bb, stride_bh, stride_dbb, stride_dbh,
     n_kv_heads, q_len, kv_len, n_k_blocks, width_t, qk_scale, scale, left, right,
     GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_M: tl.constexpr, KEY_TILE: tl.constexpr,
     WORDS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PASS: tl.constexpr,
@@ -116,9 +118,16 @@ def _block_sparse_bwd_dkdv_kernel(
         hi_q = tl.minimum(hi_q, last_k - shift + left)
     k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, pid_n, HAS_SEG)
     col = pid_n.to(tl.int64)
+    store = offs_n < kv_len
+    if VARLEN:
+        store = kv_valid  # rows past the sequence belong to the next one
     for g in range(0, GROUP):
         h = h_kv * GROUP + g  # query head
         h_mask = h // MASK_HEAD_DIV
+        kbias = tl.zeros([KEY_TILE], dtype=tl.float32)
+        if HAS_BIAS:
+            kbias = key_bias(bias_ptr + b * stride_bb + h * stride_bh, offs_n, kv_start, kv_end)  # [KEY_TILE]
+        db = tl.zeros([KEY_TILE], dtype=tl.float32)  # d key_bias of this head: sum over queries of dS
         count = tl.load(counts_t_ptr + b * stride_cb + h_mask * stride_ch + col)
         idx_row = indices_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
         slot_row = slots_t_ptr + b * stride_ib + h_mask * stride_ih + col * width_t
@@ -143,6 +152,8 @@ def _block_sparse_bwd_dkdv_kernel(
                 lse, delta = _load_row_stats(lse_ptr + row_base, delta_ptr + row_base, offs_m, q_ok)  # [TILE_M]
                 # -- recompute P^T (log2 domain) ----
                 qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [KEY_TILE, TILE_M]
+                if HAS_BIAS:
+                    qk_t += kbias[:, None]
                 p_t = tl.math.exp2(qk_t - lse[None, :])  # [KEY_TILE, TILE_M]
                 # -- predicates only on partial tiles (query rows outside their range already have P = 0) ----
                 needs_mask = tile_needs_mask(start_m, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
@@ -168,12 +179,14 @@ def _block_sparse_bwd_dkdv_kernel(
                     if needs_mask:
                         ds_t = tl.where(p_t == 0.0, 0.0, ds_t)
                     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # [KEY_TILE, D]
+                    if HAS_BIAS:
+                        db += tl.sum(ds_t, 1)
+        if HAS_BIAS:
+            if PASS != 2:  # every (batch, query head, key) of the slice is written, 0 where no query attended
+                tl.store(dbias_ptr + b * stride_dbb + h * stride_dbh + offs_n, db, mask=store)
 
     # -- epilogue: every key row of the slice is written, zeros where no query attended ----
     dk = dk * scale
-    store = offs_n < kv_len
-    if VARLEN:
-        store = kv_valid  # rows past the sequence belong to the next one
     st_mask = store[:, None] & (offs_d[None, :] < HEAD_DIM)
     if PASS != 2:
         tl.store(dk_ptr + b * stride_dkb + h_kv * stride_dkh + rows_n * stride_dkn + offs_d[None, :],
@@ -186,13 +199,14 @@ def _block_sparse_bwd_dkdv_kernel(
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "left", "right"])
 def _block_sparse_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, counts_ptr, indices_ptr, slots_ptr,
-    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
+    words_ptr, ranges_ptr, cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr, bias_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_lb, stride_lh, stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    stride_bb, stride_bh,
     n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale, scale, left, right,
     GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, WORDS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -245,6 +259,8 @@ def _block_sparse_bwd_dq_kernel(
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- recompute P (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+            if HAS_BIAS:
+                qk += key_bias(bias_ptr + b * stride_bb + h * stride_bh, offs_n, kv_start, kv_end)[None, :]
             p = tl.math.exp2(qk - lse[:, None])  # [BLOCK_M, TILE_N]
             # -- predicates only on partial tiles (rows outside their range already have P = 0) ----
             k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, kb, HAS_SEG)
@@ -272,7 +288,7 @@ def _block_sparse_bwd_dq_kernel(
              dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-_KEY = ["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "HEAD_DIM_PAD",
+_KEY = ["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "HEAD_DIM_PAD",
         "DOT_PRECISION"]
 _autotuned_dkdv = triton.autotune(configs=autotune_configs("dkdv"), key=_KEY + ["TILE_M", "KEY_TILE", "PASS"],
                                   prune_configs_by=pruner(lambda a: ("dkdv", "dk", "dv")[a["PASS"]]))(
@@ -294,7 +310,7 @@ def _mask_strides(counts, indices, mask_heads):
 
 
 def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, block_m, block_n, causal, scale,
-                     dlse=None, preds=NO_PREDICATES, varlen=None):
+                     dlse=None, preds=NO_PREDICATES, varlen=None, key_bias=None):
     """Launch the backward kernels.
 
     Args:
@@ -308,9 +324,11 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         dlse: optional float ``[B, Hq, Lq]`` gradient of lse.
         preds: the forward's predicates, with ``bit_slots_t`` (key-major slots) when it has bits.
         varlen: ``(cu_q, cu_k, max_q, max_k)`` as in the forward (packed q/k/v/o/do, lse ``[Hq, total_q]``).
+        key_bias: the forward's ``[B|1, Hq|Hkv|1, Lk]`` key bias, or None.
 
     Returns:
-        ``(dq, dk, dv)`` with the shapes, dtypes and (for dense inputs) strides of q, k, v.
+        ``(dq, dk, dv)`` with the shapes, dtypes and (for dense inputs) strides of q, k, v; with ``key_bias``
+        also ``dbias`` shaped and typed like it (the sum of dS over the queries, and over broadcast dims).
 
     Example:
         >>> o, lse = block_sparse_fwd(q, k, v, counts, indices, 64, 64, False, 0.125)
@@ -328,9 +346,12 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         n_q_heads, head_dim, n_kv_heads = q.shape[1], q.shape[2], k.shape[1]
         strides = lambda x: (0, x.stride(1), x.stride(0))  # noqa: E731
         cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
+    if key_bias is not None and varlen is not None:
+        raise ValueError("key_bias is not supported with packed (varlen) sequences; got both.")
     dq, dk, dv = _grad_like(q), _grad_like(k), _grad_like(v)
     if q.numel() == 0 or k.numel() == 0 or batch == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = (dq.zero_(), dk.zero_(), dv.zero_())
+        return grads if key_bias is None else grads + (torch.zeros_like(key_bias),)
     n_q_blocks, n_k_blocks = counts.shape[-1], counts_t.shape[-1]
     mask_heads = counts.shape[1]
     group = n_q_heads // n_kv_heads
@@ -374,6 +395,10 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
         slots = preds.bit_slots.to(torch.int32).expand(indices.shape).contiguous()
         slots_t = preds.bit_slots_t.to(torch.int32).expand(indices_t.shape).contiguous()
     dummy = counts
+    bias, bias_sb, bias_sh = bias_table(key_bias, batch, n_q_heads, kv_len, dummy)
+    dbias = dummy
+    if key_bias is not None:
+        dbias = torch.empty((batch, n_q_heads, kv_len), dtype=torch.float32, device=q.device)
     tables = (dummy if preds.bit_words is None else preds.bit_words, dummy if ranges is None else ranges,
               dummy if cu is None else cu[0], dummy if cu is None else cu[1],
               dummy if q_seg is None else q_seg, dummy if kv_seg is None else kv_seg,
@@ -381,23 +406,26 @@ def block_sparse_bwd(do, q, k, v, o, lse, counts, indices, counts_t, indices_t, 
     seg_strides = (_bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb))
     common = dict(GROUP=group, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
                   HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None,
-                  VARLEN=cu is not None, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words_per_row(block_n),
+                  VARLEN=cu is not None, HAS_BIAS=key_bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, WORDS=words_per_row(block_n),
                   HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=precision)
     qk_scale = scale * LOG2E
     tile_k = key_tile(block_n, head_dim_pad, q.dtype)
     grid_dkdv = (n_k_blocks * (block_n // tile_k) * batch * n_kv_heads,)  # one program per key slice
     args_dkdv = (q, k, v, do, lse, delta, dk, dv, counts_t, indices_t, dummy if slots_t is None else slots_t,
-                 *tables, *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *ls,
-                 *_mask_strides(counts_t, indices_t, mask_heads), *seg_strides,
+                 *tables, bias, dbias, *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk),
+                 *strides(dv), *ls, *_mask_strides(counts_t, indices_t, mask_heads), *seg_strides, bias_sb, bias_sh,
+                 n_q_heads * kv_len, kv_len,
                  n_kv_heads, q_len, kv_len, n_k_blocks, indices_t.shape[-1], qk_scale, scale, bl, br)
     for name, which in passes:
         launch(_autotuned_dkdv, _block_sparse_bwd_dkdv_kernel, name, grid_dkdv, args_dkdv,
                dict(TILE_M=inner_tile(block_m, head_dim_pad, q.dtype), KEY_TILE=tile_k, PASS=which, **common),
                q.dtype, block_m, block_n)
     launch(_autotuned_dq, _block_sparse_bwd_dq_kernel, "dq", (n_q_blocks * batch * n_q_heads,),
-           (q, k, v, do, lse, delta, dq, counts, indices, dummy if slots is None else slots, *tables,
+           (q, k, v, do, lse, delta, dq, counts, indices, dummy if slots is None else slots, *tables, bias,
             *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *ls,
-            *_mask_strides(counts, indices, mask_heads), *seg_strides,
+            *_mask_strides(counts, indices, mask_heads), *seg_strides, bias_sb, bias_sh,
             n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], qk_scale, scale, bl, br),
            dict(TILE_N=inner_tile(block_n, head_dim_pad, q.dtype), **common), q.dtype, block_m, block_n)
-    return dq, dk, dv
+    if key_bias is None:
+        return dq, dk, dv
+    return dq, dk, dv, reduce_bias_grad(dbias, key_bias)

@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .._common.config import autotune_configs, check_fits, dot_precision, fwd_tile, launch, pow2_at_least, pruner
 from .._common.predicates import NO_PREDICATES, band, band_bounds, range_table, segment_tables, words_per_row
-from .._common.attn_jit import drop_nonfinite, finish_rows, online_update, split_program
+from .._common.bias import bias_rows
+from .._common.attn_jit import drop_nonfinite, finish_rows, key_bias, online_update, split_program
 from .._common.tile_jit import (packed_offsets, row_bounds, segment_bounds, tile_keep, tile_needs_mask, visible_keys,
                                 visible_span)
 
@@ -25,13 +26,13 @@ LN2 = 0.6931471805599453
 @triton.jit(do_not_specialize=["q_len", "kv_len", "n_q_blocks", "width", "left", "right"])
 def _block_sparse_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, counts_ptr, indices_ptr, slots_ptr, words_ptr, ranges_ptr,
-    cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr,
+    cu_q_ptr, cu_k_ptr, q_seg_ptr, kv_seg_ptr, q_segb_ptr, k_segb_ptr, bias_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-    stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk,
+    stride_cb, stride_ch, stride_ib, stride_ih, stride_sq, stride_sk, stride_sbq, stride_sbk, stride_bb, stride_bh,
     n_q_heads, q_len, kv_len, n_q_blocks, width, qk_scale, left, right,
     GROUP: tl.constexpr, MASK_HEAD_DIV: tl.constexpr, HAS_BAND: tl.constexpr, HAS_RANGE: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_BITS: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, WORDS: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -52,6 +53,7 @@ def _block_sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BLOCK_M, D]
     k_base = k_ptr + b * stride_kb + h_kv * stride_kh + k_tok * stride_kn + offs_d[None, :]
     v_base = v_ptr + b * stride_vb + h_kv * stride_vh + k_tok * stride_vn + offs_d[None, :]
+    bias_row = bias_ptr + b * stride_bb + h * stride_bh  # key_bias[b, h, :] (fp32, unit stride)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -84,6 +86,8 @@ def _block_sparse_fwd_kernel(
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn, mask=kv_mask, other=0.0)  # [TILE_N, D]
             # -- compute qk (log2 domain) ----
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, TILE_N]
+            if HAS_BIAS:
+                qk += key_bias(bias_row, offs_n, kv_start, kv_end)[None, :]
             # -- predicates only on partial tiles: key edges, band edges, segment edges, bit masks ----
             k_lo, k_hi = segment_bounds(k_segb_ptr + b * stride_sbk, kb, HAS_SEG)
             needs_mask = tile_needs_mask(m0, start_n, kv_start, kv_end, shift, left, right, seg_lo, seg_hi,
@@ -113,7 +117,7 @@ def _block_sparse_fwd_kernel(
 
 _autotuned_kernel = triton.autotune(
     configs=autotune_configs("fwd"),
-    key=["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "BLOCK_M", "BLOCK_N", "TILE_N",
+    key=["GROUP", "HAS_BAND", "HAS_RANGE", "HAS_SEG", "HAS_BITS", "VARLEN", "HAS_BIAS", "BLOCK_M", "BLOCK_N", "TILE_N",
          "HEAD_DIM_PAD", "DOT_PRECISION"],
     prune_configs_by=pruner("fwd"),
 )(_block_sparse_fwd_kernel)
@@ -124,8 +128,19 @@ def _bstride(x):
     return 0 if x is None or x.shape[0] == 1 else x.stride(0)
 
 
+def bias_table(key_bias, batch, n_q_heads, kv_len, dummy):
+    """``(table, stride_b, stride_h)``: ``key_bias [B|1, H|1, Lk]`` (H = Hq or Hkv) as a float32 view with one row
+    per (batch, query head) and unit key stride (broadcast rows get stride 0); ``dummy`` and zeros when None."""
+    if key_bias is None:
+        return dummy, 0, 0
+    bias = bias_rows(key_bias, batch, n_q_heads, kv_len)  # broadcast dims keep stride 0
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    return bias, bias.stride(0), bias.stride(1)
+
+
 def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, preds=NO_PREDICATES,
-                     varlen=None):
+                     varlen=None, key_bias=None):
     """Launch the forward kernel.
 
     Args:
@@ -138,6 +153,8 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
         preds: in-tile token predicates (:class:`~sparse_attn_kernels._common.predicates.TokenPredicates`).
         varlen: ``(cu_q, cu_k, max_q, max_k)`` for packed sequences: then q is ``[total_q, Hq, D]``,
             k, v ``[total_k, Hkv, D]`` and sequence ``b`` is batch row ``b`` of the mask.
+        key_bias: optional float ``[B|1, Hq|Hkv|1, Lk]`` added to every query's score of key ``j`` (natural-log
+            units, after ``scale``); not with ``varlen``.
 
     Returns:
         ``(o, lse)``: o ``[B, Hq, Lq, D]`` in q's dtype, lse ``[B, Hq, Lq]`` float32 (natural log);
@@ -163,12 +180,15 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
     n_q_blocks = counts.shape[-1]
     if o.numel() == 0 or batch == 0:
         return o, lse
+    if key_bias is not None and varlen is not None:
+        raise ValueError("key_bias is not supported with packed (varlen) sequences; got both.")
     mask_heads = counts.shape[1]
     mask_head_div = 1 if mask_heads == n_q_heads else (n_q_heads // n_kv_heads if mask_heads == n_kv_heads else n_q_heads)
     left, right = band(causal, preds.window)
     ranges = range_table(preds, batch, q_len, kv_len, q.device, cu)
     q_seg, kv_seg, q_segb, k_segb = segment_tables(preds, block_m, block_n)
     dummy = counts
+    bias, bias_sb, bias_sh = bias_table(key_bias, batch, n_q_heads, kv_len, dummy)
     slots = preds.bit_slots
     if slots is not None:
         slots = slots.to(torch.int32).expand(indices.shape).contiguous()
@@ -181,17 +201,18 @@ def block_sparse_fwd(q, k, v, counts, indices, block_m, block_n, causal, scale, 
         dummy if preds.bit_words is None else preds.bit_words, dummy if ranges is None else ranges,
         dummy if cu is None else cu[0], dummy if cu is None else cu[1],
         dummy if q_seg is None else q_seg, dummy if kv_seg is None else kv_seg,
-        dummy if q_segb is None else q_segb, dummy if k_segb is None else k_segb,
+        dummy if q_segb is None else q_segb, dummy if k_segb is None else k_segb, bias,
         *qs, *ks, *vs, *os_, *ls,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1) if mask_heads > 1 else 0,
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1) if mask_heads > 1 else 0,
-        _bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb),
+        _bstride(q_seg), _bstride(kv_seg), _bstride(q_segb), _bstride(k_segb), bias_sb, bias_sh,
         n_q_heads, q_len, kv_len, n_q_blocks, indices.shape[-1], scale * LOG2E, bl, br,
     )
     meta = dict(
         GROUP=n_q_heads // n_kv_heads, MASK_HEAD_DIV=mask_head_div, HAS_BAND=left >= 0 or right >= 0,
         HAS_RANGE=ranges is not None, HAS_SEG=q_seg is not None, HAS_BITS=slots is not None, VARLEN=cu is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=fwd_tile(block_m, block_n, head_dim_pad, q.dtype),
+        HAS_BIAS=key_bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        TILE_N=fwd_tile(block_m, block_n, head_dim_pad, q.dtype),
         WORDS=words_per_row(block_n), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         DOT_PRECISION=dot_precision(q.dtype),
     )
