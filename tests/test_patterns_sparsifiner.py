@@ -164,3 +164,46 @@ def test_training_raises_recall_on_held_out_input():
     after = attention_quality(q, k, v, pred.mask(q, k, 0.1))["recall_mean"]
     assert losses[-1] < 0.5 * losses[0] and after_loss < 0.75 * before_loss  # held out: 8.3 -> 4.2
     assert after > before + 0.04, (before, after)  # measured 0.869 -> 0.942
+
+
+def _direct_tiles(logits, block, per_block, causal=False):
+    """bool ``[B, H, NQB, NKB]``: per query block, the ``per_block`` tiles of most ``softmax(logits)`` mass."""
+    q_len, kv_len = logits.shape[2:]
+    if causal:
+        hidden = torch.arange(kv_len)[None, :] > torch.arange(q_len)[:, None] + (kv_len - q_len)
+        logits = logits.masked_fill(hidden, float("-inf"))
+    p = torch.softmax(logits, -1).nan_to_num(0.0)  # rows that see no key weigh nothing
+    n_qb, n_kb = -(-q_len // block), -(-kv_len // block)
+    out = torch.zeros(*logits.shape[:2], n_qb, n_kb, dtype=torch.bool)
+    for m in range(n_qb):
+        rows = p[:, :, m * block:(m + 1) * block]
+        mass = torch.stack([rows[..., c * block:(c + 1) * block].sum((-1, -2)) for c in range(n_kb)], -1)
+        if causal:  # tiles no row of the block may see are never picked
+            last = min(q_len, (m + 1) * block) - 1 + (kv_len - q_len)
+            mass[..., torch.arange(n_kb) * block > last] = -1.0
+        n = min(per_block, int((mass >= 0).sum(-1).min()))
+        out[:, :, m].scatter_(-1, mass.topk(n, dim=-1).indices, True)
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_granularity_keeps_the_tiles_of_most_predicted_mass(causal):
+    q, k = _qk(q_len=100, kv_len=90)
+    pat = Sparsifiner(budget=32, rank=8, block_size=16, granularity="tile")
+    mask = pat.build(q, k, causal=causal)
+    logits = pat.get_predictor(2, 32)(q, k)
+    assert torch.equal(mask.to_block_dense(), _direct_tiles(logits, 16, 2, causal))
+    assert not mask.has_bits  # whole tiles
+    assert not pat.token_exact and pattern_from_json(pat.to_json()) == pat
+    with pytest.raises(ValueError, match="granularity must be 'token' or 'tile', got 'row'"):
+        Sparsifiner(granularity="row")
+
+
+def test_tile_granularity_keeps_tiles_sparse_on_video():
+    """The per-token top-k touches nearly every tile of a video grid; the tile mode keeps ~its budget of tiles."""
+    inp = planted_qkv("video", 1024, heads=2)
+    token = Sparsifiner(budget=0.1).build(inp.q, inp.k)
+    tile = Sparsifiner(budget=0.1, granularity="tile").build(inp.q, inp.k)
+    token_tiles, tile_tiles = (m.to_block_dense().float().mean().item() for m in (token, tile))
+    assert tile_tiles <= 0.15 < token_tiles
+    assert attention_quality(inp.q, inp.k, inp.v, tile)["recall_mean"] >= 0.9

@@ -109,7 +109,7 @@ class SparsifinerPredictor(nn.Module):
 
     @torch.no_grad()
     def mask(self, q, k, budget, *, block_size=64, causal=False, exact=True,
-             chunk_elems=EVAL_CHUNK_ELEMS) -> BlockSparseMask:
+             chunk_elems=EVAL_CHUNK_ELEMS, granularity="token") -> BlockSparseMask:
         """The predicted per-token top-k, lowered to a :class:`~sparse_attn.BlockSparseMask`.
 
         Args:
@@ -120,6 +120,10 @@ class SparsifinerPredictor(nn.Module):
             causal: only keys ``j <= i + Lk - Lq`` compete (fractions count the visible keys).
             exact: token-exact mask (bit masks in partial tiles); False keeps every covering tile whole.
             chunk_elems: at most this many scores are computed at once (bands of query blocks).
+            granularity: ``"token"`` (each query's top-k keys) or ``"tile"``: each query block keeps the
+                ``ceil(budget / BLOCK_N)`` key tiles (a fraction: that share of its visible tiles) holding the
+                most predicted attention mass (the softmax of the predicted logits, summed over the tile), whole
+                tiles that the block kernels skip the rest of; ``exact`` applies to ``"token"`` only.
 
         Returns:
             BlockSparseMask with batch ``B`` and heads ``H``. Under :func:`sparse_attn.patterns.padding`
@@ -130,7 +134,10 @@ class SparsifinerPredictor(nn.Module):
         check_bool(causal, "causal")
         check_bool(exact, "exact")
         check_positive_int(chunk_elems, "chunk_elems")
+        _check_granularity(granularity)
         ql, kl = self.project(q, k)
+        if granularity == "tile":
+            return _lower_tiles(ql, kl, budget, (bm, bn), causal, chunk_elems, self.head_dim ** -0.5)
         return _lower_topk(ql, kl, budget, (bm, bn), causal, exact, chunk_elems)
 
 
@@ -174,6 +181,64 @@ def _lower_topk(ql, kl, budget, block_size, causal, exact, chunk_elems):
     counts, indices, slots, words = acc.result()
     return BlockSparseMask(counts, indices, (bm, bn), (q_len, kv_len), bit_slots=slots, bit_words=words,
                            validate=False)
+
+
+def _check_granularity(value):
+    if value not in ("token", "tile"):
+        raise ValueError(f"granularity must be 'token' or 'tile', got {value!r}.")
+
+
+def _lower_tiles(ql, kl, budget, block_size, causal, chunk_elems, scale):
+    """Per query block, the tiles of most predicted mass (``softmax(scale ql kl^T)`` summed over the tile)."""
+    batch, heads, q_len, _ = ql.shape
+    kv_len, device = kl.shape[2], ql.device
+    bm, bn = block_size
+    n_qb, n_kb = -(-q_len // bm), -(-kv_len // bn)
+    shift = kv_len - q_len
+    rows, cols = torch.arange(q_len, device=device), torch.arange(kv_len, device=device)
+    q_last = torch.clamp(torch.arange(n_qb, device=device) * bm + bm, max=q_len) - 1  # [NQB]
+    k_first = torch.arange(n_kb, device=device) * bn
+    vis_tiles = (k_first[None, :] <= q_last[:, None] + shift) if causal else torch.ones(n_qb, n_kb, dtype=torch.bool,
+                                                                                         device=device)
+    n_vis = vis_tiles.sum(-1)  # [NQB] visible tiles per query block
+    per_block = torch.minimum(_tile_budget(budget, heads, n_vis, bn, device), n_vis)  # [H, NQB]
+    pad = S._PADDING.get()
+    keep = torch.zeros((batch, heads, n_qb, n_kb), dtype=torch.bool, device=device)
+    band = max(1, chunk_elems // max(1, batch * heads * bm * kv_len))  # query blocks per band
+    for qb0 in range(0, n_qb, band):
+        r0, r1 = qb0 * bm, min(q_len, (qb0 + band) * bm)
+        nq = -(-(r1 - r0) // bm)
+        scores = torch.matmul(ql[:, :, r0:r1], kl.transpose(-1, -2)) * scale  # [B, H, R, Lk]
+        if causal:
+            scores = scores.masked_fill(cols[None, :] > rows[r0:r1, None] + shift, float("-inf"))
+        if pad is not None:
+            scores = _mask_padding(scores, pad, rows[r0:r1], cols)
+        probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows that see nothing: 0
+        probs = torch.nn.functional.pad(probs, (0, n_kb * bn - kv_len, 0, nq * bm - (r1 - r0)))
+        mass = probs.view(batch, heads, nq, bm, n_kb, bn).sum((3, 5))  # [B, H, nq, NKB]
+        mass = mass.masked_fill(~vis_tiles[qb0:qb0 + nq], -1.0)  # never pick a tile no query may see
+        kb = per_block[:, qb0:qb0 + nq]  # [H, nq]
+        top = int(kb.max()) if kb.numel() else 0
+        if top > 0:
+            idx = torch.topk(mass, top, dim=-1).indices  # [B, H, nq, top]
+            take = torch.arange(top, device=device) < kb[None, :, :, None]
+            keep[:, :, qb0:qb0 + nq].scatter_(-1, idx, take)
+    return BlockSparseMask.from_dense(keep, (bm, bn), (q_len, kv_len))
+
+
+def _tile_budget(budget, heads, n_vis, block_n, device):
+    """int64 ``[H, NQB]`` tiles per query block: an int budget of keys is ``ceil(keys / BLOCK_N)`` tiles, a
+    fraction is that share of the block's visible tiles (at least 1)."""
+    values = budget if isinstance(budget, tuple) else (budget,) * heads
+    if len(values) != heads:
+        raise ValueError(f"budget must have one value per query head ({heads}), got {len(values)}.")
+    out = []
+    for b in values:
+        if isinstance(b, float):
+            out.append(torch.clamp(torch.ceil(b * n_vis.double()).long(), min=1))
+        else:
+            out.append(torch.full_like(n_vis, -(-int(b) // block_n)))
+    return torch.stack(out).to(device)
 
 
 def _mask_padding(scores, pad, rows, cols):
@@ -336,7 +401,10 @@ class Sparsifiner(Pattern):
         seed: seed of the JL sketch.
         predictor: name given to :func:`register_predictor` (this process only), or None.
         weights: path of a file written by :func:`save_predictor`, or None (not both with ``predictor``).
-        exact: token-exact mask; False keeps the covering tiles whole.
+        exact: token-exact mask; False keeps the covering tiles whole (``granularity="token"``).
+        granularity: ``"token"`` (per query token, the default) or ``"tile"`` (per query block, the tiles of most
+            predicted attention mass: whole tiles, which the block kernels run faster; see
+            :meth:`SparsifinerPredictor.mask`).
 
     With ``causal`` only visible keys compete. The predictor is applied to the query heads (keys repeated
     per GQA group); a named one must have ``Hq`` heads and the inputs' head dim.
@@ -352,10 +420,11 @@ class Sparsifiner(Pattern):
     predictor: Optional[str] = None
     weights: Optional[str] = None
     exact: bool = True
+    granularity: str = "token"
 
     @property
     def token_exact(self) -> bool:
-        return self.exact
+        return self.exact and self.granularity == "token"
 
     def __post_init__(self):
         object.__setattr__(self, "budget", S.check_budget(as_tuple(self.budget), "budget"))
@@ -371,6 +440,7 @@ class Sparsifiner(Pattern):
             raise ValueError(f"predictor and weights are exclusive, got predictor={self.predictor!r} and "
                              f"weights={self.weights!r}.")
         check_bool(self.exact, "exact")
+        _check_granularity(self.granularity)
 
     def get_predictor(self, heads: int, head_dim: int) -> SparsifinerPredictor:
         """The named (registered or saved) predictor, else the seeded JL sketch, for ``heads`` x ``head_dim``."""
@@ -392,8 +462,9 @@ class Sparsifiner(Pattern):
         """Token-exact top-``budget`` mask (``[B, Hq]``), or its covering tiles with ``exact=False``."""
         check_qk(q, k)
         pred = self.get_predictor(q.shape[1], q.shape[3])
-        mask = pred.mask(q, k, self.budget, block_size=self.block_pair, causal=bool(causal), exact=self.exact)
-        if self.exact:
+        mask = pred.mask(q, k, self.budget, block_size=self.block_pair, causal=bool(causal), exact=self.exact,
+                         granularity=self.granularity)
+        if self.token_exact:
             return mask
         keep = drop_padding(mask.to_block_dense(), q, k, self.block_pair)
         return BlockSparseMask.from_dense(keep, self.block_pair, (q.shape[2], k.shape[2]))
@@ -403,5 +474,5 @@ class Sparsifiner(Pattern):
         check_qk(q, k)
         pred = self.get_predictor(q.shape[1], q.shape[3])
         keep = pred.mask(q, k, self.budget, block_size=self.block_pair, causal=bool(causal),
-                         exact=False).to_block_dense()
+                         exact=False, granularity=self.granularity).to_block_dense()
         return keep if forced is None else keep | forced.to(torch.bool)
