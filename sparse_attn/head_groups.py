@@ -43,8 +43,7 @@ def select_heads(mask, heads, n_q_heads, n_kv_heads):
     if isinstance(mask, BlockSparseMask):
         return mask.map_heads(pick)
     if isinstance(mask, StripeSparseMask):
-        return StripeSparseMask(**{k: pick(getattr(mask, k)) for k in mask._FIELDS}, block_size=mask.block_size,
-                                seq_lens=mask.seq_lens, validate=False)
+        return mask.map_fields(pick)  # block columns (if any) included
     if isinstance(mask, PermutedMask):
         return PermutedMask(select_heads(mask.inner, heads, n_q_heads, n_kv_heads), pick(mask.perm_q),
                             pick(mask.perm_k))

@@ -20,9 +20,7 @@ def _rows_keep(mask, r0, r1, n_q_heads, n_kv_heads, device):
     if isinstance(mask, BlockSparseMask):
         keep = mask.rows_to_dense(r0, r1)  # [Bm', Hm, R, Lk], token-exact (bits and predicates)
     elif hasattr(mask, "col_keep") and hasattr(mask, "diag_keep"):  # StripeSparseMask
-        i = torch.arange(r0, r1, device=mask.device)[:, None]
-        j = torch.arange(kv_len, device=mask.device)[None, :]
-        keep = mask.col_keep.bool()[:, :, None, :] | mask.diag_keep.bool()[:, :, i - j + kv_len - 1]
+        keep = mask.rows_to_dense(r0, r1)  # columns, slashes and per-query-block columns, token-exact
     else:
         raise TypeError(f"mask must be a BlockSparseMask, a StripeSparseMask or None, got {type(mask).__name__}.")
     keep = keep.to(device)

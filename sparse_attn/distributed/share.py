@@ -27,7 +27,7 @@ def broadcast_mask(mask, src: int = 0, group=None, device=None):
         if isinstance(mask, BlockSparseMask):
             names, meta = _BLOCK_TENSORS, {"window": mask.window}
         elif isinstance(mask, StripeSparseMask):
-            names, meta = StripeSparseMask._FIELDS, {}
+            names, meta = StripeSparseMask._FIELDS + StripeSparseMask._OPTIONAL_FIELDS, {}  # None ones skipped
         else:
             raise TypeError(f"mask must be a BlockSparseMask or StripeSparseMask on rank {src}, got "
                             f"{type(mask).__name__}.")

@@ -88,8 +88,7 @@ def mask_heads(mask, lo: int, hi: int):
     if isinstance(mask, BlockSparseMask):
         return mask.map_heads(lambda x: x[:, lo:hi])
     if isinstance(mask, StripeSparseMask):
-        return StripeSparseMask(**{k: getattr(mask, k)[:, lo:hi].contiguous() for k in mask._FIELDS},
-                                block_size=mask.block_size, seq_lens=mask.seq_lens, validate=False)
+        return mask.map_fields(lambda x: x[:, lo:hi].contiguous())  # block columns (if any) included
     raise TypeError(f"mask must be a BlockSparseMask, a StripeSparseMask or None, got {type(mask).__name__}.")
 
 
