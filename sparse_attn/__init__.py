@@ -17,6 +17,7 @@ from .patterns import Pattern, get_pattern, list_patterns, pattern_from_json
 from .distributed import ring_attention, ulysses_attention
 from .decode import sparse_attention_with_kvcache
 from .kvcache import PageSummaries
+from .dynamic_mask import DynamicMaskAttention, dynamic_mask
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,5 +26,5 @@ __all__ = [
     "permuted_attention", "RoutedMask", "routed_attention",
     "TokenLayout", "attention_quality", "Pattern", "get_pattern", "list_patterns", "pattern_from_json",
     "patch_sdpa", "sparse_sdpa", "sparse_attention_with_kvcache", "PageSummaries", "ring_attention",
-    "ulysses_attention", "__version__",
+    "ulysses_attention", "DynamicMaskAttention", "dynamic_mask", "__version__",
 ]

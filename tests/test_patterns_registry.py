@@ -11,6 +11,7 @@ from sparse_attn.patterns import BlockTopK, Dense, PerHead, SinkLocal, Union, Ve
 EXAMPLES = {
     "sliding_window": dict(left=64, right=0, block_size=(32, 64)),
     "sink_local": dict(sink=16, window=128),
+    "anchor": dict(super_block=256, sink=16, window=64, theta=8.0, pool=64, block_size=32),
     "vertical_stripes": dict(columns=[5, 1, 9], text=False),
     "dense": {}, "skip": {},
     "multi_diagonal": dict(frames=2, width=16, layout=TokenLayout.video(4, 8, 8, text_len=10)),
@@ -24,7 +25,10 @@ EXAMPLES = {
     "kmeans_routing": dict(q_clusters=8, metric="l2", init="kmeans++", top_p=0.8, cluster_order="label"),
     "equal_size_routing": dict(clusters=8, window=128, shared=True, init="kmeans++"),
     "chunk_select": dict(chunk_size=128, rule="threshold", tau=0.3),
+    "dhsa": dict(budget=512, boundary="fixed", chunk_size=96, per_head=False, block_q=128),
+    "sparsifiner": dict(budget=[8, 0.25], rank=8, block_size=32, seed=1, exact=False),
     "video_chunk_select": dict(chunk_shape=[2, 4, 4], layout=TokenLayout.video(4, 8, 8, text_len=10)),
+    "hip": dict(mask_k=0.25, micro=32, window=64, sink=0),
     "region_routing": dict(region_shape=[2, 4, 4], topk=2, keep_own=False, block_size=32,
                            layout=TokenLayout.video(4, 8, 8, text_len=10)),
 }

@@ -17,11 +17,15 @@ from .static import Dense, SinkLocal, Skip, SlidingWindow, VerticalStripes
 from .video import MultiDiagonal, Window3D
 from .dynamic import BlockTopK, BlockTopP
 from .estimate import ExactImportance, LSEMass, VerticalSlash
+from .anchor import Anchor
 from .combine import PerHead, Union
 from .routing import KMeansRouting, RoutingState, kmeans
 from .equal_routing import EqualSizeRouting, SharedCentroids
 from .hierarchical import ChunkSelect, VideoChunkSelect
+from .dhsa import DHSA
 from .region import RegionRouting
+from .hip import HiP
+from .sparsifiner import Sparsifiner, SparsifinerPredictor
 from .search import PatternSearch, SearchPlan, search_plan
 from .grid import candidate_grid
 from .synthetic import build_cost_table, pattern_table, planted_qkv
@@ -31,9 +35,9 @@ from .decode import (KineticsSelect, QuestSelect, decode_pattern_from_dict, get_
 __all__ = [
     "padding", "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
-    "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Union", "PerHead",
-    "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect",
-    "VideoChunkSelect", "RegionRouting", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
-    "pattern_table", "build_cost_table", "planted_qkv",
+    "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Anchor", "Union", "PerHead",
+    "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect", "DHSA",
+    "VideoChunkSelect", "RegionRouting", "HiP", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
+    "pattern_table", "build_cost_table", "planted_qkv", "Sparsifiner", "SparsifinerPredictor",
     "KineticsSelect", "QuestSelect", "get_decode_pattern", "list_decode_patterns", "decode_pattern_from_dict",
 ]
