@@ -137,6 +137,29 @@ def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Opt
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
+def dhsa(*, budget=1024, local: int = 64, block_q: int = 128, per_head: bool = False, threshold: float = 0.5,
+         min_chunk: int = 32, max_chunk: int = 256, block_size: int = 64, min_seq_len: int = 1024,
+         backend: str = "auto") -> SparseConfig:
+    """DHSA for LLM prefill: variable-length key chunks (starts at key-cosine drops), per 128-query block the
+    latest 64 keys plus whole chunks by head-averaged ``q_blk . k_chunk`` (both ``mean * sqrt(len)``) up to a
+    1024-token budget, token-exact, built at every prefill."""
+    from ..patterns import DHSA
+
+    pattern = DHSA(budget=budget, local=local, boundary="similarity", threshold=threshold, min_chunk=min_chunk,
+                   max_chunk=max_chunk, block_q=block_q, per_head=per_head, block_size=block_size)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
+def hip(*, mask_k=512, block_q: int = 32, micro: int = 16, window: int = 128, sink: int = 16,
+        min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
+    """HiP for LLM prefill: per 32-query block a tree search keeps ``mask_k`` keys in 16-key tiles, plus a
+    128-key sliding window and sink keys, built at every prefill (the paper's ``mask_k = 512``)."""
+    from ..patterns import HiP
+
+    pattern = HiP(mask_k=mask_k, block_q=block_q, micro=micro, window=window, sink=sink)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
 def streamingllm(*, sink: int = 128, window: int = 1024, block_size: int = 64, min_seq_len: int = 1024,
                  backend: str = "auto") -> SparseConfig:
     """StreamingLLM A-shape: attention sinks (first keys) plus a local window, at prefill."""
@@ -195,6 +218,12 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "index selection", "the mass is estimated per 64-query block from pooled q/k (FlexPrefill scores the last "
            "query block against every key); no per-head switch to vertical-slash; sink keys and a local window added",
            flexprefill),
+    Preset("dhsa", "LLM prefill (transformers)", "DHSA (xiongsiheng/DHSA) dynamic hierarchical sparse attention",
+           "chunk boundaries from a key-cosine threshold with min/max chunk lengths (the paper's boundary predictor "
+           "is not reproduced; its code uses fixed chunks); the chunk crossing the budget is cut to it", dhsa),
+    Preset("hip", "LLM prefill (transformers)", "HiP (DeepAuto-AI/hip-attention v1_0) hierarchical pruning",
+           "16-key tiles as micro blocks (HiP: 2 keys) so the block kernels run them; a child's representative is the "
+           "mean of its keys (HiP: one key); 16 sink keys added", hip),
     Preset("streamingllm", "LLM prefill (transformers)", "StreamingLLM A-shape",
            "applied at prefill only (decode runs dense over the whole cache; no KV eviction)", streamingllm),
     Preset("kinetics", "LLM decoding (transformers generate)", "Kinetics block top-k (Infini-AI-Lab/Kinetics)",
@@ -222,4 +251,4 @@ def get_preset(name: str, **kw) -> SparseConfig:
 
 
 __all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "flexprefill", "minference", "moba",
-           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest"]
+           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest", "dhsa", "hip"]
