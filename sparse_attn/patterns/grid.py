@@ -8,6 +8,7 @@ the same grid shape serves 4k and 64k tokens. Pass it (or a filtered copy) to
 calibration call, so prune it for long sequences on a CPU.
 """
 
+import math
 from typing import List, Optional
 
 from ..layout import TokenLayout
@@ -16,7 +17,7 @@ from .base import Pattern, get_pattern
 # families the grid covers, by registry name (dense/skip are the search's own options; union/per_head combine)
 COVERED = ("sliding_window", "sink_local", "vertical_stripes", "block_topk", "block_topp", "exact_importance",
            "lse_mass", "vertical_slash", "chunk_select", "kmeans_routing", "equal_size_routing", "multi_diagonal",
-           "window_3d", "video_chunk_select", "region_routing")
+           "window_3d", "video_chunk_select", "region_routing", "hip", "anchor", "dhsa", "sparsifiner")
 
 
 def _tiles(tokens, block):
@@ -58,6 +59,13 @@ def candidate_grid(seq_len: int, *, causal: bool = False, layout: Optional[Token
     chunk = _tiles(seq_len / 16, block_size)
     grid += [get_pattern("chunk_select", chunk_size=chunk, k=k, **b) for k in (2, 4)]
     grid += [get_pattern("equal_size_routing", clusters=c, **b) for c in (4, 8)]
+    grid += [get_pattern("dhsa", budget=f, block_q=block_size, **b) for f in (0.1, 0.15)]
+    grid += [get_pattern("hip", mask_k=f, block_q=block_size, micro=block_size, window=2 * block_size,
+                         sink=block_size) for f in (0.05, 0.1)]
+    unit = 128 * block_size // math.gcd(128, block_size)  # anchor super-blocks: whole pool groups and tiles
+    grid.append(get_pattern("anchor", super_block=unit * max(1, round(seq_len / 4 / unit)), sink=block_size,
+                            window=_tiles(seq_len / 32, block_size), **b))
+    grid.append(get_pattern("sparsifiner", budget=0.1, granularity="tile", **b))  # the untrained JL sketch
     if not causal:
         grid += [get_pattern("kmeans_routing", q_clusters=c, k_clusters=c, **b) for c in (16, 32)]
     if layout is not None and layout.is_video and not causal:

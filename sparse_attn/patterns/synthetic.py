@@ -166,6 +166,7 @@ def table_configs(seq_len, heads=4):
     structural = [
         (get_pattern("sliding_window", left=128, right=0), "local", True),
         (get_pattern("sink_local", sink=64, window=128), "sink_local", True),
+        (get_pattern("anchor", sink=64, window=256), "sink_local", True),
         (get_pattern("vertical_stripes", columns=cols), "columns", False),
         (get_pattern("multi_diagonal", frames=4, width=64, layout=lay), "video", False),
         (get_pattern("window_3d", window=(4, 3, 3), layout=lay), "video", False),
@@ -201,6 +202,12 @@ def table_configs(seq_len, heads=4):
         (get_pattern("equal_size_routing"), "clusters", False),
         (get_pattern("region_routing", topk=4), "video", False),
         (get_pattern("video_chunk_select"), "video", False),
+        (get_pattern("dhsa"), "clusters", False),  # budget 0.15 of the keys
+        (get_pattern("dhsa"), "sink_local", True),
+        # untrained (the seeded JL sketch); whole tiles, which the block kernels skip
+        (get_pattern("sparsifiner", budget=0.15, granularity="tile"), "video", False),
+        (get_pattern("hip"), "sink_local", True),
+        (get_pattern("hip", mask_k=0.1), "clusters", False),
     ]
     return rows
 
