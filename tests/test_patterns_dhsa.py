@@ -35,6 +35,7 @@ def test_json_round_trip_and_registry():
     (dict(budget=(8, 16)), TypeError, "budget must be an int or a float"),
     (dict(local=-2), ValueError, "local must be >= 0"),
     (dict(local=1.0), TypeError, "local must be an int"),
+    (dict(sink=-1), ValueError, "sink must be >= 0"),
     (dict(boundary="learned"), ValueError, "boundary must be one of"),
     (dict(threshold=2.0), ValueError, "threshold must be a float in \\[-1, 1\\], got 2.0"),
     (dict(threshold="0.5"), TypeError, "threshold"),
@@ -146,7 +147,8 @@ def _ref_token_sets(q, k, pat, causal):
             hi = min(q_last + lk - lq, lk - 1)
             hi = max(hi, -1) if causal else max(hi, 0)
             seen = list(range(hi + 1)) if causal else list(range(lk))
-            local = {j for j in seen if hi - pat.local < j <= hi}
+            lo = min(qb * pat.block_q + lk - lq, hi) - pat.local + 1
+            local = {j for j in seen if pat.local and lo <= j <= hi} | {j for j in seen if j < pat.sink}
             total = math.ceil(pat.budget * len(seen) - 1e-9) if isinstance(pat.budget, float) else pat.budget
             left = max(0, min(total, len(seen)) - len(local))
             keep = set(local)
@@ -166,6 +168,8 @@ def _ref_token_sets(q, k, pat, causal):
     pytest.param(40, 90, True, dict(budget=30, per_head=False), id="causal-shift-headavg"),
     pytest.param(56, 40, False, dict(budget=0.5, boundary="fixed", chunk_size=6), id="fixed-longq"),
     pytest.param(64, 64, True, dict(budget=20, block_q=32), id="blockq2"),
+    pytest.param(64, 80, True, dict(budget=0.4, block_q=32, sink=5), id="sink"),
+    pytest.param(70, 50, False, dict(budget=0.4, sink=3, local=0), id="sink-nolocal"),
 ])
 def test_selection_matches_reference(lq, lk, causal, kw):
     pat = DHSA(**{**dict(local=6, threshold=0.1, min_chunk=3, max_chunk=9, block_q=16, block_size=16), **kw})
@@ -202,7 +206,7 @@ def test_preset_builds():
 
     cfg = get_preset("dhsa")
     pat = cfg.pattern
-    assert isinstance(pat, DHSA) and pat.budget == 1024 and pat.local == 64 and pat.block_q == 128
+    assert isinstance(pat, DHSA) and pat.budget == 1024 and pat.local == 64 and pat.block_q == 128 and pat.sink == 64
     assert not pat.per_head and pat.boundary == "similarity"
     assert "dhsa" in PRESETS and PRESETS["dhsa"].differs
     q, k, _ = _qkv(256, 256, hq=2, hkv=1, d=16)

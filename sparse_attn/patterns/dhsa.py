@@ -11,8 +11,9 @@ a per-query-block token budget.
 2. **Scores.** Chunk representation ``mean(keys) * sqrt(len)``, query block (``block_q`` queries) likewise;
    ``g = q_blk . k_chunk`` per head (``per_head=True``, the code) or averaged over query heads
    (``per_head=False``, the paper). Every key token inherits its chunk's score.
-3. **Selection** per query block: the ``local`` latest keys it can see (ending at its last diagonal key
-   ``q_last + Lk - Lq``; non-causal: ending there, clamped into ``[0, Lk)``) are always kept; of the other
+3. **Selection** per query block: the ``local`` latest keys of each of its rows (the band from
+   ``q_first + Lk - Lq - local + 1`` to its last diagonal key ``q_last + Lk - Lq``; non-causal: clamped into
+   ``[0, Lk)``, at least ``local`` keys) and the first ``sink`` keys are always kept; of the other
    visible keys the top ``budget - local`` by inherited score, i.e. whole chunks in descending score, the chunk
    that crosses the budget contributing its latest candidate tokens. ``budget`` is a token count (including the
    local keys) or a fraction of the keys the block can see.
@@ -93,7 +94,8 @@ class DHSA(Pattern):
     Args:
         budget: tokens per query block including the local ones: an int, or a float fraction of the keys
             the block can see (``ceil(budget * visible)``). The paper: 1024.
-        local: latest visible keys of each query block always kept (the paper: 64).
+        local: latest visible keys of each query row always kept (the paper: 64): per query block the keys from
+            its first query's ``local`` latest to its last query's diagonal.
         boundary: ``"similarity"`` (chunk starts at key cosine drops) or ``"fixed"`` (``chunk_size`` keys).
         threshold: cosine below which a key may start a chunk (``"similarity"``), in ``[-1, 1]``.
         min_chunk, max_chunk: chunk length bounds of ``"similarity"`` (``2 * min_chunk <= max_chunk``).
@@ -101,6 +103,7 @@ class DHSA(Pattern):
         block_q: queries per scored query block (a multiple of the tile's BLOCK_M; the paper: 128).
         per_head: chunks and scores per head (True, the DHSA code) or head-averaged (False, the paper).
         block_size: tile size of the mask.
+        sink: the first keys, always kept (counted in the budget; 0 in the paper, needed by causal LMs).
 
     Example:
         >>> q = k = torch.randn(1, 2, 1024, 64)
@@ -119,12 +122,14 @@ class DHSA(Pattern):
     block_q: int = 64
     per_head: bool = True
     block_size: int = 64
+    sink: int = 0
 
     def __post_init__(self):
         if isinstance(self.budget, (tuple, list)):
             raise TypeError(f"budget must be an int or a float fraction, got a sequence {self.budget!r}.")
         S.check_budget(self.budget, "budget")
         check_positive_int(self.local, "local", allow_zero=True)
+        check_positive_int(self.sink, "sink", allow_zero=True)
         if self.boundary not in _BOUNDARIES:
             raise ValueError(f"boundary must be one of {_BOUNDARIES}, got {self.boundary!r}.")
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
@@ -208,7 +213,12 @@ class DHSA(Pattern):
         ids = ids[:, :, None, :].expand(b, h_m, n_q, kv_len)  # [B, Hm, NQ, Lk]
         hi, visible = self._rows(q_len, kv_len, causal, dev)  # [NQ]
         seen = (pos[None, :] <= hi[:, None]) | (not causal)  # [NQ, Lk] visible to the block's last query
-        local = (pos[None, :] <= hi[:, None]) & (pos[None, :] > hi[:, None] - self.local)
+        # the band from the first query's latest `local` keys to the last query's diagonal: every row of the
+        # block keeps (at least) its own `local` latest visible keys after the per-row causal cut
+        q_first = torch.arange(n_q, device=dev) * self.block_q + (kv_len - q_len)
+        lo = torch.minimum(q_first, hi) - self.local + 1  # [NQ]
+        local = (pos[None, :] <= hi[:, None]) & (pos[None, :] >= lo[:, None]) & (self.local > 0)
+        local = local | (seen & (pos[None, :] < self.sink))  # sink keys
         cand = seen & ~local  # [NQ, Lk]
         if isinstance(self.budget, float):
             total = torch.ceil(self.budget * visible.double() - 1e-9).long()
