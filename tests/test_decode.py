@@ -227,3 +227,37 @@ def test_strided_views_are_read_in_place(backend):
     args = on_device(backend, q, k, v, seqlens, pages)
     got = sparse_attention_with_kvcache(*args[:4], pages=args[4], backend=backend).cpu()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reused_gather_buffers_never_alias_outputs():
+    """The CPU path gathers into per-thread buffers that the next call overwrites: an earlier output must
+    stay what it was, and calls of other shapes in between must not disturb later ones."""
+    torch.manual_seed(3)
+    seqlens = torch.tensor([128, 80], dtype=torch.int32)
+    q, k, v = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 128, 32), torch.randn(2, 2, 128, 32)
+    pages = random_pages(2, 2, seqlens.long(), 16, 0.5)
+    first = sparse_attention_with_kvcache(q, k, v, seqlens, pages=pages, backend="torch")
+    kept = first.clone()
+    q2, k2, v2 = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 96, 16), torch.randn(1, 1, 96, 16)
+    s2 = torch.tensor([96], dtype=torch.int32)
+    other = sparse_attention_with_kvcache(q2, k2, v2, s2, pages=random_pages(1, 1, s2.long(), 16, 0.6),
+                                          backend="torch")
+    assert torch.equal(first, kept)
+    want = decode_fwd_ref(q.double(), k.double(), v.double(), seqlens, (pages >= 0).sum(-1).int(), pages, None,
+                          True, 32 ** -0.5, 16)[0]
+    again = sparse_attention_with_kvcache(q, k, v, seqlens, pages=pages, backend="torch")
+    torch.testing.assert_close(again.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, first) and torch.isfinite(other).all()
+
+
+def test_pages_from_keep_is_each_rows_sorted_page_list():
+    from sparse_attn.patterns.decode import pages_from_keep
+
+    keep = torch.rand(3, 4, 37) < 0.3
+    keep[0, 0] = False  # a row that keeps nothing
+    out = pages_from_keep(keep)
+    assert out.dtype == torch.int32 and out.shape[-1] == int(keep.sum(-1).max())
+    for b in range(3):
+        for h in range(4):
+            want = keep[b, h].nonzero().flatten().tolist()
+            assert out[b, h].tolist() == want + [-1] * (out.shape[-1] - len(want))

