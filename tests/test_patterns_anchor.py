@@ -126,3 +126,19 @@ def test_runs_through_sparse_attention_and_unions():
     assert keep.shape == (1, 4, 7, 7)
     assert isinstance(Union(patterns=(pat, Anchor(window=16, block_size=32, super_block=64, pool=32))), Union)
     assert 0.0 < mask.density(causal=True) < 1.0
+
+
+def test_preset_builds_a_stripe_mask_with_block_columns():
+    from sparse_attn.integrations.presets import PRESETS, get_preset
+
+    cfg = get_preset("anchor", super_block=256, window=64, pool=64)
+    pat = cfg.pattern
+    assert isinstance(pat, Anchor) and pat.theta == 12.0 and pat.sink == 64 and PRESETS["anchor"].differs
+    assert get_preset("anchor").pattern.super_block == 2048
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 512, 32), torch.randn(1, 2, 512, 32)
+    k[:, :, 300] = 3 * q[:, :, 400:].mean(2)  # a key every later row attends to
+    mask = pat.build(q, k, causal=True)
+    assert isinstance(mask, StripeSparseMask) and mask.block_columns is not None
+    dense = mask.to_dense(causal=True)  # [1, 2, 512, 512]
+    assert bool(dense[0, :, 400:, 300].all()) and 0 < mask.density(causal=True) < 1

@@ -137,6 +137,17 @@ def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Opt
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
+def anchor(*, super_block: int = 2048, sink: int = 64, window: int = 256, theta: float = 12.0, pool: int = 128,
+           block_size: int = 64, min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
+    """AnchorAttention for LLM prefill: each row's anchor (its max over sink + band), then per 2048-row super-block
+    the keys whose pooled logit (128-row pools) comes within ``theta = 12`` (log2 units) of the pooled anchor,
+    as stripe columns; a ``StripeSparseMask`` built at every prefill."""
+    from ..patterns import Anchor
+
+    pattern = Anchor(super_block=super_block, sink=sink, window=window, theta=theta, pool=pool, block_size=block_size)
+    return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
+
+
 def dhsa(*, budget=1024, local: int = 64, sink: int = 64, block_q: int = 128, per_head: bool = False,
          threshold: float = 0.5, min_chunk: int = 32, max_chunk: int = 256, block_size: int = 64,
          min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
@@ -219,6 +230,10 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "index selection", "the mass is estimated per 64-query block from pooled q/k (FlexPrefill scores the last "
            "query block against every key); no per-head switch to vertical-slash; sink keys and a local window added",
            flexprefill),
+    Preset("anchor", "LLM prefill (transformers)", "AnchorAttention (yuzhouzhang9/Anchor-Attention)",
+           "the local region is a band of 256 keys per row (the reference: the super-block's triangle); the pooled "
+           "anchor is the mean of the rows' anchors; the scan range includes the block before each super-block that "
+           "the reference skips; on CPU stripe masks run the PyTorch reference (slower than dense attention)", anchor),
     Preset("dhsa", "LLM prefill (transformers)", "DHSA (xiongsiheng/DHSA) dynamic hierarchical sparse attention",
            "chunk boundaries from a key-cosine threshold with min/max chunk lengths (the paper's boundary predictor "
            "is not reproduced; its code uses fixed chunks); the chunk crossing the budget is cut to it; 64 sink keys "
@@ -253,4 +268,4 @@ def get_preset(name: str, **kw) -> SparseConfig:
 
 
 __all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "flexprefill", "minference", "moba",
-           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest", "dhsa", "hip"]
+           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest", "anchor", "dhsa", "hip"]
