@@ -2,7 +2,9 @@
 
 Per length, the rounds interleave dense and every configuration (``model(ids)``, no cache, no labels), and each
 row reports the median; then one pass with labels gives the perplexity change and the density (the
-``sparse-attn quality`` harness). Time only on an idle machine: the header records the load average.
+``sparse-attn quality`` harness). Timed prefill computes the last position's logits only, as ``generate()``
+does (``--logits all``: every position's, as a scoring pass). Time only on an idle machine: the header records
+the load average.
 
 Usage:
     python benchmarks/llm_end_to_end.py                       # moba, streamingllm, minference at 4k and 8k
@@ -29,24 +31,27 @@ from sparse_attn.integrations import transformers as hf  # noqa: E402
 NAME = "sparse_attn_e2e"
 
 
-def _prefill_s(model, ids):
+def _prefill_s(model, ids, logits="last"):
+    """Seconds of one forward over ``ids``; ``logits="last"`` computes the last position's logits only (what
+    ``generate()`` runs at prefill: ``logits_to_keep=1``), ``"all"`` every position's (a scoring pass)."""
+    keep = {"last": 1, "all": 0}[logits]
     t0 = time.perf_counter()
     with torch.no_grad():
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, logits_to_keep=keep)
     return time.perf_counter() - t0
 
 
-def time_configs(model, ids, configs, rounds):
+def time_configs(model, ids, configs, rounds, logits="last"):
     """``{label: [seconds per round]}`` with ``"dense"`` first; rounds interleave the configurations."""
     times = {"dense": []}
     times.update({c.label: [] for c in configs})
     for _ in range(rounds):
         model.set_attn_implementation("sdpa")
-        times["dense"].append(_prefill_s(model, ids))
+        times["dense"].append(_prefill_s(model, ids, logits))
         for c in configs:
             hf.register(c.make(), name=NAME)
             model.set_attn_implementation(NAME)
-            times[c.label].append(_prefill_s(model, ids))
+            times[c.label].append(_prefill_s(model, ids, logits))
             model.set_attn_implementation("sdpa")
     hf.unregister(NAME)
     return times
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="moba,streamingllm,minference")
     ap.add_argument("--text", default="shakespeare", help="a text of benchmarks/lm_texts.py (the essays hold only 4.7k tokens)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--logits", choices=("last", "all"), default="last",
+                    help="last: the last position's logits only, as generate() prefills (default); all: every position")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", help="JSON file for the rows and the machine header")
     args = ap.parse_args(argv)
@@ -71,12 +78,12 @@ def main(argv=None) -> int:
     for n in (int(x) for x in args.tokens.split(",")):
         ids = lq.token_windows(ids_all, n)[0]
         _prefill_s(model, ids[:, :1024])  # warm-up
-        times = time_configs(model, ids, configs, args.rounds)
+        times = time_configs(model, ids, configs, args.rounds, args.logits)
         quality = {r["config"]: r for r in lq.evaluate(model, [ids], configs) if r["window"] == "all"}
         dense = statistics.median(times["dense"])
         for label, ts in times.items():
             q = quality[label]
-            rows.append(dict(config=label, tokens=n, seconds=statistics.median(ts), rounds=ts,
+            rows.append(dict(config=label, tokens=n, logits=args.logits, seconds=statistics.median(ts), rounds=ts,
                              vs_dense=statistics.median(ts) / dense, ppl=q["ppl"], change_pct=q["change_pct"],
                              density=q["density"], build_s=q["build_s"]))
             print(f"{n:6d}  {label:28s} {rows[-1]['seconds']:7.2f} s  x{rows[-1]['vs_dense']:.2f} of dense  "
