@@ -29,6 +29,7 @@ import torch
 
 from ._checks import check_int_tensor, check_positive_int
 from .mask import BlockSparseMask, TiledMask, _as_pair, _slice_span, transpose_lists
+from .token_tiles import compact_rows
 
 _ASCII_LIMIT = 64
 # Bound, in elements, of the [rows, NQB, NKB] temporaries of the lowering (processed in chunks of rows).
@@ -68,7 +69,7 @@ def _sorted_unique_padded(x):
     xs = torch.sort(torch.where(x < 0, big, x), dim=-1).values
     ok = xs != big
     ok[..., 1:] &= xs[..., 1:] != xs[..., :-1]
-    return _compact(ok, xs)
+    return compact_rows(ok, xs)
 
 
 def _sorted_unique(x):
@@ -86,22 +87,6 @@ def _sorted_unique(x):
     xs = xs[:, :width]
     slot = torch.arange(width, device=x.device)
     return torch.where(slot < counts[:, None], xs, 0), counts
-
-
-def _compact(keep, *values):
-    """Row-wise compaction of each of ``values`` where ``keep`` (all ``[..., N]``), order preserved.
-
-    Returns (counts int64 ``[...]``, then one packed ``[..., W]`` tensor per value, padded with 0),
-    ``W = max(1, max count)``.
-    """
-    counts = keep.sum(-1)
-    width = max(1, int(counts.max().item()) if counts.numel() else 1)
-    target = torch.where(keep, torch.cumsum(keep, dim=-1) - 1, width)
-    packed = []
-    for val in values:
-        out = torch.zeros((*keep.shape[:-1], width + 1), dtype=val.dtype, device=keep.device)
-        packed.append(out.scatter_(-1, target, val.expand_as(keep))[..., :width])
-    return (counts, *packed)
 
 
 def _indicator(lists, counts, size):
@@ -166,24 +151,24 @@ def lower_vertical_slash(vertical, vertical_count, slash, slash_count, block_siz
         hits = (prefix[:, d_hi1] - prefix[:, d_lo]).reshape(b - a, n_qb, n_kb)  # [C, NQB, NKB]
         keep = hits > 0
         full = (hits == span).to(torch.int8)
-        cnt, idx, fl = _compact(keep, kb_all, full)
+        cnt, idx, fl = compact_rows(keep, kb_all, full)
         # vertical columns whose key block the block part already computes are dropped
         v = vertical[a:b]
         covered = torch.gather(keep, 2, (v // bn)[:, None, :].expand(-1, n_qb, -1))  # [C, NQB, NVw]
         vkeep = (vslot < vertical_count[a:b, None])[:, None, :] & ~covered
         if block_columns is None:
-            ccnt, cidx = _compact(vkeep, v[:, None, :].to(torch.int32))
+            ccnt, cidx = compact_rows(vkeep, v[:, None, :].to(torch.int32))
             parts.append((cnt, idx, fl, ccnt, cidx))
             continue
         e = block_columns[a:b]  # [C, NQB, NEw]
         e_ok = torch.arange(n_extra, device=device) < block_column_counts[a:b, :, None]
         e_ok &= ~torch.gather(col_keep[a:b], 1, e.reshape(b - a, -1)).reshape(e.shape).bool()
         e_ok &= ~torch.gather(keep, 2, e // bn)  # inside a block-part tile of its own query block
-        ecnt, eidx = _compact(e_ok, e.to(torch.int32))
+        ecnt, eidx = compact_rows(e_ok, e.to(torch.int32))
         big = torch.iinfo(torch.int64).max  # merge: both lists are sorted and disjoint
         merged = torch.cat([torch.where(vkeep, v[:, None, :], big), torch.where(e_ok, e, big)], dim=-1)
         merged = torch.sort(merged, dim=-1).values
-        ccnt, cidx = _compact(merged != big, merged.to(torch.int64))
+        ccnt, cidx = compact_rows(merged != big, merged.to(torch.int64))
         parts.append((cnt, idx, fl, ccnt, cidx.to(torch.int32), ecnt, eidx))
 
     def cat(k):
@@ -426,15 +411,15 @@ class StripeSparseMask(TiledMask):
             & (v < k1)
         s = s - (q0 - k0)
         s_ok = (torch.arange(s.shape[1], device=self.device) < self.slash_count.reshape(-1, 1)) & (s > -lk) & (s < lq)
-        v_cnt, v = _compact(v_ok, v - k0)
-        s_cnt, s = _compact(s_ok, s)
+        v_cnt, v = compact_rows(v_ok, v - k0)
+        s_cnt, s = compact_rows(s_ok, s)
         e = e_cnt = None
         if self.block_columns is not None:  # the slice's query blocks, keys shifted into [0, lk)
             qb = slice(q0 // bm, -(-q1 // bm))
             e = self.block_columns[:, :, qb].long().reshape(n_b * n_h, qb.stop - qb.start, self.block_columns.shape[-1])
             e_ok = (torch.arange(e.shape[-1], device=self.device)
                     < self.block_column_counts[:, :, qb].reshape(n_b * n_h, -1, 1)) & (e >= k0) & (e < k1)
-            e_cnt, e = _compact(e_ok, e - k0)
+            e_cnt, e = compact_rows(e_ok, e - k0)
         if lq == 0 or lk == 0:
             extra = None if e is None else torch.full((n_b, n_h, e.shape[1], 1), -1, dtype=torch.int64,
                                                       device=self.device)

@@ -37,6 +37,22 @@ def lists_from_bool(block_bool: torch.Tensor) -> Tuple[torch.Tensor, torch.Tenso
     return counts, indices.contiguous()
 
 
+def compact_rows(keep, *values, fill=0, min_width=1):
+    """Row-wise compaction of each of ``values`` where ``keep`` (all ``[..., N]``), order preserved.
+
+    Returns (counts int64 ``[...]``, then one packed ``[..., W]`` tensor per value, padded with ``fill``),
+    ``W = max(min_width, max count)``.
+    """
+    counts = keep.sum(-1)
+    width = max(min_width, int(counts.max().item()) if counts.numel() else 0)
+    target = torch.where(keep, torch.cumsum(keep, dim=-1) - 1, width)  # kept entries to their slot, others spare
+    packed = []
+    for val in values:
+        out = torch.full((*keep.shape[:-1], width + 1), fill, dtype=val.dtype, device=keep.device)
+        packed.append(out.scatter_(-1, target, val.expand_as(keep))[..., :width])
+    return (counts, *packed)
+
+
 def _vmap_bhqkv(mask_mod: Callable):
     """``mask_mod(b, h, q, kv)`` on scalars -> a function of 1-D index tensors returning ``[B, H, Q, KV]``
     (the way FlexAttention evaluates a ``mask_mod``)."""

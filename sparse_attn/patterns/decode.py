@@ -28,6 +28,7 @@ from typing import ClassVar, Tuple, Union
 
 import torch
 
+from ..token_tiles import compact_rows
 from .registry import Registry
 
 _DECODE = Registry("decode pattern")
@@ -145,14 +146,8 @@ class PageSelect:
 
 def pages_from_keep(keep):
     """bool ``[B, H, NP]`` -> int32 sorted page lists ``[B, H, W]`` (``W`` = the most kept; ``-1`` pads)."""
-    n_pages = keep.shape[-1]
-    width = int(keep.sum(-1).max()) if keep.numel() else 0
-    # compaction instead of a sort: kept page p goes to slot (kept pages before p); the others to a spare slot
-    slot = torch.where(keep, torch.cumsum(keep, -1) - 1, width)  # [B, H, NP]
-    out = torch.full(keep.shape[:-1] + (width + 1,), -1, dtype=torch.int32, device=keep.device)
-    pages = torch.arange(n_pages, dtype=torch.int32, device=keep.device).expand(keep.shape)
-    out.scatter_(-1, slot, torch.where(keep, pages, -1))
-    return out[..., :width]
+    pages = torch.arange(keep.shape[-1], dtype=torch.int32, device=keep.device)
+    return compact_rows(keep, pages, fill=-1, min_width=0)[1]
 
 
 def _grouped(q, n_kv_heads):
