@@ -22,17 +22,18 @@ WORKSPACE_BYTES = 32 * 1024 * 1024
 _workspace = threading.local()
 
 
-def _buffer(role, numel, dtype, device):
-    """A reusable flat tensor of at least ``numel`` elements (None when larger than ``WORKSPACE_BYTES``)."""
-    if numel * torch.empty((), dtype=dtype).element_size() > WORKSPACE_BYTES:
+def _buffer(role, numel, like):
+    """A reusable flat tensor of at least ``numel`` elements of ``like``'s dtype and device (None when larger
+    than ``WORKSPACE_BYTES``)."""
+    if numel * like.element_size() > WORKSPACE_BYTES:
         return None
     bufs = getattr(_workspace, "bufs", None)
     if bufs is None:
         bufs = _workspace.bufs = {}
-    key = (role, dtype, device)
+    key = (role, like.dtype, like.device)
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buf[:numel]
 
 
@@ -48,7 +49,7 @@ def _select_rows(rows, idx, role):
     """``rows.index_select(0, idx)``, written into this thread's reusable buffer for ``role`` when it fits.
 
     The result is only valid until the next call with the same role (the chunk loop uses it at once)."""
-    buf = _buffer(role, idx.numel() * rows.shape[1], rows.dtype, rows.device)
+    buf = _buffer(role, idx.numel() * rows.shape[1], rows)
     if buf is None:
         return rows.index_select(0, idx)
     return torch.index_select(rows, 0, idx, out=buf.view(idx.numel(), rows.shape[1]))
@@ -105,15 +106,8 @@ def _zero_nonfinite(v, fix, keep):
 
 def _softmax_nan_rows(s, v, bad):
     """``softmax_rows`` of scores ``s [n, R, K]`` over ``v [n, K, D]``: ``(o [n, R, D], lse [n, R])``, with NaN in
-    both for the rows of ``bad [n, R]`` (they keep a non-finite value; None: no such row). ``s`` is
-    overwritten."""
-    m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else None
-    if m is None or bool(torch.isinf(m).any()):  # a row without keys (or an infinite score): the general path
-        o, lse = softmax_rows(s, v)
-    else:  # the same arithmetic as softmax_rows for finite maxima, in place and in fewer passes
-        p = s.sub_(m).exp_()
-        l_sum = p.sum(dim=-1, keepdim=True)
-        o, lse = torch.bmm(p, v).div_(l_sum), m.add_(l_sum.log_())
+    both for the rows of ``bad [n, R]`` (they keep a non-finite value; None: no such row)."""
+    o, lse = softmax_rows(s, v)
     lse = lse.squeeze(-1)
     if bad is not None:
         o = o.masked_fill(bad[:, :, None], float("nan"))
