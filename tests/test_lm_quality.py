@@ -86,3 +86,32 @@ def test_cli_quality_on_smollm2_writes_csv_json_and_plot(tmp_path, capsys):
     assert 0.3 < row["density"] < 0.8 and row["sparse_calls"] == 30
     assert saved["machine"]["tokens"] == 512 and (tmp_path / "quality.csv").read_text().startswith("# ")
     assert (tmp_path / "pareto.png").exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_evaluate_meters_per_layer_configs():
+    """A mapping ``layer -> pattern`` (None: dense) is metered per layer: densities of the sparse layers, dense
+    layers counted as 1, and the same loss as the patched model without the meters."""
+    from sparse_attn.integrations import transformers as hf
+    from sparse_attn.integrations.sdpa import SparseConfig
+    from sparse_attn.patterns import SlidingWindow
+
+    model = tiny_llama(seed=0)
+    n_layers = model.config.num_hidden_layers
+    assert n_layers >= 2
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(3))
+    window = SlidingWindow(left=64, right=0)
+    make = lambda: SparseConfig({0: window, **{i: None for i in range(1, n_layers)}}, min_seq_len=64)  # noqa: E731
+    rows = lq.evaluate(model, [ids], [lq.NamedConfig("layer0", "per_layer", make)])
+    row = next(r for r in rows if r["config"] == "layer0" and r["window"] == 0)
+    assert row["sparse_calls"] == 1 and row["dense_calls"] == n_layers - 1
+    one = window.build(torch.randn(1, 1, 256, 8), torch.randn(1, 1, 256, 8), causal=True).density(causal=True)
+    assert row["density"] == pytest.approx((one + n_layers - 1) / n_layers)
+    hf.register(make(), name="per_layer_check")
+    try:
+        model.set_attn_implementation("per_layer_check")
+        with torch.no_grad():
+            want = model(ids, labels=ids).loss.item()
+    finally:
+        model.set_attn_implementation("sdpa")
+        hf.unregister("per_layer_check")
+    assert row["ppl"] == pytest.approx(math.exp(want), rel=1e-6) and row["change_pct"] != 0.0

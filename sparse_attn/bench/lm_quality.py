@@ -15,6 +15,7 @@ Example:
     'streamingllm'
 """
 
+import copy
 import json
 import math
 import time
@@ -107,6 +108,41 @@ class MaskMeter:
         return mask, state
 
 
+class LayerMeters:
+    """Per-layer :class:`MaskMeter` s for a configuration whose pattern depends on the layer (a mapping
+    ``layer -> pattern``, a plan, a callable): ``pattern_for(layer)`` gives the metered pattern (None: dense)."""
+
+    def __init__(self, config):
+        self._config, self.meters = config, {}
+
+    def pattern_for(self, layer):
+        if layer not in self.meters:
+            pattern = self._config.pattern_for(layer)
+            self.meters[layer] = None if pattern is None else MaskMeter(pattern)
+        return self.meters[layer]
+
+    @property
+    def densities(self):
+        return [d for m in self.meters.values() if m is not None for d in m.densities]
+
+    @property
+    def build_s(self):
+        return sum(m.build_s for m in self.meters.values() if m is not None)
+
+
+def metered(config):
+    """Wrap ``config.pattern`` in place with a :class:`MaskMeter` (one pattern) or :class:`LayerMeters` (a
+    per-layer pattern); returns the meter."""
+    from ..integrations.warm_start import is_pattern
+
+    if is_pattern(config.pattern):
+        meter = MaskMeter(config.pattern)
+    else:
+        meter = LayerMeters(copy.copy(config))
+    config.pattern = meter
+    return meter
+
+
 def load_causal_lm(path: str, gguf: Optional[str] = None, dtype: str = "float32"):
     """``(model, tokenizer)``: a transformers causal LM from a local folder (or a GGUF file in it), eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,8 +198,7 @@ def evaluate(model, windows: Sequence[torch.Tensor], configs: Sequence[NamedConf
             losses, mine = [], []
             for w, ids in enumerate(windows):
                 sc = cfg.make()
-                meter = MaskMeter(sc.pattern)
-                sc.pattern = meter
+                meter = metered(sc)
                 hf.register(sc, name=name)
                 model.set_attn_implementation(name)
                 loss, secs = _loss(model, ids)
@@ -245,5 +280,5 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-__all__ = ["NamedConfig", "parse_config", "MaskMeter", "load_causal_lm", "token_windows", "evaluate", "format_rows",
+__all__ = ["NamedConfig", "parse_config", "MaskMeter", "LayerMeters", "metered", "load_causal_lm", "token_windows", "evaluate", "format_rows",
            "pareto", "plot_pareto", "COLUMNS"]
