@@ -431,11 +431,23 @@ class StripeSparseMask(TiledMask):
         fields = {k: x.reshape(n_b, n_h, *x.shape[1:]).contiguous() for k, x in fields.items()}
         return StripeSparseMask(**fields, block_size=(bm, bn), seq_lens=(lq, lk), validate=False)
 
-    def _slice_as_blocks(self, q0, q1, k0, k1) -> BlockSparseMask:
-        """The causal slice as an exact block mask: covering tiles, evaluated token by token in global coordinates."""
+    def to_block_mask(self, causal: bool = False) -> BlockSparseMask:
+        """The same pairs as an exact :class:`BlockSparseMask`: the covering tiles, those wholly on slashes
+        (and, with ``causal``, wholly below the diagonal) full, the others with bit masks; with ``causal``
+        the bottom-right causal predicate is folded into the bits.
+
+        ``to_block_mask(causal).to_dense() == to_dense(causal)``. The CPU path of :func:`stripe_attention`
+        runs it on the fused block-sparse CPU path. Memory: 512 bytes per partial 64x64 tile.
+        """
+        return self._slice_as_blocks(0, self.q_len, 0, self.kv_len, causal=causal)
+
+    def _slice_as_blocks(self, q0, q1, k0, k1, causal=True) -> BlockSparseMask:
+        """The slice as an exact block mask (causal folded in when asked): covering tiles, those wholly on
+        slashes and visible full, the others evaluated token by token in global coordinates."""
         bm, bn = self.block_size
         rows, cols = slice(q0 // bm, -(-q1 // bm)), slice(k0 // bn, -(-k1 // bn))
-        tiles = self.covering_block_mask().visible_tiles(causal=True)[:, :, rows, cols]
+        tiles = self.covering_block_mask().visible_tiles(causal=causal)[:, :, rows, cols]
+        full = self._full_tiles(causal)[:, :, rows, cols]
         diag, col = self.diag_keep.bool(), self.col_keep.bool()
         extra = self.block_column_keep()  # [Bm, Hm, NQB, Lk] or None
         shift = self.kv_len - self.q_len
@@ -448,8 +460,24 @@ class StripeSparseMask(TiledMask):
             keep = col[b[:, None], h[:, None], jc][:, None, :] | diag[b[:, None, None], h[:, None, None], d]
             if extra is not None:  # one query block per tile
                 keep = keep | extra[b[:, None], h[:, None], (qb + rows.start)[:, None], jc][:, None, :]
-            return keep & (j[:, None, :] <= i[:, :, None] + shift)
-        return BlockSparseMask.from_tile_evaluator(evaluate, tiles, (bm, bn), (q1 - q0, k1 - k0))
+            return keep & (j[:, None, :] <= i[:, :, None] + shift) if causal else keep
+        return BlockSparseMask.from_tile_evaluator(evaluate, tiles, (bm, bn), (q1 - q0, k1 - k0), full=full)
+
+    def _full_tiles(self, causal):
+        """bool ``[Bm, Hm, NQB, NKB]``: tiles of the block part wholly on slashes, within the sequence and (with
+        ``causal``) wholly visible: kept whole without evaluating their pairs."""
+        bm, bn = self.block_size
+        n_qb, n_kb = self.num_blocks
+        width = self.block_indices.shape[-1]
+        ok = (torch.arange(width, device=self.device) < self.block_counts[..., None]) & (self.block_full > 0)
+        blk = torch.where(ok, self.block_indices.long(), n_kb)
+        full = torch.zeros((*blk.shape[:3], n_kb + 1), dtype=torch.bool, device=self.device)
+        full = full.scatter_(-1, blk, True)[..., :n_kb]
+        qb, kb = torch.arange(n_qb, device=self.device)[:, None], torch.arange(n_kb, device=self.device)[None, :]
+        inside = ((qb + 1) * bm <= self.q_len) & ((kb + 1) * bn <= self.kv_len)  # no ragged edge
+        if causal:  # the tile's last key is seen by its first query
+            inside = inside & ((kb + 1) * bn - 1 <= qb * bm + (self.kv_len - self.q_len))
+        return full & inside
 
     def kv_major(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The block part transposed (key-major), for the backward pass; derived once and cached.
