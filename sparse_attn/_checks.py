@@ -96,6 +96,16 @@ def check_mask_fits(mask, q, k):
         raise ValueError(f"mask is on {mask.device}, but q is on {q.device}; use mask.to(q.device).")
 
 
+def use_fused_cpu_path(q, k, v, return_lse):
+    """Whether the fused block-sparse CPU path runs this call: CPU tensors, a torch build that has it, and no
+    gradient through lse (that needs the reference path)."""
+    from sparse_attn_kernels.block_sparse.cpu import available
+
+    if q.device.type != "cpu" or not available():
+        return False
+    return not (return_lse and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+
+
 def resolve_backend(backend, q, block_size=None):
     """``"auto"`` -> Triton on CUDA, PyTorch elsewhere; checks what the Triton kernels support."""
     if backend not in BACKENDS:

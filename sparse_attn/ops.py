@@ -2,12 +2,12 @@
 
 import torch
 
-from sparse_attn_kernels.block_sparse.cpu import available as cpu_path_available
 from sparse_attn_kernels.block_sparse.cpu import block_sparse_attn_cpu
 from sparse_attn_kernels._common.predicates import TokenPredicates
 from sparse_attn_kernels.reference import block_sparse_attn_ref
 
-from ._checks import check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
+from ._checks import (check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend,
+                      use_fused_cpu_path)
 from .mask import BlockSparseMask
 from .stripe_mask import StripeSparseMask
 from .stripe_ops import stripe_attention
@@ -123,7 +123,7 @@ def sparse_attention(q, k, v, mask=None, *, causal=False, window=None, scale=Non
             preds = preds._replace(bit_slots_t=slots_t)
         o, lse = block_sparse_attn(q, k, v, counts, indices, bm, bn, causal, scale,
                                    counts_t=counts_t, indices_t=indices_t, preds=preds, key_bias=key_bias)
-    elif key_bias is None and _use_cpu_path(q, k, v, return_lse):
+    elif key_bias is None and use_fused_cpu_path(q, k, v, return_lse):
         o, lse = block_sparse_attn_cpu(q, k, v, counts, indices, bm, bn, causal, scale, preds=preds)
         lse = lse.float()
     else:
@@ -137,14 +137,6 @@ def _no_window(window, kind):
     if window is not None and tuple(window) != (-1, -1):
         raise ValueError(f"window= is supported with a BlockSparseMask or no mask, got a {kind}; put the window "
                          f"into the pattern instead.")
-
-
-def _use_cpu_path(q, k, v, return_lse):
-    """The fused CPU path runs CPU tensors; gradients through lse need the reference path."""
-    if q.device.type != "cpu" or not cpu_path_available():
-        return False
-    lse_grad = return_lse and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    return not lse_grad
 
 
 def _dense_lists(q_len, kv_len, block, device):

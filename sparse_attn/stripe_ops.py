@@ -5,11 +5,11 @@
 
 import torch
 
-from sparse_attn_kernels.block_sparse.cpu import available as cpu_path_available
 from sparse_attn_kernels.block_sparse.cpu import block_sparse_attn_cpu
 from sparse_attn_kernels.reference_stripe import stripe_sparse_fwd_ref
 
-from ._checks import check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend
+from ._checks import (check_bool, check_mask_fits, check_qkv, check_scale, empty_attention, resolve_backend,
+                      use_fused_cpu_path)
 from .stripe_mask import StripeSparseMask
 
 # Upper bound, in elements, of one chunk of the [rows, BLOCK_M, NE] scores of the block-column dK/dV.
@@ -147,7 +147,7 @@ def stripe_attention(q, k, v, mask, *, causal=False, scale=None, return_lse=Fals
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         bwd_lists = (*mask.kv_major(), mask.vertical, mask.vertical_count) if needs_grad else None
         o, lse = stripe_sparse_attn(q, k, v, lowered, bwd_lists, bm, bn, bool(causal), float(scale))
-    elif _use_cpu_path(q, k, v, return_lse):
+    elif use_fused_cpu_path(q, k, v, return_lse):
         # the same pairs as a block mask with bits, on the fused CPU path (the stripe reference gathers per
         # row and runs 10-100x slower); causal is folded into the bits
         block = mask.to_block_mask(causal=bool(causal))
@@ -159,9 +159,3 @@ def stripe_attention(q, k, v, mask, *, causal=False, scale=None, return_lse=Fals
         lse = lse.float()
     return (o, lse) if return_lse else o
 
-
-def _use_cpu_path(q, k, v, return_lse):
-    """CPU tensors go to the fused block-sparse CPU path, except when gradients must flow through lse."""
-    if q.device.type != "cpu" or not cpu_path_available():
-        return False
-    return not (return_lse and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))

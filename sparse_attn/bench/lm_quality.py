@@ -280,5 +280,5 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-__all__ = ["NamedConfig", "parse_config", "MaskMeter", "LayerMeters", "metered", "load_causal_lm", "token_windows", "evaluate", "format_rows",
-           "pareto", "plot_pareto", "COLUMNS"]
+__all__ = ["NamedConfig", "parse_config", "MaskMeter", "LayerMeters", "metered", "load_causal_lm", "token_windows",
+           "evaluate", "format_rows", "pareto", "plot_pareto", "COLUMNS"]
