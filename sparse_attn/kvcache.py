@@ -116,6 +116,10 @@ class PageSummaries:
         idx = block_table.long().clamp(min=0)  # entries past a row's pages are never selected
         return tuple(t[idx].transpose(1, 2) for t in (self.mean, self.kmin, self.kmax))
 
+    def logical_pages(self, block_table=None) -> int:
+        """Logical pages per row: ``NP`` (contiguous) or ``block_table.shape[1]`` (paged)."""
+        return self.mean.shape[2] if not self.paged else block_table.shape[1]
+
     def logical_mean(self, block_table=None):
         """``mean [B, Hkv, NP, D]`` alone (what a mean-based selection reads)."""
         if not self.paged:

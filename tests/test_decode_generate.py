@@ -111,6 +111,18 @@ def test_page_selection_scores_budgets_and_forced_pages():
     page_mean[:, :-1] /= P
     q_bar = q[0, :, 0].view(n_kv_heads, 2, dim).mean(1)
     torch.testing.assert_close(kin.scores(q, summ, None)[0], (page_mean * q_bar[:, None]).sum(-1))
+    # group="softmax": each head's softmax over the row's pages, summed over the group's heads
+    soft = KineticsSelect(k=5, sink=16, window=16, group="softmax")
+    rows = q[1, :, 0].view(n_kv_heads, 2, dim)  # row 1 holds 90 keys: pages 0..5
+    mean1 = PageSummaries.from_cache(k[1:, :, :90], seq[1:], page_size=P).mean[0]  # [Hkv, 6, D]
+    want = torch.softmax(rows @ mean1.transpose(-1, -2) / dim ** 0.5, dim=-1).sum(1)  # [Hkv, 6]
+    valid = torch.arange(13)[None, :] < torch.tensor([[13], [6]])
+    got = soft.scores(q, summ, None, valid[:, None])[1]  # [Hkv, NP]
+    torch.testing.assert_close(got[:, :6], want)
+    assert bool((got[:, 6:] == 0).all())
+    assert ((soft.select(q, summ, seq) >= 0).sum(-1) == 5).all()
+    with pytest.raises(ValueError, match="group"):
+        KineticsSelect(group="max")
     pages = kin.select(q, summ, seq)
     assert pages.shape[-1] == 5 and ((pages >= 0).sum(-1) == 5).all()
     for row, n in ((0, 13), (1, 6)):

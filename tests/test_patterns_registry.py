@@ -12,6 +12,7 @@ EXAMPLES = {
     "sliding_window": dict(left=64, right=0, block_size=(32, 64)),
     "sink_local": dict(sink=16, window=128),
     "anchor": dict(super_block=256, sink=16, window=64, theta=8.0, pool=64, block_size=32),
+    "xattention": dict(threshold=[0.8, 0.95], stride=16, block_size=32, scale=0.2),
     "vertical_stripes": dict(columns=[5, 1, 9], text=False),
     "dense": {}, "skip": {},
     "multi_diagonal": dict(frames=2, width=16, layout=TokenLayout.video(4, 8, 8, text_len=10)),

@@ -188,16 +188,18 @@ def _decode_config(select, prefill, page_size, min_context, min_seq_len, backend
                               decode=select, min_context=min_context, page_size=page_size)
 
 
-def kinetics(*, k=0.125, sink: int = 64, window: int = 128, page_size: int = 16, min_context: int = 4096,
-             prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
+def kinetics(*, k=0.125, sink: int = 64, window: int = 128, group: str = "mean", page_size: int = 16,
+             min_context: int = 4096, prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
     """Kinetics block top-k decoding (transformers ``generate()``): past ``min_context`` cached keys each step
     attends the ``k`` pages (of ``page_size`` tokens) with the largest ``mean_group(q) . mean(page keys)``, the
-    current page, ``sink`` first tokens and a ``window`` of recent ones. ``prefill``: a prefill pattern (None:
-    dense prefill). Returns a :class:`~sparse_attn.integrations.transformers.SparseDecodeConfig`."""
+    current page, ``sink`` first tokens and a ``window`` of recent ones (``group="softmax"``: a page's score is
+    the summed softmax share over the group's heads, see :class:`~sparse_attn.patterns.decode.KineticsSelect`).
+    ``prefill``: a prefill pattern (None: dense prefill). Returns a
+    :class:`~sparse_attn.integrations.transformers.SparseDecodeConfig`."""
     from ..patterns.decode import KineticsSelect
 
-    return _decode_config(KineticsSelect(k=k, sink=sink, window=window), prefill, page_size, min_context,
-                          min_seq_len, backend)
+    return _decode_config(KineticsSelect(k=k, sink=sink, window=window, group=group), prefill, page_size,
+                          min_context, min_seq_len, backend)
 
 
 def quest(*, k=0.125, page_size: int = 16, min_context: int = 4096, prefill=None, min_seq_len: int = 1024,

@@ -18,6 +18,7 @@ from .video import MultiDiagonal, Window3D
 from .dynamic import BlockTopK, BlockTopP
 from .estimate import ExactImportance, LSEMass, VerticalSlash
 from .anchor import Anchor
+from .xattention import XAttention
 from .combine import PerHead, Union
 from .routing import KMeansRouting, RoutingState, kmeans
 from .equal_routing import EqualSizeRouting, SharedCentroids
@@ -35,7 +36,7 @@ from .decode import (KineticsSelect, QuestSelect, decode_pattern_from_dict, get_
 __all__ = [
     "padding", "Pattern", "StructuralPattern", "get_pattern", "list_patterns", "pattern_from_dict", "pattern_from_json",
     "register", "Dense", "Skip", "SlidingWindow", "SinkLocal", "VerticalStripes", "MultiDiagonal", "Window3D",
-    "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Anchor", "Union", "PerHead",
+    "BlockTopK", "BlockTopP", "ExactImportance", "LSEMass", "VerticalSlash", "Anchor", "XAttention", "Union", "PerHead",
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect", "DHSA",
     "VideoChunkSelect", "RegionRouting", "HiP", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
     "pattern_table", "build_cost_table", "planted_qkv", "Sparsifiner", "SparsifinerPredictor",

@@ -1,0 +1,116 @@
+"""XAttention (Xu et al., ICML 2025, mit-han-lab/x-attention): tile importance from antidiagonal sums.
+
+Queries and keys are cut in groups of ``stride`` tokens; the score of query group ``i`` and key group ``j``
+is the mean logit along the antidiagonal of their ``stride x stride`` square, ``sum_t q[iS + t] .
+k[jS + S - 1 - t] / S``. Every query and every key of a tile takes part once per square, so a key column
+(vertical line) or a diagonal (slash) that mean pooling averages away still shows up; the cost is a
+``1 / stride`` share of the ``q k^T`` product. A softmax over each query group's key groups, summed per
+tile and averaged over the tile's query groups, estimates each tile's share of its query block's attention;
+each query block keeps the fewest tiles whose share reaches ``threshold``.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_positive_int
+from . import _scoring as S
+from .base import as_tuple, causal_anchors, register
+from .dynamic import ContentPattern, _check_scale
+
+CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
+
+
+def antidiagonal_scores(q, k, stride, scale):
+    """Mean antidiagonal logits ``[B, Hkv, G, NQS, NKS]`` of ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``
+    (``G = Hq / Hkv``, ``NQS = ceil(Lq / stride)``): group ``i`` of queries against group ``j`` of keys.
+    Lengths that are not multiples of ``stride`` are padded with zero vectors (their pairs score 0)."""
+    batch, n_q_heads, q_len, dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    n_qs, n_ks = -(-q_len // stride), -(-kv_len // stride)
+    qs = F.pad(q.float(), (0, 0, 0, n_qs * stride - q_len)).reshape(batch, n_kv_heads, n_q_heads // n_kv_heads,
+                                                                     n_qs, stride * dim)
+    ks = F.pad(k.float(), (0, 0, 0, n_ks * stride - kv_len)).reshape(batch, n_kv_heads, n_ks, stride, dim)
+    ks = ks.flip(3).reshape(batch, n_kv_heads, 1, n_ks, stride * dim)  # keys of a group in reverse order
+    return torch.matmul(qs, ks.transpose(-1, -2)) * (scale / stride)
+
+
+@register("xattention")
+@dataclass(frozen=True)
+class XAttention(ContentPattern):
+    """Per query block, the fewest tiles whose antidiagonal-estimated attention share reaches ``threshold``.
+
+    Args:
+        threshold: share of each query block's estimated attention to keep, in (0, 1], or one per query head
+            (XAttention: 0.9).
+        stride: tokens per antidiagonal group; must divide the block size (XAttention: 8 or 16).
+        block_size: tile size (XAttention: 128).
+        scale: logit scale (default ``1/sqrt(D)``).
+
+    With ``causal``, key groups after a query group's own are hidden, and each query block's diagonal and
+    sink tiles are always kept (their share counts toward ``threshold``).
+
+    Example:
+        >>> mask = XAttention(threshold=0.9, stride=8).build(torch.randn(1, 2, 512, 64),
+        ...                                                 torch.randn(1, 2, 512, 64), causal=True)
+    """
+
+    threshold: Union[float, Tuple] = 0.9
+    stride: int = 8
+    block_size: int = 64
+    scale: Optional[float] = None
+
+    def __post_init__(self):
+        t = as_tuple(self.threshold)
+        for v in (t if isinstance(t, tuple) else (t,)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                raise ValueError(f"threshold must be in (0, 1] (or a per-head sequence of such), got {v!r}.")
+        object.__setattr__(self, "threshold", t)
+        check_positive_int(self.stride, "stride")
+        object.__setattr__(self, "block_size", as_tuple(self.block_size))
+        bm, bn = self.block_pair
+        if bm % self.stride or bn % self.stride:
+            raise ValueError(f"stride must divide block_size {(bm, bn)}, got {self.stride}.")
+        _check_scale(self.scale)
+
+    def estimated_mass(self, q, k, causal=False):
+        """float32 ``[B, Hq, NQB, NKB]``: estimated share of each query block's attention per tile."""
+        bm, bn = self.block_pair
+        st = self.stride
+        batch, n_q_heads, q_len, _ = q.shape
+        n_kv_heads, kv_len = k.shape[1], k.shape[2]
+        group = n_q_heads // n_kv_heads
+        n_qb, n_kb = -(-q_len // bm), -(-kv_len // bn)
+        n_qs, n_ks = -(-q_len // st), -(-kv_len // st)
+        rm, rn = bm // st, bn // st  # stride groups per tile side
+        i = torch.arange(n_qs, device=q.device)[:, None]
+        j = torch.arange(n_ks, device=q.device)[None, :]
+        hidden = torch.zeros(n_qs, n_ks, dtype=torch.bool, device=q.device)
+        if causal:  # key group j holds a key some query of group i sees (bottom-right)
+            hidden = j * st > torch.clamp(i * st + st - 1, max=q_len - 1) + (kv_len - q_len)
+        mass = torch.zeros(batch, n_kv_heads, group, n_qb, n_kb, dtype=torch.float32, device=q.device)
+        rows_per_chunk = max(rm, CHUNK_ELEMS // max(1, batch * n_q_heads * n_ks) // rm * rm)
+        scale = self._scale(q)
+        for b0 in range(0, n_qb, rows_per_chunk // rm):
+            b1 = min(n_qb, b0 + rows_per_chunk // rm)
+            t0, t1 = b0 * bm, min(q_len, b1 * bm)
+            s = antidiagonal_scores(q[:, :, t0:t1], k, st, scale)  # [B, Hkv, G, n, NKS]
+            g0 = b0 * rm
+            s = s.masked_fill(hidden[g0:g0 + s.shape[3]], float("-inf"))
+            prob = torch.softmax(s, dim=-1).nan_to_num(0.0)
+            n = prob.shape[3]
+            prob = F.pad(prob, (0, n_kb * rn - n_ks, 0, (b1 - b0) * rm - n))  # padded groups count 0
+            mass[:, :, :, b0:b1] = prob.reshape(batch, n_kv_heads, group, b1 - b0, rm, n_kb, rn).sum((4, 6))
+        return (mass / rm).reshape(batch, n_q_heads, n_qb, n_kb)
+
+    def block_map(self, q, k, *, causal=False, layout=None, forced=None):
+        mass = self.estimated_mass(q, k, causal)
+        p = torch.tensor(S.per_head(self.threshold, q.shape[1], "threshold"), dtype=mass.dtype, device=q.device)
+        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
+        fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
+        return S.mass_rows(mass, p, fz, min_blocks=0 if causal else 1)
+
+
+__all__ = ["XAttention", "antidiagonal_scores"]
