@@ -23,6 +23,11 @@ from .dynamic import ContentPattern, _check_scale
 CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
 
 
+def _pad_rows(x, length):
+    """``x [..., L, D]`` with zero rows appended up to ``length`` (no copy when ``L == length``)."""
+    return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
 def antidiagonal_scores(q, k, stride, scale):
     """Mean antidiagonal logits ``[B, Hkv, G, NQS, NKS]`` of ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``
     (``G = Hq / Hkv``, ``NQS = ceil(Lq / stride)``): group ``i`` of queries against group ``j`` of keys.
@@ -30,11 +35,13 @@ def antidiagonal_scores(q, k, stride, scale):
     batch, n_q_heads, q_len, dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     n_qs, n_ks = -(-q_len // stride), -(-kv_len // stride)
-    qs = F.pad(q.float(), (0, 0, 0, n_qs * stride - q_len)).reshape(batch, n_kv_heads, n_q_heads // n_kv_heads,
-                                                                     n_qs, stride * dim)
-    ks = F.pad(k.float(), (0, 0, 0, n_ks * stride - kv_len)).reshape(batch, n_kv_heads, n_ks, stride, dim)
-    ks = ks.flip(3).reshape(batch, n_kv_heads, 1, n_ks, stride * dim)  # keys of a group in reverse order
-    return torch.matmul(qs, ks.transpose(-1, -2)) * (scale / stride)
+    group = n_q_heads // n_kv_heads
+    qs = _pad_rows(q.float(), n_qs * stride).reshape(batch, n_kv_heads, group * n_qs, stride * dim)
+    ks = _pad_rows(k.float(), n_ks * stride).reshape(batch, n_kv_heads, n_ks, stride, dim)
+    ks = ks.flip(3).reshape(batch, n_kv_heads, n_ks, stride * dim)  # keys of a group in reverse order
+    # the query heads of a GQA group as rows of one product: K is never repeated
+    s = torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale / stride)  # [B, Hkv, G * NQS, NKS]
+    return s.view(batch, n_kv_heads, group, n_qs, n_ks)
 
 
 @register("xattention")
@@ -98,11 +105,14 @@ class XAttention(ContentPattern):
             t0, t1 = b0 * bm, min(q_len, b1 * bm)
             s = antidiagonal_scores(q[:, :, t0:t1], k, st, scale)  # [B, Hkv, G, n, NKS]
             g0 = b0 * rm
-            s = s.masked_fill(hidden[g0:g0 + s.shape[3]], float("-inf"))
-            prob = torch.softmax(s, dim=-1).nan_to_num(0.0)
+            if causal:
+                s.masked_fill_(hidden[g0:g0 + s.shape[3]], float("-inf"))
+            prob = torch.softmax(s, dim=-1).nan_to_num_(0.0)
             n = prob.shape[3]
-            prob = F.pad(prob, (0, n_kb * rn - n_ks, 0, (b1 - b0) * rm - n))  # padded groups count 0
-            mass[:, :, :, b0:b1] = prob.reshape(batch, n_kv_heads, group, b1 - b0, rm, n_kb, rn).sum((4, 6))
+            if n_kb * rn != n_ks or (b1 - b0) * rm != n:  # padded groups count 0
+                prob = F.pad(prob, (0, n_kb * rn - n_ks, 0, (b1 - b0) * rm - n))
+            cols = prob.view(batch, n_kv_heads, group, (b1 - b0) * rm, n_kb, rn).sum(-1)  # per key block
+            mass[:, :, :, b0:b1] = cols.view(batch, n_kv_heads, group, b1 - b0, rm, n_kb).sum(4)
         return (mass / rm).reshape(batch, n_q_heads, n_qb, n_kb)
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
