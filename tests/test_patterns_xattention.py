@@ -110,3 +110,21 @@ def test_threshold_one_keeps_every_visible_tile_and_builds_a_mask():
     mask = get_pattern("xattention", threshold=1.0, stride=8, block_size=16).build(q.float(), k.float(), causal=True)
     pairs = mask.to_dense(causal=True)  # [1, H, 96, 96]
     assert bool((pairs == torch.ones(96, 96, dtype=torch.bool).tril()).all())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lattice_mass_equals_the_pair_loop(causal):
+    q, k = inputs(96, 96)
+    stride, block, scale = 8, 16, 8 ** -0.5
+    got = XAttention(estimate="lattice", stride=stride, block_size=block).estimated_mass(q, k, causal)[0]
+    want = torch.zeros(4, 6, 6, dtype=torch.float64)
+    for h in range(4):
+        for i in range(96):
+            keys = [j for j in range(96) if (i + j) % stride == stride - 1 and (not causal or j <= i)]
+            if keys:
+                p = torch.softmax(torch.stack([q[0, h, i] @ k[0, h // 2, j] for j in keys]) * scale, 0)
+                for j, pj in zip(keys, p):
+                    want[h, i // block, j // block] += pj / block
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="estimate"):
+        XAttention(estimate="pooled")

@@ -17,7 +17,7 @@ from .base import Pattern, get_pattern
 # families the grid covers, by registry name (dense/skip are the search's own options; union/per_head combine)
 COVERED = ("sliding_window", "sink_local", "vertical_stripes", "block_topk", "block_topp", "exact_importance",
            "lse_mass", "vertical_slash", "chunk_select", "kmeans_routing", "equal_size_routing", "multi_diagonal",
-           "window_3d", "video_chunk_select", "region_routing", "hip", "anchor", "dhsa", "sparsifiner")
+           "window_3d", "video_chunk_select", "region_routing", "hip", "anchor", "dhsa", "sparsifiner", "xattention")
 
 
 def _tiles(tokens, block):
@@ -55,6 +55,8 @@ def candidate_grid(seq_len: int, *, causal: bool = False, layout: Optional[Token
     grid += [get_pattern("block_topp", p=p, **b) for p in (0.9, 0.95)]
     grid += [get_pattern("exact_importance", select=f, **b) for f in (0.1, 0.2)]
     grid += [get_pattern("lse_mass", sparsity=s, adaptive=False, **b) for s in (0.8, 0.9)]
+    stride = math.gcd(8, block_size)
+    grid += [get_pattern("xattention", threshold=t, stride=stride, **b) for t in (0.9, 0.95)]
     grid += [get_pattern("vertical_slash", vertical=f, slash=f, **b) for f in (0.05, 0.1)]
     chunk = _tiles(seq_len / 16, block_size)
     grid += [get_pattern("chunk_select", chunk_size=chunk, k=k, **b) for k in (2, 4)]

@@ -44,6 +44,41 @@ def antidiagonal_scores(q, k, stride, scale):
     return s.view(batch, n_kv_heads, group, n_qs, n_ks)
 
 
+def lattice_mass(q, k, stride, scale, causal, block_pair):
+    """Tile masses ``[B, Hq, NQB, NKB]`` from the antidiagonal lattice of single pairs: query ``i`` is scored
+    against the keys ``j`` with ``(i + j) % stride == stride - 1`` only (a ``1 / stride`` share of the pairs,
+    every query and every key in it), each query's softmax taken over its sampled keys, summed per tile.
+
+    Unlike the antidiagonal sums, no logit is averaged before the exponential, so a peak keeps its weight."""
+    bm, bn = block_pair
+    batch, n_q_heads, q_len, dim = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = n_q_heads // n_kv_heads
+    n_qb, n_kb = -(-q_len // bm), -(-kv_len // bn)
+    rm, rn = bm // stride, bn // stride
+    mass = torch.zeros(batch, n_kv_heads, group, n_qb, n_kb, dtype=torch.float32, device=q.device)
+    for r in range(min(stride, q_len)):
+        c = stride - 1 - r
+        if c >= kv_len:
+            continue
+        qr = q[:, :, r::stride].float()  # [B, Hq, NQ, D]: rows r, r + S, ...
+        kc = k[:, :, c::stride].float()  # [B, Hkv, NK, D]: keys c, c + S, ...
+        n_q, n_k = qr.shape[2], kc.shape[2]
+        s = torch.matmul(qr.reshape(batch, n_kv_heads, group * n_q, dim), kc.transpose(-1, -2)).mul_(scale)
+        s = s.view(batch, n_kv_heads, group, n_q, n_k)
+        if causal:
+            q_pos = r + stride * torch.arange(n_q, device=q.device)[:, None] + (kv_len - q_len)
+            s.masked_fill_(c + stride * torch.arange(n_k, device=q.device)[None, :] > q_pos, float("-inf"))
+        prob = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        prob = F.pad(prob, (0, n_kb * rn - n_k, 0, n_qb * rm - n_q))
+        cols = prob.view(batch, n_kv_heads, group, n_qb * rm, n_kb, rn).sum(-1)
+        mass += cols.view(batch, n_kv_heads, group, n_qb, rm, n_kb).sum(4)
+    return (mass / bm).reshape(batch, n_q_heads, n_qb, n_kb)
+
+
+ESTIMATES = ("antidiagonal", "lattice")
+
+
 @register("xattention")
 @dataclass(frozen=True)
 class XAttention(ContentPattern):
@@ -53,6 +88,8 @@ class XAttention(ContentPattern):
         threshold: share of each query block's estimated attention to keep, in (0, 1], or one per query head
             (XAttention: 0.9).
         stride: tokens per antidiagonal group; must divide the block size (XAttention: 8 or 16).
+        estimate: ``"antidiagonal"`` (XAttention: softmax over the mean antidiagonal logits of the groups) or
+            ``"lattice"`` (softmax over the single pairs of the antidiagonals: :func:`lattice_mass`).
         block_size: tile size (XAttention: 128).
         scale: logit scale (default ``1/sqrt(D)``).
 
@@ -66,6 +103,7 @@ class XAttention(ContentPattern):
 
     threshold: Union[float, Tuple] = 0.9
     stride: int = 8
+    estimate: str = "antidiagonal"
     block_size: int = 64
     scale: Optional[float] = None
 
@@ -81,9 +119,13 @@ class XAttention(ContentPattern):
         if bm % self.stride or bn % self.stride:
             raise ValueError(f"stride must divide block_size {(bm, bn)}, got {self.stride}.")
         _check_scale(self.scale)
+        if self.estimate not in ESTIMATES:
+            raise ValueError(f"estimate must be one of {ESTIMATES}, got {self.estimate!r}.")
 
     def estimated_mass(self, q, k, causal=False):
         """float32 ``[B, Hq, NQB, NKB]``: estimated share of each query block's attention per tile."""
+        if self.estimate == "lattice":
+            return lattice_mass(q, k, self.stride, self._scale(q), causal, self.block_pair)
         bm, bn = self.block_pair
         st = self.stride
         batch, n_q_heads, q_len, _ = q.shape
