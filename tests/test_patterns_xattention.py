@@ -113,14 +113,20 @@ def test_threshold_one_keeps_every_visible_tile_and_builds_a_mask():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_lattice_mass_equals_the_pair_loop(causal):
-    q, k = inputs(96, 96)
+@pytest.mark.parametrize("q_len,kv_len,chunk", [(96, 96, 1 << 21), (90, 101, 1 << 21), (96, 96, 1)])
+def test_lattice_mass_equals_the_pair_loop(causal, q_len, kv_len, chunk, monkeypatch):
+    import sparse_attn.patterns.xattention as xa
+
+    monkeypatch.setattr(xa, "LATTICE_CHUNK_ELEMS", chunk)  # chunk=1: one query block per chunk
+    q, k = inputs(q_len, kv_len)
     stride, block, scale = 8, 16, 8 ** -0.5
     got = XAttention(estimate="lattice", stride=stride, block_size=block).estimated_mass(q, k, causal)[0]
-    want = torch.zeros(4, 6, 6, dtype=torch.float64)
+    n_qb, n_kb = -(-q_len // block), -(-kv_len // block)
+    want = torch.zeros(4, n_qb, n_kb, dtype=torch.float64)
     for h in range(4):
-        for i in range(96):
-            keys = [j for j in range(96) if (i + j) % stride == stride - 1 and (not causal or j <= i)]
+        for i in range(q_len):
+            keys = [j for j in range(kv_len) if (i + j) % stride == stride - 1
+                    and (not causal or j <= i + kv_len - q_len)]
             if keys:
                 p = torch.softmax(torch.stack([q[0, h, i] @ k[0, h // 2, j] for j in keys]) * scale, 0)
                 for j, pj in zip(keys, p):

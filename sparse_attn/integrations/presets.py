@@ -137,8 +137,8 @@ def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Opt
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
-def xattention(*, threshold=0.92, stride: int = 8, block_size: int = 64, min_seq_len: int = 1024,
-               backend: str = "auto") -> SparseConfig:
+def xattention(*, threshold=0.92, stride: int = 8, estimate: str = "antidiagonal", block_size: int = 64,
+               min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
     """XAttention for LLM prefill: per 64-query block the fewest tiles whose antidiagonal-estimated share of
     attention (stride-8 groups) reaches ``threshold``, plus the diagonal and sink tiles, built at every prefill.
 
@@ -148,7 +148,7 @@ def xattention(*, threshold=0.92, stride: int = 8, block_size: int = 64, min_seq
     density on other text). Held-out texts: docs/integrations.md."""
     from ..patterns import XAttention
 
-    pattern = XAttention(threshold=threshold, stride=stride, block_size=block_size)
+    pattern = XAttention(threshold=threshold, stride=stride, estimate=estimate, block_size=block_size)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 

@@ -21,6 +21,7 @@ from .base import as_tuple, causal_anchors, register
 from .dynamic import ContentPattern, _check_scale
 
 CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
+LATTICE_CHUNK_ELEMS = 1 << 21  # float32 scores of one chunk of the lattice estimate (8 MiB: stays in cache)
 
 
 def _pad_rows(x, length):
@@ -49,30 +50,46 @@ def lattice_mass(q, k, stride, scale, causal, block_pair):
     against the keys ``j`` with ``(i + j) % stride == stride - 1`` only (a ``1 / stride`` share of the pairs,
     every query and every key in it), each query's softmax taken over its sampled keys, summed per tile.
 
-    Unlike the antidiagonal sums, no logit is averaged before the exponential, so a peak keeps its weight."""
+    Unlike the antidiagonal sums, no logit is averaged before the exponential, so a peak keeps its weight.
+    The residues ``i % stride`` run as one batched product; query blocks run in chunks of about
+    ``LATTICE_CHUNK_ELEMS`` scores (cache-sized), each over the keys its rows can see."""
     bm, bn = block_pair
+    st = stride
     batch, n_q_heads, q_len, dim = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
-    group = n_q_heads // n_kv_heads
+    group, shift, dev = n_q_heads // n_kv_heads, kv_len - q_len, q.device
     n_qb, n_kb = -(-q_len // bm), -(-kv_len // bn)
-    rm, rn = bm // stride, bn // stride
-    mass = torch.zeros(batch, n_kv_heads, group, n_qb, n_kb, dtype=torch.float32, device=q.device)
-    for r in range(min(stride, q_len)):
-        c = stride - 1 - r
-        if c >= kv_len:
+    rm, rn = bm // st, bn // st
+    # residue r pairs query rows S*a + r with key rows S*b + (S - 1 - r): keys grouped by residue, reversed
+    kr = _pad_rows(k.float(), n_kb * bn).view(batch, n_kv_heads, n_kb * rn, st, dim).flip(3)
+    kr = kr.permute(0, 1, 3, 2, 4)  # [B, Hkv, S, NK, D]
+    qr = _pad_rows(q.float(), n_qb * bm).view(batch, n_kv_heads, group, n_qb * rm, st, dim)
+    res = torch.arange(st, device=dev)
+    key_pos = (st - 1 - res)[:, None] + st * torch.arange(n_kb * rn, device=dev)[None, :]  # [S, NK]
+    mass = torch.zeros(batch, n_kv_heads, group, n_qb, n_kb, dtype=torch.float32, device=dev)
+    per_block = max(1, batch * n_q_heads * bm * n_kb * rn)
+    step = max(1, LATTICE_CHUNK_ELEMS // per_block)
+    for b0 in range(0, n_qb, step):
+        b1 = min(n_qb, b0 + step)
+        a0, n_a = b0 * rm, (b1 - b0) * rm
+        kv_hi = kv_len if not causal else max(0, min(kv_len, b1 * bm + shift))  # keys these rows may see
+        nkb = -(-kv_hi // bn)
+        if nkb == 0:
             continue
-        qr = q[:, :, r::stride].float()  # [B, Hq, NQ, D]: rows r, r + S, ...
-        kc = k[:, :, c::stride].float()  # [B, Hkv, NK, D]: keys c, c + S, ...
-        n_q, n_k = qr.shape[2], kc.shape[2]
-        s = torch.matmul(qr.reshape(batch, n_kv_heads, group * n_q, dim), kc.transpose(-1, -2)).mul_(scale)
-        s = s.view(batch, n_kv_heads, group, n_q, n_k)
+        qc = qr[:, :, :, a0:a0 + n_a].permute(0, 1, 4, 2, 3, 5).reshape(batch, n_kv_heads, st, group * n_a, dim)
+        s = torch.matmul(qc, kr[:, :, :, :nkb * rn].transpose(-1, -2)).mul_(scale)  # [B, Hkv, S, G*n_a, nk]
+        s = s.view(batch, n_kv_heads, st, group, n_a, nkb * rn)
+        q_pos = st * (a0 + torch.arange(n_a, device=dev))[None, :] + res[:, None]  # [S, n_a]
+        kp = key_pos[:, :nkb * rn]
+        hidden = kp[:, None, :] >= kv_len  # [S, 1, nk]: padding keys
         if causal:
-            q_pos = r + stride * torch.arange(n_q, device=q.device)[:, None] + (kv_len - q_len)
-            s.masked_fill_(c + stride * torch.arange(n_k, device=q.device)[None, :] > q_pos, float("-inf"))
+            hidden = hidden | (kp[:, None, :] > q_pos[:, :, None] + shift)
+        s.masked_fill_(hidden[:, None], float("-inf"))
         prob = torch.softmax(s, dim=-1).nan_to_num_(0.0)
-        prob = F.pad(prob, (0, n_kb * rn - n_k, 0, n_qb * rm - n_q))
-        cols = prob.view(batch, n_kv_heads, group, n_qb * rm, n_kb, rn).sum(-1)
-        mass += cols.view(batch, n_kv_heads, group, n_qb, rm, n_kb).sum(4)
+        if (b1 * bm) > q_len:  # padding query rows count 0
+            prob.masked_fill_((q_pos >= q_len)[:, None, :, None], 0.0)
+        tile = prob.view(batch, n_kv_heads, st, group, b1 - b0, rm, nkb, rn).sum((2, 5, 7))
+        mass[:, :, :, b0:b1, :nkb] = tile
     return (mass / bm).reshape(batch, n_q_heads, n_qb, n_kb)
 
 
