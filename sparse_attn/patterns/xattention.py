@@ -62,8 +62,8 @@ def lattice_mass(q, k, stride, scale, causal, block_pair):
     rm, rn = bm // st, bn // st
     # residue r pairs query rows S*a + r with key rows S*b + (S - 1 - r): keys grouped by residue, reversed
     kr = _pad_rows(k.float(), n_kb * bn).view(batch, n_kv_heads, n_kb * rn, st, dim).flip(3)
-    kr = kr.permute(0, 1, 3, 2, 4)  # [B, Hkv, S, NK, D]
-    qr = _pad_rows(q.float(), n_qb * bm).view(batch, n_kv_heads, group, n_qb * rm, st, dim)
+    kr = kr.permute(0, 1, 3, 2, 4).contiguous()  # [B, Hkv, S, NK, D]: once, not in every chunk's product
+    qr = (_pad_rows(q.float(), n_qb * bm) * scale).view(batch, n_kv_heads, group, n_qb * rm, st, dim)
     res = torch.arange(st, device=dev)
     key_pos = (st - 1 - res)[:, None] + st * torch.arange(n_kb * rn, device=dev)[None, :]  # [S, NK]
     mass = torch.zeros(batch, n_kv_heads, group, n_qb, n_kb, dtype=torch.float32, device=dev)
@@ -77,19 +77,28 @@ def lattice_mass(q, k, stride, scale, causal, block_pair):
         if nkb == 0:
             continue
         qc = qr[:, :, :, a0:a0 + n_a].permute(0, 1, 4, 2, 3, 5).reshape(batch, n_kv_heads, st, group * n_a, dim)
-        s = torch.matmul(qc, kr[:, :, :, :nkb * rn].transpose(-1, -2)).mul_(scale)  # [B, Hkv, S, G*n_a, nk]
+        s = torch.matmul(qc, kr[:, :, :, :nkb * rn].transpose(-1, -2))  # [B, Hkv, S, G*n_a, nk] (scaled)
         s = s.view(batch, n_kv_heads, st, group, n_a, nkb * rn)
         q_pos = st * (a0 + torch.arange(n_a, device=dev))[None, :] + res[:, None]  # [S, n_a]
-        kp = key_pos[:, :nkb * rn]
-        hidden = kp[:, None, :] >= kv_len  # [S, 1, nk]: padding keys
+        # keys every row of the chunk sees need no mask: only the tiles from the chunk's first diagonal on
+        first = 0 if not causal else max(0, min(nkb, (b0 * bm + shift) // bn)) * rn
+        kp = key_pos[:, first:nkb * rn]
+        hidden = kp[:, None, :] >= kv_len  # [S, 1, nk']: padding keys
         if causal:
             hidden = hidden | (kp[:, None, :] > q_pos[:, :, None] + shift)
-        s.masked_fill_(hidden[:, None], float("-inf"))
-        prob = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        if bool(hidden.any()):
+            s[..., first:].masked_fill_(hidden[:, None], float("-inf"))
+        # softmax shares per tile without normalizing every score: exp(s - max) in place, pooled per tile,
+        # then divided by the row's total (rows that see nothing get 0)
+        m = s.amax(-1, keepdim=True)
+        s.sub_(torch.where(torch.isinf(m), torch.zeros_like(m), m)).exp_()
+        pooled = s.view(batch, n_kv_heads, st, group, n_a, nkb, rn).sum(-1)  # [..., n_a, nkb]
+        total = pooled.sum(-1, keepdim=True)
+        pooled = pooled / torch.where(total > 0, total, torch.ones_like(total))
         if (b1 * bm) > q_len:  # padding query rows count 0
-            prob.masked_fill_((q_pos >= q_len)[:, None, :, None], 0.0)
-        tile = prob.view(batch, n_kv_heads, st, group, b1 - b0, rm, nkb, rn).sum((2, 5, 7))
-        mass[:, :, :, b0:b1, :nkb] = tile
+            pooled.masked_fill_((q_pos >= q_len)[:, None, :, None], 0.0)
+        tile = pooled.view(batch, n_kv_heads, st, group, b1 - b0, rm, nkb).sum((2, 5))
+        mass[:, :, :, b0:b1, :nkb] = tile.nan_to_num_(0.0)
     return (mass / bm).reshape(batch, n_q_heads, n_qb, n_kb)
 
 
