@@ -7,6 +7,10 @@ k[jS + S - 1 - t] / S``. Every query and every key of a tile takes part once per
 ``1 / stride`` share of the ``q k^T`` product. A softmax over each query group's key groups, summed per
 tile and averaged over the tile's query groups, estimates each tile's share of its query block's attention;
 each query block keeps the fewest tiles whose share reaches ``threshold``.
+
+``estimate="lattice"`` (this package's variant, preset ``xattention_lattice``) scores the same antidiagonal
+pairs one by one: each query's softmax over its ``1 / stride`` sampled keys, so no logit is averaged before
+the exponential (:func:`lattice_mass`).
 """
 
 from dataclasses import dataclass
