@@ -208,6 +208,8 @@ def table_configs(seq_len, heads=4):
         (get_pattern("sparsifiner", budget=0.15, granularity="tile"), "video", False),
         (get_pattern("hip"), "sink_local", True),
         (get_pattern("hip", mask_k=0.1), "clusters", False),
+        (get_pattern("xattention", threshold=0.9), "sink_local", True),
+        (get_pattern("xattention", threshold=0.85, estimate="lattice"), "clusters", False),
     ]
     return rows
 
