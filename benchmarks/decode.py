@@ -94,8 +94,9 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
         rows.append(dict(base, impl="ours-dense", budget=1.0, ms=time_fn(ours_dense, device, min_run_time=min_run_time),
                          check="ok" if err <= tol else f"WRONG ({err:.1e})"))
         for name in patterns:
+            kind, kw = _preset_spec(name)
             for budget in budgets:
-                pat = get_decode_pattern(_preset_spec(name)[0], k=budget, **_preset_spec(name)[1])
+                pat = get_decode_pattern(kind, k=budget, **kw)
 
                 def select():
                     return pat.select(q, summ, seqlens)
@@ -194,18 +195,10 @@ def _smollm2(text):
 
 def _preset_spec(spec):
     """``"kinetics:group=softmax:sink=16"`` -> ``("kinetics", {"group": "softmax", "sink": 16})``."""
-    name, *pairs = spec.split(":")
-    kw = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        kw[key] = value
-    return name, kw
+    from sparse_attn.bench.lm_quality import parse_options
+
+    name, *parts = spec.split(":")
+    return name, parse_options(parts, spec)
 
 
 def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("kinetics", "quest"),

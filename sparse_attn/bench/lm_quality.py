@@ -42,7 +42,9 @@ def _value(text: str):
         return text
 
 
-def _options(parts, label):
+def parse_options(parts, label):
+    """``["k=8", "group=softmax"]`` -> ``{"k": 8, "group": "softmax"}`` (values read as JSON, else kept as text);
+    ``label`` names the configuration in errors."""
     kw = {}
     for part in parts:
         if "=" not in part:
@@ -64,7 +66,7 @@ def parse_config(label: str, min_seq_len: int = 1024) -> NamedConfig:
     specs = []
     for m in members:
         name, *parts = [p.strip() for p in m.split(":")]
-        specs.append((name, _options(parts, label)))
+        specs.append((name, parse_options(parts, label)))
     if len(specs) == 1 and specs[0][0] in PRESETS:
         name, kw = specs[0]
         kw.setdefault("min_seq_len", min_seq_len)
@@ -280,5 +282,5 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     return path
 
 
-__all__ = ["NamedConfig", "parse_config", "MaskMeter", "LayerMeters", "metered", "load_causal_lm", "token_windows",
+__all__ = ["NamedConfig", "parse_config", "parse_options", "MaskMeter", "LayerMeters", "metered", "load_causal_lm", "token_windows",
            "evaluate", "format_rows", "pareto", "plot_pareto", "COLUMNS"]

@@ -26,6 +26,23 @@ class ContentPattern(Pattern):
             return None
         return forced.to(torch.bool).expand(shape)
 
+    def _select_share(self, mass, shares, name, q, k, causal, forced, min_blocks, max_blocks=None):
+        """Per query block the fewest largest-``mass`` tiles reaching the per-head ``shares`` (``name`` in errors);
+        with ``causal`` the diagonal and sink tiles are kept and their mass counts."""
+        p = torch.tensor(S.per_head(shares, q.shape[1], name), dtype=mass.dtype, device=q.device)
+        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
+        fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
+        return S.mass_rows(mass, p, fz, min_blocks, max_blocks)
+
+
+def check_shares(value, name):
+    """A share in (0, 1], or a per-head sequence of such (returned as a tuple); ValueError naming ``name``."""
+    value = as_tuple(value)
+    for v in (value if isinstance(value, tuple) else (value,)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1] (or a per-head sequence of such), got {v!r}.")
+    return value
+
 
 def _check_scale(scale):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
@@ -109,11 +126,7 @@ class BlockTopP(ContentPattern):
     scale: Optional[float] = None
 
     def __post_init__(self):
-        p = as_tuple(self.p)
-        for v in (p if isinstance(p, tuple) else (p,)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                raise ValueError(f"p must be in (0, 1] (or a per-head sequence of such), got {v!r}.")
-        object.__setattr__(self, "p", p)
+        object.__setattr__(self, "p", check_shares(self.p, "p"))
         check_positive_int(self.min_blocks, "min_blocks", allow_zero=True)
         if self.max_blocks is not None:
             check_positive_int(self.max_blocks, "max_blocks")
@@ -146,10 +159,7 @@ class BlockTopP(ContentPattern):
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
         mass = self.estimated_mass(q, k, causal)
-        p = torch.tensor(S.per_head(self.p, q.shape[1], "p"), dtype=mass.dtype, device=q.device)
-        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
-        fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
-        return S.mass_rows(mass, p, fz, self.min_blocks, self.max_blocks)
+        return self._select_share(mass, self.p, "p", q, k, causal, forced, self.min_blocks, self.max_blocks)
 
 
 def visible_tiles(q_len, kv_len, block_size, causal, device):

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_positive_int
-from . import _scoring as S
-from .base import as_tuple, causal_anchors, register
-from .dynamic import ContentPattern, _check_scale
+from .base import as_tuple, register
+from .dynamic import ContentPattern, _check_scale, check_shares
 
 CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
 LATTICE_CHUNK_ELEMS = 1 << 21  # float32 scores of one chunk of the lattice estimate (8 MiB: stays in cache)
@@ -138,11 +137,7 @@ class XAttention(ContentPattern):
     scale: Optional[float] = None
 
     def __post_init__(self):
-        t = as_tuple(self.threshold)
-        for v in (t if isinstance(t, tuple) else (t,)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
-                raise ValueError(f"threshold must be in (0, 1] (or a per-head sequence of such), got {v!r}.")
-        object.__setattr__(self, "threshold", t)
+        object.__setattr__(self, "threshold", check_shares(self.threshold, "threshold"))
         check_positive_int(self.stride, "stride")
         object.__setattr__(self, "block_size", as_tuple(self.block_size))
         bm, bn = self.block_pair
@@ -189,10 +184,7 @@ class XAttention(ContentPattern):
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
         mass = self.estimated_mass(q, k, causal)
-        p = torch.tensor(S.per_head(self.threshold, q.shape[1], "threshold"), dtype=mass.dtype, device=q.device)
-        anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
-        fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
-        return S.mass_rows(mass, p, fz, min_blocks=0 if causal else 1)
+        return self._select_share(mass, self.threshold, "threshold", q, k, causal, forced, 0 if causal else 1)
 
 
 __all__ = ["XAttention", "antidiagonal_scores"]
