@@ -97,12 +97,14 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
             kind, kw = _preset_spec(name)
             for budget in budgets:
                 pat = get_decode_pattern(kind, k=budget, **kw)
+                rank = pat.sketch_rank(head_dim)
+                summ_p = summ if rank is None else PageSummaries.from_cache(k, seqlens, page_size=page_size, rank=rank)
 
                 def select():
-                    return pat.select(q, summ, seqlens)
+                    return pat.select(q, summ_p, seqlens, k_cache=k)
 
-                def step():  # the newest key's page summary, the selection, the attention
-                    summ.update(k, seqlens - 1, seqlens)
+                def step():  # the newest key's page summary (and sketch), the selection, the attention
+                    summ_p.update(k, seqlens - 1, seqlens)
                     return sparse_attention_with_kvcache(q, k, v, seqlens, pages=select(), page_size=page_size)
 
                 pages = select()

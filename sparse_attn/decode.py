@@ -212,13 +212,14 @@ class DecodeState:
         else:
             self._entries.pop(layer, None)
 
-    def summaries(self, layer, key, seqlens, page_size) -> PageSummaries:
-        """Summaries of ``key [B, Hkv, L, D]`` with ``seqlens [B]`` valid keys per row, kept up to date."""
+    def summaries(self, layer, key, seqlens, page_size, rank=None) -> PageSummaries:
+        """Summaries of ``key [B, Hkv, L, D]`` with ``seqlens [B]`` valid keys per row, kept up to date (with a
+        key sketch of ``rank`` when given: :meth:`PageSummaries.from_cache`)."""
         entry = self._entries.get(layer)
-        shape = (key.shape[0], key.shape[1], key.shape[3], page_size, key.dtype, key.device)
+        shape = (key.shape[0], key.shape[1], key.shape[3], page_size, key.dtype, key.device, rank)
         need = -(-key.shape[2] // page_size)
         if entry is None or entry[0] != shape or bool((seqlens < entry[2]).any()):
-            summ = PageSummaries.from_cache(key, seqlens, page_size=page_size)
+            summ = PageSummaries.from_cache(key, seqlens, page_size=page_size, rank=rank)
         else:
             summ = entry[1].grow(need).update(key, entry[2], seqlens)
         self._entries[layer] = (shape, summ, seqlens.clone())

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 
 _CHUNK_PAGES = 256  # pages summarized at a time when many are (a first summary of a long cache)
+_FIT_KEYS = 8192  # keys per row a sketch basis is fitted on at most (evenly strided)
+_REFIT_BELOW = 1024  # a basis fitted on fewer keys (per row, at most) is refitted when the keys double
 
 def _page_stats(keys, valid):
     """``keys [..., P, D]``, ``valid`` bool ``[..., P]`` -> float32 ``(mean, kmin, kmax)`` ``[..., D]``."""
@@ -28,6 +30,50 @@ def _page_stats(keys, valid):
     kmax = keys.masked_fill(~v, float("-inf")).amax(-2)
     empty = n == 0
     return mean, kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
+
+
+def fit_key_basis(keys, valid, rank):
+    """Top-``rank`` right singular vectors of each kv head's valid keys, uncentered (attention scores are dot
+    products, and the subspace that best keeps ``k`` in the least-squares sense keeps ``q . k`` best on average).
+
+    Args:
+        keys: ``[B, Hkv, L, D]``; valid: bool ``[B, L]``; rank: ``1 <= rank <= D``.
+
+    Returns:
+        float32 ``[Hkv, D, rank]`` with orthonormal columns (zeros-free even when no key is valid: the first
+        ``rank`` channels then).
+    """
+    batch, n_kv_heads, length, dim = keys.shape
+    step = max(1, -(-length // _FIT_KEYS))
+    keys, valid = keys[:, :, ::step].float(), valid[:, ::step]
+    x = keys.masked_fill(~valid[:, None, :, None], 0.0).transpose(0, 1).reshape(n_kv_heads, -1, dim)  # [Hkv, N, D]
+    if not bool(valid.any()) or not bool(torch.isfinite(x).all()):
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    gram = x.transpose(1, 2) @ x  # [Hkv, D, D]: the right singular vectors are its eigenvectors
+    _, vecs = torch.linalg.eigh(gram.double())  # ascending eigenvalues
+    basis = vecs.flip(-1)[..., :rank].float()
+    if not bool(valid.any()):
+        basis = torch.eye(dim, rank, device=keys.device).expand(n_kv_heads, dim, rank).clone()
+    return basis.contiguous()
+
+
+@dataclass
+class KeySketch:
+    """Each key projected on a per-kv-head basis of ``rank`` directions (Loki's low-rank keys), kept per token.
+
+    ``basis [Hkv, D, r]``; ``proj`` float32 ``[B, Hkv, Lcap, r]`` (contiguous caches, token ``t`` of row ``b`` at
+    ``[b, :, t]``) or ``[num_pages, Hkv, page_size, r]`` (paged, per physical page); entries past a row's length
+    hold zeros or stale values and must be masked by the reader. ``fitted_on``: keys per row (at most) the basis
+    was fitted on. A selection that scores every key through the sketch reads ``r / D`` of the key cache.
+    """
+
+    basis: torch.Tensor
+    proj: torch.Tensor
+    fitted_on: int
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[-1]
 
 
 def num_pages(k_cache, page_size, block_table=None):
@@ -54,19 +100,47 @@ class PageSummaries:
     kmax: torch.Tensor
     page_size: int
     paged: bool
+    sketch: Optional[KeySketch] = None
 
     @classmethod
-    def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None) -> "PageSummaries":
-        """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row)."""
+    def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None, rank=None) -> "PageSummaries":
+        """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row); with
+        ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys."""
         if block_table is not None:
             page_size = k_cache.shape[1]
             shape = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3])
         else:
             shape = (k_cache.shape[0], k_cache.shape[1], num_pages(k_cache, page_size), k_cache.shape[3])
+        dim = k_cache.shape[-1]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
+            raise ValueError(f"rank must be an int in [1, {dim}] (the head dim), got {rank!r}.")
         zeros = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         out = cls(zeros, zeros.clone(), zeros.clone(), int(page_size), block_table is not None)
-        start = torch.zeros_like(torch.as_tensor(cache_seqlens, device=k_cache.device))
+        seq = torch.as_tensor(cache_seqlens, device=k_cache.device)
+        start = torch.zeros_like(seq)
+        if rank is not None:
+            out.sketch = out._fit_sketch(k_cache, seq, block_table, rank)
         return out.update(k_cache, start, cache_seqlens, block_table=block_table)
+
+    def _logical_keys(self, k_cache, block_table):
+        """``[B, Hkv, L, D]`` keys in logical order (paged caches: gathered through ``block_table``)."""
+        if not self.paged:
+            return k_cache
+        b, w = block_table.shape
+        keys = k_cache[block_table.long().clamp(min=0)]  # [B, W, P, Hkv, D]
+        return keys.permute(0, 3, 1, 2, 4).reshape(b, k_cache.shape[2], w * self.page_size, k_cache.shape[3])
+
+    def _fit_sketch(self, k_cache, seqlens, block_table, rank):
+        """A new :class:`KeySketch` whose basis is fitted on the valid keys (its ``proj`` still empty)."""
+        keys = self._logical_keys(k_cache, block_table)
+        valid = torch.arange(keys.shape[2], device=keys.device)[None, :] < seqlens.long()[:, None]  # [B, L]
+        basis = fit_key_basis(keys, valid, rank)
+        if self.paged:
+            shape = (k_cache.shape[0], k_cache.shape[2], self.page_size, rank)
+        else:
+            shape = (k_cache.shape[0], k_cache.shape[1], self.mean.shape[2] * self.page_size, rank)
+        proj = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        return KeySketch(basis, proj, int(seqlens.max()) if seqlens.numel() else 0)
 
     def update(self, k_cache, start, end, *, block_table=None) -> "PageSummaries":
         """Recompute the pages holding tokens ``[start_b, end_b)`` of each row; ``end [B]`` is the row's length
@@ -75,6 +149,11 @@ class PageSummaries:
         start, end = torch.as_tensor(start, device=dev).long(), torch.as_tensor(end, device=dev).long()
         if end.numel() == 0 or bool((end <= start).all()):
             return self
+        sk = self.sketch
+        if sk is not None and sk.fitted_on < _REFIT_BELOW and int(end.max()) >= 2 * max(sk.fitted_on, 1):
+            # a basis fitted on a short prefix: refit on the keys now there and project every key again
+            self.sketch = self._fit_sketch(k_cache, end, block_table, sk.rank)
+            start = torch.zeros_like(start)
         first = int((start // P).min())
         last = int(((end - 1).clamp(min=0) // P).max()) + 1
         pages = torch.arange(first, last, device=dev)  # [n] logical pages touched by some row
@@ -88,6 +167,9 @@ class PageSummaries:
                 valid = (tok[None] < end[:, None, None]) & (tok[None] < n_tok)  # [B, n, P]
                 mean, kmin, kmax = _page_stats(keys, valid[:, None])
                 self.mean[:, :, c0:c1], self.kmin[:, :, c0:c1], self.kmax[:, :, c0:c1] = mean, kmin, kmax
+                if self.sketch is not None:  # [B, Hkv, n*P, D] @ [Hkv, D, r] over the whole pages touched
+                    t0, t1 = c0 * P, min(c1 * P, n_tok)
+                    self.sketch.proj[:, :, t0:t1] = k_cache[:, :, t0:t1].float() @ self.sketch.basis
             return self
         # paged: only the (row, page) pairs a row owns and touched; their physical pages are written
         owned = (pages[None] >= start[:, None] // P) & (pages[None] * P < end[:, None])  # [B, n]
@@ -98,6 +180,8 @@ class PageSummaries:
         keys = k_cache[phys].transpose(1, 2)  # [m, Hkv, P, D]
         mean, kmin, kmax = _page_stats(keys, valid[:, None])
         self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
+        if self.sketch is not None:  # [m, Hkv, P, D] @ [Hkv, D, r]
+            self.sketch.proj[phys] = keys.float() @ self.sketch.basis
         return self
 
     def grow(self, n_pages) -> "PageSummaries":
@@ -107,7 +191,11 @@ class PageSummaries:
             return self
         pad = max(n_pages, 2 * have) - have  # geometric: a growing cache reallocates O(log L) times
         grown = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (self.mean, self.kmin, self.kmax)]
-        return PageSummaries(*grown, page_size=self.page_size, paged=False)
+        sketch = self.sketch
+        if sketch is not None:
+            proj = torch.nn.functional.pad(sketch.proj, (0, 0, 0, (have + pad) * self.page_size - sketch.proj.shape[2]))
+            sketch = KeySketch(sketch.basis, proj, sketch.fitted_on)
+        return PageSummaries(*grown, page_size=self.page_size, paged=False, sketch=sketch)
 
     def logical(self, block_table=None):
         """``(mean, kmin, kmax)`` per logical page ``[B, Hkv, NP, D]`` (paged: gathered by ``block_table``)."""
@@ -119,6 +207,19 @@ class PageSummaries:
     def logical_pages(self, block_table=None) -> int:
         """Logical pages per row: ``NP`` (contiguous) or ``block_table.shape[1]`` (paged)."""
         return self.mean.shape[2] if not self.paged else block_table.shape[1]
+
+    def logical_sketch(self, block_table=None):
+        """``proj [B, Hkv, NP * page_size, r]`` of the sketch per logical token (paged: gathered by
+        ``block_table``); raises ValueError when the summaries keep no sketch."""
+        if self.sketch is None:
+            raise ValueError("these PageSummaries keep no key sketch: build them with rank= "
+                             "(PageSummaries.from_cache(..., rank=r)) for a sketch-based selection.")
+        proj = self.sketch.proj
+        if not self.paged:
+            return proj[:, :, : self.mean.shape[2] * self.page_size]
+        b, w = block_table.shape
+        g = proj[block_table.long().clamp(min=0)]  # [B, W, Hkv, P, r]
+        return g.transpose(1, 2).reshape(b, proj.shape[1], w * self.page_size, proj.shape[-1])
 
     def logical_mean(self, block_table=None):
         """``mean [B, Hkv, NP, D]`` alone (what a mean-based selection reads)."""
@@ -157,4 +258,4 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check=Tru
     return (seq + new).to(torch.int32)
 
 
-__all__ = ["PageSummaries", "append_kv", "num_pages"]
+__all__ = ["PageSummaries", "KeySketch", "fit_key_basis", "append_kv", "num_pages"]

@@ -37,12 +37,12 @@ def generate(model, ids, impl, **kw):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_generate_with_every_page_is_dense_token_for_token(llama, register, cache):
+@pytest.mark.parametrize("cache,preset", [("dynamic", "kinetics"), ("static", "kinetics"), ("dynamic", "loki")])
+def test_generate_with_every_page_is_dense_token_for_token(llama, register, cache, preset):
     ids = torch.randint(1, 128, (1, 70))
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     dense = generate(llama, ids, "sdpa", **kw)
-    stats = register(get_preset("kinetics", k=1.0, min_context=64))
+    stats = register(get_preset(preset, k=1.0, min_context=64))
     sparse = generate(llama, ids, NAME, **kw)
     assert torch.equal(sparse, dense)
     assert stats["sparse:decode"] == 11 * llama.config.num_hidden_layers, dict(stats)
@@ -141,7 +141,7 @@ def test_page_selection_scores_budgets_and_forced_pages():
 
 
 def test_decode_patterns_registry_and_bad_budgets():
-    assert list_decode_patterns() == ["kinetics", "quest"]
+    assert list_decode_patterns() == ["kinetics", "loki", "quest"]
     from sparse_attn.patterns import decode_pattern_from_dict
 
     for pat in (KineticsSelect(k=(3, 0.5), sink=0, window=32), QuestSelect(k=64)):

@@ -208,8 +208,8 @@ def test_presets_registry():
     from sparse_attn.integrations.presets import PRESETS, get_preset, list_presets
     from sparse_attn.patterns import Dense, PerHead, SlidingWindow, list_patterns
 
-    assert list_presets() == ["adaspa", "anchor", "dhsa", "flexprefill", "hip", "kinetics", "minference", "moba", "quest",
-                              "sparse_vdit", "sparsed", "streamingllm", "svg2", "xattention", "xattention_lattice"]
+    assert list_presets() == ["adaspa", "anchor", "dhsa", "flexprefill", "hip", "kinetics", "loki", "minference", "moba",
+                              "quest", "sparse_vdit", "sparsed", "streamingllm", "svg2", "xattention", "xattention_lattice"]
     assert all(p.differs and p.source for p in PRESETS.values())
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("flash")

@@ -52,7 +52,7 @@ def test_pattern_and_decode_registries_keep_their_messages():
         base.register("dense")(type("Again", (), {}))
     with pytest.raises(ValueError, match="decode pattern name 'quest' is already registered to QuestSelect"):
         decode.register_decode("quest")(type("Again", (), {}))
-    with pytest.raises(ValueError, match=r"unknown decode pattern 'nope'; expected one of \['kinetics', 'quest'\]"):
+    with pytest.raises(ValueError, match=r"unknown decode pattern 'nope'; expected one of \['kinetics', 'loki', 'quest'\]"):
         decode.get_decode_pattern("nope")
     with pytest.raises(TypeError, match="name must be a str"):
         decode.get_decode_pattern(None)
@@ -60,7 +60,7 @@ def test_pattern_and_decode_registries_keep_their_messages():
         decode.decode_pattern_from_dict({"k": 4})
     pat = decode.get_decode_pattern("kinetics", k=(2, 0.5))
     assert decode.decode_pattern_from_dict(pat.to_dict()) == pat  # lists from JSON become tuples again
-    assert decode.list_decode_patterns() == ["kinetics", "quest"]
+    assert decode.list_decode_patterns() == ["kinetics", "loki", "quest"]
 
 
 def _fresh(code):

@@ -218,17 +218,19 @@ def _decode_config(select, prefill, page_size, min_context, min_seq_len, backend
                               decode=select, min_context=min_context, page_size=page_size)
 
 
-def kinetics(*, k=0.125, sink: int = 64, window: int = 128, group: str = "mean", page_size: int = 16,
-             min_context: int = 4096, prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
+def kinetics(*, k=0.125, sink: int = 64, window: int = 128, group: str = "mean", rerank: float = 1.0,
+             page_size: int = 16, min_context: int = 4096, prefill=None, min_seq_len: int = 1024,
+             backend: str = "auto"):
     """Kinetics block top-k decoding (transformers ``generate()``): past ``min_context`` cached keys each step
     attends the ``k`` pages (of ``page_size`` tokens) with the largest ``mean_group(q) . mean(page keys)``, the
     current page, ``sink`` first tokens and a ``window`` of recent ones (``group="softmax"``: a page's score is
-    the summed softmax share over the group's heads, see :class:`~sparse_attn.patterns.decode.KineticsSelect`).
-    ``prefill``: a prefill pattern (None: dense prefill). Returns a
+    the summed softmax share over the group's heads, see :class:`~sparse_attn.patterns.decode.KineticsSelect`;
+    ``rerank=c``: the ``c``-times larger candidate set is re-scored from its keys). ``prefill``: a prefill pattern
+    (None: dense prefill). Returns a
     :class:`~sparse_attn.integrations.transformers.SparseDecodeConfig`."""
     from ..patterns.decode import KineticsSelect
 
-    return _decode_config(KineticsSelect(k=k, sink=sink, window=window, group=group), prefill, page_size,
+    return _decode_config(KineticsSelect(k=k, sink=sink, window=window, group=group, rerank=rerank), prefill, page_size,
                           min_context, min_seq_len, backend)
 
 
@@ -239,6 +241,18 @@ def quest(*, k=0.125, page_size: int = 16, min_context: int = 4096, prefill=None
     from ..patterns.decode import QuestSelect
 
     return _decode_config(QuestSelect(k=k), prefill, page_size, min_context, min_seq_len, backend)
+
+
+def loki(*, k=0.125, sink: int = 64, window: int = 128, rank=0.25, page_size: int = 16, min_context: int = 4096,
+         prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
+    """Loki-style low-rank decoding: past ``min_context`` cached keys each step scores every key in a
+    ``rank``-dimensional key subspace (fitted on the prompt's keys), sums each page's softmax share over the GQA
+    group, and attends the ``k`` best pages, the current page, ``sink`` first and ``window`` recent tokens
+    (:class:`~sparse_attn.patterns.decode.LokiSelect`)."""
+    from ..patterns.decode import LokiSelect
+
+    return _decode_config(LokiSelect(k=k, sink=sink, window=window, rank=rank), prefill, page_size,
+                          min_context, min_seq_len, backend)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
@@ -287,6 +301,11 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "budget k counts every kept page (the paper: top 64 + the current page, here k=65); 64 sink and 128 "
            "recent tokens kept (inside the budget); selection per kv head; decode steps below min_context cached "
            "keys and left-padded batches run dense", kinetics),
+    Preset("loki", "LLM decoding (transformers generate)", "Loki low-rank keys (Singhania et al., NeurIPS 2024)",
+           "the key basis is fitted per layer and kv head on the prompt's keys, uncentered (Loki: PCA offline on "
+           "calibration data); scores pick whole pages of 16 tokens (Loki: top-k tokens); a page's score is the "
+           "softmax share of its keys summed over the GQA group; 64 sink and 128 recent tokens kept inside the budget",
+           loki),
     Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",
            "bound maxed over the query heads of a GQA group (one page list per kv head); the current page is "
            "always kept; decode steps below min_context cached keys run dense", quest),
@@ -308,5 +327,5 @@ def get_preset(name: str, **kw) -> SparseConfig:
 
 
 __all__ = ["PRESETS", "Preset", "LSEWarmStart", "get_preset", "list_presets", "adaspa", "flexprefill", "minference", "moba",
-           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "quest", "anchor", "dhsa", "hip", "xattention",
+           "sparse_vdit", "sparsed", "streamingllm", "svg2", "kinetics", "loki", "quest", "anchor", "dhsa", "hip", "xattention",
            "xattention_lattice"]

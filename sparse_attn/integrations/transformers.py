@@ -180,8 +180,9 @@ def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropou
         return None, reason
     if longest < cfg.min_context:
         return None, "decode (short context)"
-    summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size)
-    pages = cfg.decode.select(query, summaries, seqlens)
+    rank = getattr(cfg.decode, "sketch_rank", lambda dim: None)(key.shape[-1])
+    summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size, rank=rank)
+    pages = cfg.decode.select(query, summaries, seqlens, k_cache=key)
     out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=cfg.page_size,
                                         causal=bool(causal), scale=scaling, backend=cfg.backend,
                                         check_pages=False)  # the selection's own lists: sorted, in range

@@ -30,7 +30,7 @@ from .sparsifiner import Sparsifiner, SparsifinerPredictor
 from .search import PatternSearch, SearchPlan, search_plan
 from .grid import candidate_grid
 from .synthetic import build_cost_table, pattern_table, planted_qkv
-from .decode import (KineticsSelect, QuestSelect, decode_pattern_from_dict, get_decode_pattern,
+from .decode import (KineticsSelect, LokiSelect, QuestSelect, decode_pattern_from_dict, get_decode_pattern,
                      list_decode_patterns)
 
 __all__ = [
@@ -40,5 +40,5 @@ __all__ = [
     "KMeansRouting", "RoutingState", "kmeans", "EqualSizeRouting", "SharedCentroids", "ChunkSelect", "DHSA",
     "VideoChunkSelect", "RegionRouting", "HiP", "PatternSearch", "SearchPlan", "search_plan", "candidate_grid",
     "pattern_table", "build_cost_table", "planted_qkv", "Sparsifiner", "SparsifinerPredictor",
-    "KineticsSelect", "QuestSelect", "get_decode_pattern", "list_decode_patterns", "decode_pattern_from_dict",
+    "KineticsSelect", "LokiSelect", "QuestSelect", "get_decode_pattern", "list_decode_patterns", "decode_pattern_from_dict",
 ]

@@ -89,6 +89,7 @@ class PageSelect:
     k: Budget = 0.125
     sink: int = 0
     window: int = 0
+    rerank: float = 1.0
 
     def __post_init__(self):
         _check_budget(self.k)
@@ -96,11 +97,20 @@ class PageSelect:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{field} must be an int >= 0 (tokens), got {value!r}.")
+        r = self.rerank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 1.0:
+            raise ValueError(f"rerank must be a number >= 1 (candidate pages per chosen page; 1: no rerank), "
+                             f"got {r!r}.")
 
-    def scores(self, q, summaries, block_table, valid=None):
+    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
         """float ``[B, Hkv, NP]`` page scores (higher = more important); ``valid`` bool ``[B, 1, NP]`` marks the
-        pages that hold keys (None: every page)."""
+        pages that hold keys (None: every page); ``seqlens [B]``: keys per row (None: every key of a valid page)."""
         raise NotImplementedError
+
+    def sketch_rank(self, head_dim: int):
+        """Rank of the :class:`~sparse_attn.kvcache.KeySketch` the summaries must keep for this selection (None:
+        no sketch)."""
+        return None
 
     def forced(self, n_pages, seqlens, q_len, page_size):
         """bool ``[B, NP]``: the pages of the queries' own keys, the sink tokens and the local window."""
@@ -113,17 +123,19 @@ class PageSelect:
             keep = keep | ((p * page_size < self.sink) & (p * page_size < seq))
         return keep
 
-    def select(self, q, summaries, cache_seqlens, *, block_table=None):
+    def select(self, q, summaries, cache_seqlens, *, block_table=None, k_cache=None):
         """int32 ``[B, Hkv, W]`` sorted pages per (row, kv head) of ``q [B, Hq, Lq, D]``; ``-1`` = unused.
 
-        ``cache_seqlens [B]``: keys in the cache, the new queries' own keys included.
+        ``cache_seqlens [B]``: keys in the cache, the new queries' own keys included. ``k_cache`` (the layout of
+        the summaries; needed when ``rerank > 1``): the pages chosen by score are the best ``ceil(rerank * n)``
+        candidates re-scored exactly, by the softmax share of their keys summed over the GQA group.
         """
         P = summaries.page_size
         n_pages = summaries.logical_pages(block_table)
         seq = cache_seqlens.to(q.device).long()
         row_pages = (-(-seq // P)).clamp(max=n_pages)  # [B]
         valid = torch.arange(n_pages, device=q.device)[None, :] < row_pages[:, None]  # [B, NP]
-        scores = self.scores(q, summaries, block_table, valid[:, None]).float()  # [B, Hkv, NP]
+        scores = self.scores(q, summaries, block_table, valid[:, None], seq).float()  # [B, Hkv, NP]
         batch, n_kv_heads, _ = scores.shape
         forced = self.forced(n_pages, seq, q.shape[2], P)[:, None, :]  # [B, 1, NP]
         budget = budget_pages(self.k, n_kv_heads, row_pages)  # [B, Hkv]
@@ -132,10 +144,20 @@ class PageSelect:
         top = int(extra.max()) if extra.numel() else 0
         if top:
             cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
-            cand = cand.nan_to_num(nan=float("-inf"))
-            val, idx = cand.topk(min(top, n_pages), dim=-1, sorted=False)  # [B, Hkv, top] (any order)
+            cand = cand.nan_to_num(nan=float("-inf"), neginf=float("-inf"))  # (nan_to_num would make -inf finite)
+            n_cand = min(n_pages, top if self.rerank == 1.0 else int(-(-top * self.rerank // 1)))
+            val, idx = cand.topk(n_cand, dim=-1, sorted=n_cand > top)  # [B, Hkv, n_cand]
+            if n_cand > top:  # exact shares of the candidates: the best `extra` of them are kept
+                if k_cache is None:
+                    raise ValueError(f"k_cache is needed by a selection with rerank={self.rerank} (it re-scores "
+                                     "candidate pages from their keys); pass the cache the summaries describe.")
+                exact = exact_page_shares(q, k_cache, idx, summaries.page_size, block_table)  # [B, Hkv, n_cand]
+                exact = exact.masked_fill(val == float("-inf"), float("-inf"))
+                val, pos = exact.topk(top, dim=-1, sorted=False)
+                idx = torch.gather(idx, -1, pos)
             rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
-            keep.scatter_(-1, idx, rank_ok & (val > float("-inf")))
+            # into a fresh mask, OR-ed in: an entry past the real candidates (-inf) must not clear a forced page
+            keep |= torch.zeros_like(keep).scatter_(-1, idx, rank_ok & (val > float("-inf")))
         return pages_from_keep(keep)
 
     def to_dict(self) -> dict:
@@ -144,6 +166,35 @@ class PageSelect:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def exact_page_shares(q, k_cache, pages, page_size, block_table=None):
+    """float32 ``[B, Hkv, C]``: per candidate page, the softmax share of its keys summed over the GQA group's
+    query rows, the softmax taken over the candidates' keys only.
+
+    ``q [B, Hq, Lq, D]``; ``k_cache`` contiguous ``[B, Hkv, Lmax, D]`` or paged ``[num_pages, P, Hkv, D]`` with
+    ``block_table``; ``pages`` int ``[B, Hkv, C]`` logical pages, each a complete page (every one of its
+    ``page_size`` keys valid: pages before a row's current page). Reads the candidates' keys only.
+    """
+    batch, n_kv_heads, n_cand = pages.shape
+    b = torch.arange(batch, device=q.device)[:, None, None]
+    h = torch.arange(n_kv_heads, device=q.device)[None, :, None]
+    p = pages.long().clamp(min=0)
+    if block_table is None:  # a view of the complete pages, no copy of the cache
+        full = k_cache.shape[2] // page_size
+        s0, s1, s2, s3 = k_cache.stride()
+        view = k_cache.as_strided((batch, n_kv_heads, full, page_size, k_cache.shape[3]),
+                                  (s0, s1, page_size * s2, s2, s3))
+        keys = view[b, h, p.clamp(max=max(full - 1, 0))]  # [B, Hkv, C, P, D]
+    else:
+        phys = block_table.long().clamp(min=0)[b, p]  # [B, Hkv, C]
+        tok = torch.arange(page_size, device=q.device)
+        keys = k_cache[phys[..., None], tok, h[..., None]]  # [B, Hkv, C, P, D]
+    rows = _grouped(q, n_kv_heads)  # [B, Hkv, R, D]
+    keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, -1).float()
+    s = torch.matmul(rows, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, R, C*P]
+    share = torch.softmax(s, dim=-1).sum(2)  # [B, Hkv, C*P]
+    return share.view(batch, n_kv_heads, n_cand, page_size).sum(-1)
 
 
 def pages_from_keep(keep):
@@ -185,7 +236,7 @@ class KineticsSelect(PageSelect):
         if self.group not in _GROUP_RULES:
             raise ValueError(f"group must be one of {_GROUP_RULES}, got {self.group!r}.")
 
-    def scores(self, q, summaries, block_table, valid=None):
+    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
         mean = summaries.logical_mean(block_table)  # [B, Hkv, NP, D]
         rows = _grouped(q, mean.shape[1])  # [B, Hkv, R, D]
         if self.group == "mean":
@@ -208,12 +259,56 @@ class QuestSelect(PageSelect):
     sink: int = 0
     window: int = 0
 
-    def scores(self, q, summaries, block_table, valid=None):
+    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
         _, kmin, kmax = summaries.logical(block_table)  # [B, Hkv, NP, D]
         rows = _grouped(q, kmin.shape[1])  # [B, Hkv, R, D]
         bound = torch.matmul(rows.clamp(min=0), kmax.transpose(-1, -2)) + torch.matmul(
             rows.clamp(max=0), kmin.transpose(-1, -2))  # [B, Hkv, R, NP]
         return bound.amax(2)
+
+
+@register_decode("loki")
+@dataclass(frozen=True)
+class LokiSelect(PageSelect):
+    """Loki-style low-rank scoring: every key's ``q . k`` approximated in a ``rank``-dimensional subspace of
+    the keys (:class:`~sparse_attn.kvcache.KeySketch`), a softmax over the row's keys per query head, the
+    shares summed over the GQA group and over each page; top pages + current page + sinks + window.
+
+    ``rank``: an int, or a fraction of the head dim (float in (0, 1]); Loki's default is a quarter. Scoring
+    reads ``rank / D`` of the key cache (a quarter: one eighth of the K+V bytes), token by token, so a key
+    that one query attends sharply keeps its page, where a page mean (``kinetics``) averages it away. The
+    basis is fitted on the prompt's keys per layer and kv head (Loki fits it offline on calibration text).
+    Sink and window defaults as ``kinetics`` (counted in the budget).
+    """
+
+    k: Budget = 0.125
+    sink: int = 64
+    window: int = 128
+    rank: Union[int, float] = 0.25
+
+    def __post_init__(self):
+        super().__post_init__()
+        r = self.rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, int) and r < 1) or (
+                isinstance(r, float) and not 0.0 < r <= 1.0):
+            raise ValueError(f"rank must be an int >= 1 or a fraction of the head dim in (0, 1], got {r!r}.")
+
+    def sketch_rank(self, head_dim: int) -> int:
+        r = self.rank
+        return min(head_dim, r) if isinstance(r, int) else max(1, min(head_dim, int(round(r * head_dim))))
+
+    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
+        proj = summaries.logical_sketch(block_table)  # [B, Hkv, T, r]
+        basis = summaries.sketch.basis  # [Hkv, D, r]
+        batch, n_kv_heads, n_tok, _ = proj.shape
+        P = summaries.page_size
+        rows = _grouped(q, n_kv_heads) @ basis[None]  # [B, Hkv, R, r]
+        s = torch.matmul(rows, proj.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, R, T]
+        if seqlens is not None:
+            s = s.masked_fill(torch.arange(n_tok, device=q.device) >= seqlens.long()[:, None, None, None],
+                              float("-inf"))
+        share = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(2)  # [B, Hkv, T]
+        return share.view(batch, n_kv_heads, n_tok // P, P).sum(-1)  # [B, Hkv, NP]
 
 
 def density(pages, cache_seqlens, page_size):
@@ -222,5 +317,5 @@ def density(pages, cache_seqlens, page_size):
     return float(((pages >= 0).sum(-1).double() / row_pages[:, None]).mean())
 
 
-__all__ = ["KineticsSelect", "QuestSelect", "PageSelect", "register_decode", "list_decode_patterns",
-           "get_decode_pattern", "decode_pattern_from_dict", "pages_from_keep", "budget_pages", "density"]
+__all__ = ["KineticsSelect", "QuestSelect", "LokiSelect", "PageSelect", "register_decode", "list_decode_patterns",
+           "get_decode_pattern", "decode_pattern_from_dict", "pages_from_keep", "exact_page_shares", "budget_pages", "density"]

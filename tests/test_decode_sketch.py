@@ -1,0 +1,182 @@
+"""Key sketches (low-rank projected keys kept per token) and the ``loki`` page selection that reads them."""
+
+import pytest
+import torch
+
+from sparse_attn.kvcache import PageSummaries, append_kv, fit_key_basis
+from sparse_attn.patterns import LokiSelect, get_decode_pattern
+
+P = 16
+
+
+def _paged(k, seq, n_phys, gen):
+    """The keys of a contiguous ``k [B, Hkv, L, D]`` in a shuffled paged cache and its block table."""
+    batch, heads, length, dim = k.shape
+    n_log = -(-length // P)
+    table = torch.randperm(n_phys, generator=gen)[: batch * n_log].view(batch, n_log).int()
+    kc = torch.randn(n_phys, P, heads, dim, generator=gen)  # pages no row owns hold other values
+    kpad = torch.nn.functional.pad(k, (0, 0, 0, n_log * P - length))
+    for b in range(batch):
+        for p in range(n_log):
+            kc[table[b, p]] = kpad[b, :, p * P:(p + 1) * P].transpose(0, 1)
+    return kc, table
+
+
+def test_sketch_is_the_keys_projected_on_an_orthonormal_basis():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, 90, 32, generator=gen) * torch.linspace(0.2, 3.0, 32)  # channels of unequal energy
+    seq = torch.tensor([90, 70])
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=8)
+    basis = s.sketch.basis  # [Hkv, D, r]
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(8).expand(3, 8, 8), atol=1e-5, rtol=0)
+    for b, n in enumerate(seq.tolist()):
+        torch.testing.assert_close(s.sketch.proj[b, :, :n], k[b, :, :n] @ basis, atol=1e-5, rtol=1e-5)
+    # the basis spans the leading right singular vectors of the valid keys: it keeps more energy than any other
+    x = torch.cat([k[0, 0, :90], k[1, 0, :70]])
+    best = torch.linalg.svdvals(x)[:8].square().sum()
+    torch.testing.assert_close((x @ basis[0]).square().sum(), best, rtol=1e-4, atol=0)
+
+
+def test_sketch_kept_incrementally_equals_the_keys_projected():
+    gen = torch.Generator().manual_seed(1)
+    cache = torch.zeros(1, 2, 1200, 16)
+    v = torch.zeros_like(cache)
+    seq = append_kv(cache, v, torch.randn(1, 2, 40, 16, generator=gen), torch.zeros(1, 2, 40, 16),
+                    torch.tensor([0], dtype=torch.int32))
+    s = PageSummaries.from_cache(cache, seq, page_size=P, rank=4)
+    assert s.sketch.fitted_on == 40
+    for n_new in (1, 3, 50, 1, 17):  # the basis is refitted while it was fitted on few keys
+        new = torch.randn(1, 2, n_new, 16, generator=gen)
+        before = seq
+        seq = append_kv(cache, v, new, torch.zeros_like(new), seq)
+        s.update(cache, before, seq)
+        n = int(seq[0])
+        torch.testing.assert_close(s.sketch.proj[:, :, :n], cache[:, :, :n] @ s.sketch.basis, atol=1e-5, rtol=1e-5)
+    assert s.sketch.fitted_on == 94  # refitted once the keys doubled (44 -> 94), not at every step
+    fresh = PageSummaries.from_cache(cache, seq, page_size=P)
+    torch.testing.assert_close(s.mean, fresh.mean)
+
+
+def test_loki_with_full_rank_picks_the_pages_of_largest_exact_attention_share():
+    gen = torch.Generator().manual_seed(2)
+    batch, hkv, group, length, dim = 2, 2, 3, 300, 16
+    k = torch.randn(batch, hkv, length, dim, generator=gen)
+    q = torch.randn(batch, hkv * group, 1, dim, generator=gen) * 2
+    seq = torch.tensor([300, 233])
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    pat = LokiSelect(k=6, sink=0, window=0, rank=dim)
+    got = pat.select(q, s, seq)
+    for b, n in enumerate(seq.tolist()):
+        logits = q[b, :, 0].view(hkv, group, dim) @ k[b, :, :n].transpose(-1, -2) * dim ** -0.5  # [Hkv, G, n]
+        share = torch.softmax(logits.double(), -1).sum(1)  # [Hkv, n]
+        n_pages = -(-n // P)
+        page = torch.nn.functional.pad(share, (0, n_pages * P - n)).view(hkv, n_pages, P).sum(-1)
+        current = n_pages - 1  # the page of the query's own key is always kept
+        page[:, current] = float("inf")
+        want = page.topk(6, -1).indices.sort(-1).values.int()
+        assert torch.equal(got[b, :, :6], want), (b, got[b], want)
+
+
+def test_loki_paged_equals_contiguous_and_ignores_keys_past_the_lengths():
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 2, 200, 16, generator=gen)
+    seq = torch.tensor([200, 131])
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    pat = get_decode_pattern("loki", k=0.4, sink=16, window=16, rank=0.5)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=pat.sketch_rank(16))
+    want = pat.select(q, s, seq)
+    kc, table = _paged(k, seq, 40, gen)
+    sp = PageSummaries.from_cache(kc, seq, block_table=table, rank=8)
+    assert torch.equal(pat.select(q, sp, seq, block_table=table), want)
+    poisoned = k.clone()
+    poisoned[1, :, 131:] = float("nan")  # keys past row 1's length: never seen by the fit or the scores
+    poisoned[1, 0, 140] = float("inf")
+    sn = PageSummaries.from_cache(poisoned, seq, page_size=P, rank=8)
+    torch.testing.assert_close(sn.sketch.basis, s.sketch.basis, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pat.select(q, sn, seq), want)
+
+
+def test_loki_budget_counts_forced_pages_and_sketch_rank_resolves_fractions():
+    pat = LokiSelect(k=0.125, rank=0.25)
+    assert pat.sketch_rank(64) == 16 and pat.sketch_rank(128) == 32 and LokiSelect(rank=200).sketch_rank(64) == 64
+    gen = torch.Generator().manual_seed(4)
+    k = torch.randn(1, 2, 4096, 32, generator=gen)
+    seq = torch.tensor([4096])
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=8)
+    pages = pat.select(torch.randn(1, 6, 1, 32, generator=gen), s, seq)
+    assert pages.shape[-1] == 32 and bool((pages >= 0).all())  # 1/8 of 256 pages, sink + window included
+    assert {0, 1, 2, 3} <= set(pages[0, 0].tolist()) and set(range(247, 256)) <= set(pages[0, 0].tolist())
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, 0.0, True, "16"])
+def test_bad_ranks_name_the_argument(rank):
+    with pytest.raises(ValueError, match="rank"):
+        LokiSelect(rank=rank)
+    if not isinstance(rank, float):
+        with pytest.raises(ValueError, match="rank must be an int in"):
+            PageSummaries.from_cache(torch.randn(1, 1, 32, 8), torch.tensor([32]), page_size=P, rank=rank)
+
+
+def test_a_selection_that_needs_a_sketch_says_how_to_build_one():
+    s = PageSummaries.from_cache(torch.randn(1, 1, 32, 8), torch.tensor([32]), page_size=P)
+    with pytest.raises(ValueError, match="rank="):
+        LokiSelect(k=1).select(torch.randn(1, 1, 1, 8), s, torch.tensor([32]))
+
+
+def test_fit_on_no_valid_key_is_a_basis_still():
+    basis = fit_key_basis(torch.randn(1, 2, 10, 8), torch.zeros(1, 10, dtype=torch.bool), 3)
+    torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(3).expand(2, 3, 3))
+
+
+def test_rerank_over_every_page_picks_the_largest_exact_shares_and_paged_equals_contiguous():
+    """``rerank`` large enough that every page is a candidate: the choice is the exact one (softmax over the
+    candidates' keys, summed over the group), whatever the first scores were."""
+    from sparse_attn.patterns import KineticsSelect, QuestSelect
+
+    gen = torch.Generator().manual_seed(5)
+    hkv, group, dim = 2, 3, 16
+    k = torch.randn(2, hkv, 320, dim, generator=gen)
+    q = torch.randn(2, hkv * group, 1, dim, generator=gen) * 2
+    seq = torch.tensor([320, 250])
+    s = PageSummaries.from_cache(k, seq, page_size=P)
+    for pat in (KineticsSelect(k=7, sink=16, window=0, rerank=100.0), QuestSelect(k=7, rerank=100.0)):
+        got = pat.select(q, s, seq, k_cache=k)
+        for b, n in enumerate(seq.tolist()):
+            n_pages = -(-n // P)
+            forced = {n_pages - 1} | ({0} if pat.sink else set())
+            cands = [p for p in range(n_pages) if p not in forced]
+            keys = torch.cat([k[b, :, p * P:(p + 1) * P] for p in cands], 1)  # [Hkv, C*P, D]
+            logits = q[b, :, 0].view(hkv, group, dim) @ keys.transpose(-1, -2) * dim ** -0.5
+            share = torch.softmax(logits.double(), -1).sum(1).view(hkv, len(cands), P).sum(-1)  # [Hkv, C]
+            best = share.topk(7 - len(forced), -1).indices
+            want = [sorted(forced | {cands[i] for i in row.tolist()}) for row in best]
+            assert got[b].tolist() == [w + [-1] * (got.shape[-1] - len(w)) for w in want], (b, pat.name)
+        kc, table = _paged(k, seq, 48, gen)
+        sp = PageSummaries.from_cache(kc, seq, block_table=table)
+        assert torch.equal(pat.select(q, sp, seq, block_table=table, k_cache=kc), got)
+
+
+def test_rerank_needs_the_cache_and_a_factor_of_at_least_one():
+    from sparse_attn.patterns import KineticsSelect
+
+    k = torch.randn(1, 1, 256, 8)
+    s = PageSummaries.from_cache(k, torch.tensor([256]), page_size=P)
+    with pytest.raises(ValueError, match="k_cache is needed"):
+        KineticsSelect(k=4, sink=0, window=0, rerank=2.0).select(torch.randn(1, 1, 1, 8), s, torch.tensor([256]))
+    for bad in (0.5, True, "2"):
+        with pytest.raises(ValueError, match="rerank must be a number >= 1"):
+            KineticsSelect(rerank=bad)
+
+
+def test_rows_with_fewer_candidates_than_the_budget_keep_their_forced_pages_and_nothing_past_their_length():
+    from sparse_attn.patterns import KineticsSelect
+
+    gen = torch.Generator().manual_seed(6)
+    k = torch.randn(2, 1, 320, 8, generator=gen)
+    seq = torch.tensor([320, 40])  # row 1: 3 pages, all forced (sink page 0 and the window)
+    s = PageSummaries.from_cache(k, seq, page_size=P)
+    for rerank in (1.0, 3.0):
+        pages = KineticsSelect(k=10, sink=16, window=16, rerank=rerank).select(
+            torch.randn(2, 2, 1, 8, generator=gen), s, seq, k_cache=k)
+        assert [p for p in pages[1, 0].tolist() if p >= 0] == [0, 1, 2], rerank
+        assert (pages[0, 0] >= 0).sum() == 10 and {0, 18, 19} <= set(pages[0, 0].tolist())
