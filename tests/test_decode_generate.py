@@ -48,6 +48,15 @@ def test_generate_with_every_page_is_dense_token_for_token(llama, register, cach
     assert stats["sparse:decode"] == 11 * llama.config.num_hidden_layers, dict(stats)
 
 
+@pytest.mark.parametrize("preset,kw", [("kinetics", dict(rerank=2.0)), ("loki", dict(rank=4))])
+def test_generate_with_a_budget_rerank_and_sketches_decodes_sparse(llama, register, preset, kw):
+    """A cache growing by one key per step (pages not full): re-scored candidates and sketches kept up to date."""
+    ids = torch.randint(1, 128, (2, 150))
+    stats = register(get_preset(preset, k=0.5, sink=16, window=16, min_context=100, **kw))
+    out = generate(llama, ids, NAME)
+    assert out.shape == (2, 162) and stats["sparse:decode"] == 11 * llama.config.num_hidden_layers, dict(stats)
+
+
 def test_generate_with_a_budget_decodes_sparse_and_short_contexts_stay_dense(llama, register):
     ids = torch.randint(1, 128, (2, 150))
     stats = register(get_preset("quest", k=2, min_context=155))

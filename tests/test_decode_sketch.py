@@ -135,9 +135,9 @@ def test_rerank_over_every_page_picks_the_largest_exact_shares_and_paged_equals_
 
     gen = torch.Generator().manual_seed(5)
     hkv, group, dim = 2, 3, 16
-    k = torch.randn(2, hkv, 320, dim, generator=gen)
+    k = torch.randn(2, hkv, 330, dim, generator=gen)  # a cache that does not end on a page boundary
     q = torch.randn(2, hkv * group, 1, dim, generator=gen) * 2
-    seq = torch.tensor([320, 250])
+    seq = torch.tensor([330, 250])
     s = PageSummaries.from_cache(k, seq, page_size=P)
     for pat in (KineticsSelect(k=7, sink=16, window=0, rerank=100.0), QuestSelect(k=7, rerank=100.0)):
         got = pat.select(q, s, seq, k_cache=k)
