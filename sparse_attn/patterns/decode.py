@@ -177,22 +177,24 @@ def exact_page_shares(q, k_cache, pages, page_size, block_table=None):
     ``page_size`` keys valid: pages before a row's current page). Reads the candidates' keys only.
     """
     batch, n_kv_heads, n_cand = pages.shape
-    b = torch.arange(batch, device=q.device)[:, None, None]
-    h = torch.arange(n_kv_heads, device=q.device)[None, :, None]
+    dim = q.shape[-1]
     p = pages.long().clamp(min=0)
-    if block_table is None:  # a view of the complete pages, no copy of the cache
-        full = k_cache.shape[2] // page_size
-        s0, s1, s2, s3 = k_cache.stride()
-        view = k_cache.as_strided((batch, n_kv_heads, full, page_size, k_cache.shape[3]),
-                                  (s0, s1, page_size * s2, s2, s3))
-        keys = view[b, h, p.clamp(max=max(full - 1, 0))]  # [B, Hkv, C, P, D]
+    if block_table is None:  # per (row, kv head) one row gather from a view of its complete pages: no copy of the cache
+        full = max(k_cache.shape[2] // page_size, 1)
+        p = p.clamp(max=full - 1)
+        keys = torch.stack([torch.stack([
+            k_cache[b, h, : full * page_size].reshape(full, page_size * dim).index_select(0, p[b, h])
+            for h in range(n_kv_heads)]) for b in range(batch)])  # [B, Hkv, C, P*D]
     else:
+        b = torch.arange(batch, device=q.device)[:, None, None]
+        h = torch.arange(n_kv_heads, device=q.device)[None, :, None]
         phys = block_table.long().clamp(min=0)[b, p]  # [B, Hkv, C]
         tok = torch.arange(page_size, device=q.device)
         keys = k_cache[phys[..., None], tok, h[..., None]]  # [B, Hkv, C, P, D]
     rows = _grouped(q, n_kv_heads)  # [B, Hkv, R, D]
-    keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, -1).float()
-    s = torch.matmul(rows, keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, R, C*P]
+    keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, dim).float()
+    # keys times the transposed rows: with a few query rows `rows @ keys^T` packs every key first (slower)
+    s = torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2) * dim ** -0.5  # [B, Hkv, R, C*P]
     share = torch.softmax(s, dim=-1).sum(2)  # [B, Hkv, C*P]
     return share.view(batch, n_kv_heads, n_cand, page_size).sum(-1)
 
