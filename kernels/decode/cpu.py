@@ -25,7 +25,7 @@ WORKSPACE_BYTES = 32 * 1024 * 1024
 _workspace = threading.local()
 
 
-def _buffer(role, numel, like):
+def workspace_buffer(role, numel, like):
     """A reusable flat tensor of at least ``numel`` elements of ``like``'s dtype and device (None when larger
     than ``WORKSPACE_BYTES``)."""
     if numel * like.element_size() > WORKSPACE_BYTES:
@@ -52,7 +52,7 @@ def _select_rows(rows, idx, role):
     """``rows.index_select(0, idx)``, written into this thread's reusable buffer for ``role`` when it fits.
 
     The result is only valid until the next call with the same role (the chunk loop uses it at once)."""
-    buf = _buffer(role, idx.numel() * rows.shape[1], rows)
+    buf = workspace_buffer(role, idx.numel() * rows.shape[1], rows)
     if buf is None:
         return rows.index_select(0, idx)
     return torch.index_select(rows, 0, idx, out=buf.view(idx.numel(), rows.shape[1]))

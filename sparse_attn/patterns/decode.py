@@ -28,6 +28,8 @@ from typing import ClassVar, Tuple, Union
 
 import torch
 
+from sparse_attn_kernels.decode.cpu import workspace_buffer
+
 from ..token_tiles import compact_rows
 from .registry import Registry
 
@@ -179,22 +181,29 @@ def exact_page_shares(q, k_cache, pages, page_size, block_table=None):
     batch, n_kv_heads, n_cand = pages.shape
     dim = q.shape[-1]
     p = pages.long().clamp(min=0)
-    if block_table is None:  # per (row, kv head) one row gather from a view of its complete pages: no copy of the cache
+    rows = _grouped(q, n_kv_heads)  # [B, Hkv, R, D]
+    if block_table is None:
+        # per (row, kv head): the candidate pages gathered from a view of its complete pages into a reused buffer
+        # (fresh 8 MiB gathers cost more in page faults than the copy), scored as keys @ rows^T (with a few
+        # query rows, rows @ keys^T packs every key first)
         full = max(k_cache.shape[2] // page_size, 1)
         p = p.clamp(max=full - 1)
-        keys = torch.stack([torch.stack([
-            k_cache[b, h, : full * page_size].reshape(full, page_size * dim).index_select(0, p[b, h])
-            for h in range(n_kv_heads)]) for b in range(batch)])  # [B, Hkv, C, P*D]
+        s = torch.empty(batch, n_kv_heads, n_cand * page_size, rows.shape[2], device=q.device)
+        for b in range(batch):
+            for h in range(n_kv_heads):
+                view = k_cache[b, h, : full * page_size].reshape(full, page_size * dim)
+                buf = workspace_buffer("rerank_keys", n_cand * page_size * dim, view)
+                g = torch.index_select(view, 0, p[b, h], out=None if buf is None else buf.view(n_cand, -1))
+                s[b, h] = g.view(-1, dim).float() @ rows[b, h].transpose(0, 1)  # [C*P, R]
+        s = s.transpose(-1, -2) * dim ** -0.5  # [B, Hkv, R, C*P]
     else:
         b = torch.arange(batch, device=q.device)[:, None, None]
         h = torch.arange(n_kv_heads, device=q.device)[None, :, None]
         phys = block_table.long().clamp(min=0)[b, p]  # [B, Hkv, C]
         tok = torch.arange(page_size, device=q.device)
         keys = k_cache[phys[..., None], tok, h[..., None]]  # [B, Hkv, C, P, D]
-    rows = _grouped(q, n_kv_heads)  # [B, Hkv, R, D]
-    keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, dim).float()
-    # keys times the transposed rows: with a few query rows `rows @ keys^T` packs every key first (slower)
-    s = torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2) * dim ** -0.5  # [B, Hkv, R, C*P]
+        keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, dim).float()
+        s = torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2) * dim ** -0.5  # [B, Hkv, R, C*P]
     share = torch.softmax(s, dim=-1).sum(2)  # [B, Hkv, C*P]
     return share.view(batch, n_kv_heads, n_cand, page_size).sum(-1)
 
