@@ -95,10 +95,10 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                          check="ok" if err <= tol else f"WRONG ({err:.1e})"))
         for name in patterns:
             kind, kw = _preset_spec(name)
+            rank = get_decode_pattern(kind, **kw).sketch_rank(head_dim)  # the budget does not change the sketch
+            summ_p = summ if rank is None else PageSummaries.from_cache(k, seqlens, page_size=page_size, rank=rank)
             for budget in budgets:
                 pat = get_decode_pattern(kind, k=budget, **kw)
-                rank = pat.sketch_rank(head_dim)
-                summ_p = summ if rank is None else PageSummaries.from_cache(k, seqlens, page_size=page_size, rank=rank)
 
                 def select():
                     return pat.select(q, summ_p, seqlens, k_cache=k)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from sparse_attn_kernels._common.paged import logical_cache
+
 _CHUNK_PAGES = 256  # pages summarized at a time when many are (a first summary of a long cache)
 _FIT_KEYS = 8192  # keys per row a sketch basis is fitted on at most (evenly strided)
 _REFIT_BELOW = 1024  # a basis fitted on fewer keys (per row, at most) is refitted when the keys double
@@ -46,15 +48,13 @@ def fit_key_basis(keys, valid, rank):
     batch, n_kv_heads, length, dim = keys.shape
     step = max(1, -(-length // _FIT_KEYS))
     keys, valid = keys[:, :, ::step].float(), valid[:, ::step]
+    if not bool(valid.any()):
+        return torch.eye(dim, rank, device=keys.device).expand(n_kv_heads, dim, rank).contiguous()
     x = keys.masked_fill(~valid[:, None, :, None], 0.0).transpose(0, 1).reshape(n_kv_heads, -1, dim)  # [Hkv, N, D]
-    if not bool(valid.any()) or not bool(torch.isfinite(x).all()):
-        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite valid key must not spoil the basis
     gram = x.transpose(1, 2) @ x  # [Hkv, D, D]: the right singular vectors are its eigenvectors
     _, vecs = torch.linalg.eigh(gram.double())  # ascending eigenvalues
-    basis = vecs.flip(-1)[..., :rank].float()
-    if not bool(valid.any()):
-        basis = torch.eye(dim, rank, device=keys.device).expand(n_kv_heads, dim, rank).clone()
-    return basis.contiguous()
+    return vecs.flip(-1)[..., :rank].float().contiguous()
 
 
 @dataclass
@@ -122,17 +122,9 @@ class PageSummaries:
             out.sketch = out._fit_sketch(k_cache, seq, block_table, rank)
         return out.update(k_cache, start, cache_seqlens, block_table=block_table)
 
-    def _logical_keys(self, k_cache, block_table):
-        """``[B, Hkv, L, D]`` keys in logical order (paged caches: gathered through ``block_table``)."""
-        if not self.paged:
-            return k_cache
-        b, w = block_table.shape
-        keys = k_cache[block_table.long().clamp(min=0)]  # [B, W, P, Hkv, D]
-        return keys.permute(0, 3, 1, 2, 4).reshape(b, k_cache.shape[2], w * self.page_size, k_cache.shape[3])
-
     def _fit_sketch(self, k_cache, seqlens, block_table, rank):
         """A new :class:`KeySketch` whose basis is fitted on the valid keys (its ``proj`` still empty)."""
-        keys = self._logical_keys(k_cache, block_table)
+        keys = logical_cache(k_cache, block_table if self.paged else None)  # [B, Hkv, L, D]
         valid = torch.arange(keys.shape[2], device=keys.device)[None, :] < seqlens.long()[:, None]  # [B, L]
         basis = fit_key_basis(keys, valid, rank)
         if self.paged:

@@ -7,37 +7,15 @@ in cache while they are read. Keys past ``cache_seqlens``, list entries past ``c
 outside the list never reach an output; a row that keeps a non-finite value gets NaN.
 """
 
-import threading
-
 import torch
 
 from .._common.softmax import accum_dtype, softmax_rows
+from .._common.workspace import workspace_buffer
 
 # Gathered K + V per chunk. 2026-12-03, 32k context, 8 kv heads, 1/8 of the pages, attention alone (min / median
 # of 60 calls): EPYC with 32 MiB of L3: 4.4-4.6 / 4.8-5.1 ms at 16 MiB, 4.8-4.9 / 5.4-6.2 ms at 32 MiB, 6.2 ms at
 # 2-4 MiB (more chunks, ~40 small ops each); Xeon with 260 MiB of L3: 4.05 ms at 16 MiB, 3.9 ms at 32 MiB.
 CHUNK_BYTES = 16 * 1024 * 1024
-# The gathered K and V go into per-thread buffers reused across calls (up to this size each; larger gathers
-# allocate): glibc returns freed blocks of 32 MiB and more to the OS, so fresh ones pay the page faults of new
-# memory on every call. 2026-12-03, 2-core Xeon, 32k context, 8 kv heads, 1/8 of the pages: attention over
-# the selected pages 5.9 ms with fresh 8 MiB chunks, 3.9 ms with one reused 32 MiB chunk (23 ms fresh).
-WORKSPACE_BYTES = 32 * 1024 * 1024
-_workspace = threading.local()
-
-
-def workspace_buffer(role, numel, like):
-    """A reusable flat tensor of at least ``numel`` elements of ``like``'s dtype and device (None when larger
-    than ``WORKSPACE_BYTES``)."""
-    if numel * like.element_size() > WORKSPACE_BYTES:
-        return None
-    bufs = getattr(_workspace, "bufs", None)
-    if bufs is None:
-        bufs = _workspace.bufs = {}
-    key = (role, like.dtype, like.device)
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buf[:numel]
 
 
 def _rows(cache):

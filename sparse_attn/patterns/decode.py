@@ -23,12 +23,13 @@ Example:
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Tuple, Union
 
 import torch
 
-from sparse_attn_kernels.decode.cpu import workspace_buffer
+from sparse_attn_kernels._common.workspace import workspace_buffer
 
 from ..token_tiles import compact_rows
 from .registry import Registry
@@ -147,7 +148,7 @@ class PageSelect:
         if top:
             cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
             cand = cand.nan_to_num(nan=float("-inf"), neginf=float("-inf"))  # (nan_to_num would make -inf finite)
-            n_cand = min(n_pages, top if self.rerank == 1.0 else int(-(-top * self.rerank // 1)))
+            n_cand = min(n_pages, math.ceil(top * self.rerank))
             val, idx = cand.topk(n_cand, dim=-1, sorted=n_cand > top)  # [B, Hkv, n_cand]
             if n_cand > top:  # exact shares of the candidates: the best `extra` of them are kept
                 if k_cache is None:
