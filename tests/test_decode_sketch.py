@@ -180,3 +180,42 @@ def test_rows_with_fewer_candidates_than_the_budget_keep_their_forced_pages_and_
             torch.randn(2, 2, 1, 8, generator=gen), s, seq, k_cache=k)
         assert [p for p in pages[1, 0].tolist() if p >= 0] == [0, 1, 2], rerank
         assert (pages[0, 0] >= 0).sum() == 10 and {0, 18, 19} <= set(pages[0, 0].tolist())
+
+
+def test_rerank_never_reads_keys_past_a_rows_length():
+    """The short row of a batch has fewer candidates than ``rerank`` asks for: the entries past its real
+    candidates point at pages past its length, whose keys (NaN, Inf here) must not change its choice."""
+    from sparse_attn.patterns import KineticsSelect
+
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(2, 2, 640, 16, generator=gen)
+    seq = torch.tensor([640, 400])  # 40 and 25 pages; 17 chosen by score of 37 and 22 candidates
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    pat = KineticsSelect(k=20, sink=16, window=16, rerank=3.0)
+    want = pat.select(q, PageSummaries.from_cache(k, seq, page_size=P), seq, k_cache=k)
+    poisoned = k.clone()
+    poisoned[1, :, 400:] = float("nan")
+    poisoned[1, 1, 500] = float("inf")
+    got = pat.select(q, PageSummaries.from_cache(poisoned, seq, page_size=P), seq, k_cache=poisoned)
+    assert torch.equal(got, want)
+    assert (got >= 0).sum(-1).tolist() == [[20, 20], [20, 20]] and int(got[1].max()) == 24
+
+
+@pytest.mark.parametrize("rerank", [1.0, 3.0])
+def test_a_row_with_a_smaller_budget_keeps_its_best_pages_up_to_its_budget(rerank):
+    """Rows of one batch with different budgets: each keeps exactly its own number of pages, the best ones."""
+    from sparse_attn.patterns import KineticsSelect
+
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(2, 2, 640, 16, generator=gen)
+    seq = torch.tensor([640, 200])  # 40 pages (budget 20) and 13 pages (budget 13: every page)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    s = PageSummaries.from_cache(k, seq, page_size=P)
+    got = KineticsSelect(k=20, sink=16, window=16, rerank=rerank).select(q, s, seq, k_cache=k)
+    assert (got >= 0).sum(-1).tolist() == [[20, 20], [13, 13]]
+    assert got[1, :, :13].tolist() == [list(range(13))] * 2
+    short = KineticsSelect(k=8, sink=16, window=16, rerank=rerank).select(q, s, seq, k_cache=k)
+    # the short row with a budget of 8 of 13 pages alone: the same choice as inside the batch
+    alone = KineticsSelect(k=8, sink=16, window=16, rerank=rerank).select(
+        q[1:], PageSummaries.from_cache(k[1:, :, :200], seq[1:], page_size=P), seq[1:], k_cache=k[1:, :, :200])
+    assert torch.equal(short[1:, :, :alone.shape[-1]], alone)

@@ -149,14 +149,16 @@ class PageSelect:
             cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
             cand = cand.nan_to_num(nan=float("-inf"), neginf=float("-inf"))  # (nan_to_num would make -inf finite)
             n_cand = min(n_pages, math.ceil(top * self.rerank))
-            val, idx = cand.topk(n_cand, dim=-1, sorted=n_cand > top)  # [B, Hkv, n_cand]
+            # sorted: `rank_ok` below keeps the first `extra` entries of each row, which must be its best ones
+            val, idx = cand.topk(n_cand, dim=-1, sorted=True)  # [B, Hkv, n_cand]
             if n_cand > top:  # exact shares of the candidates: the best `extra` of them are kept
                 if k_cache is None:
                     raise ValueError(f"k_cache is needed by a selection with rerank={self.rerank} (it re-scores "
                                      "candidate pages from their keys); pass the cache the summaries describe.")
-                exact = exact_page_shares(q, k_cache, idx, summaries.page_size, block_table)  # [B, Hkv, n_cand]
-                exact = exact.masked_fill(val == float("-inf"), float("-inf"))
-                val, pos = exact.topk(top, dim=-1, sorted=False)
+                real = val > float("-inf")  # entries past a row's real candidates read no key's value
+                exact = exact_page_shares(q, k_cache, idx, summaries.page_size, block_table, real)  # [B, Hkv, n_cand]
+                exact = exact.masked_fill(~real, float("-inf"))
+                val, pos = exact.topk(top, dim=-1, sorted=True)
                 idx = torch.gather(idx, -1, pos)
             rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
             # into a fresh mask, OR-ed in: an entry past the real candidates (-inf) must not clear a forced page
@@ -171,13 +173,15 @@ class PageSelect:
         return out
 
 
-def exact_page_shares(q, k_cache, pages, page_size, block_table=None):
+def exact_page_shares(q, k_cache, pages, page_size, block_table=None, valid=None):
     """float32 ``[B, Hkv, C]``: per candidate page, the softmax share of its keys summed over the GQA group's
     query rows, the softmax taken over the candidates' keys only.
 
     ``q [B, Hq, Lq, D]``; ``k_cache`` contiguous ``[B, Hkv, Lmax, D]`` or paged ``[num_pages, P, Hkv, D]`` with
     ``block_table``; ``pages`` int ``[B, Hkv, C]`` logical pages, each a complete page (every one of its
-    ``page_size`` keys valid: pages before a row's current page). Reads the candidates' keys only.
+    ``page_size`` keys valid: pages before a row's current page) where ``valid`` (bool ``[B, Hkv, C]``, None:
+    every entry) is set; the other entries get share 0 and their keys, whatever their values, never reach
+    the softmax. Reads the candidates' keys only.
     """
     batch, n_kv_heads, n_cand = pages.shape
     dim = q.shape[-1]
@@ -205,7 +209,9 @@ def exact_page_shares(q, k_cache, pages, page_size, block_table=None):
         keys = k_cache[phys[..., None], tok, h[..., None]]  # [B, Hkv, C, P, D]
         keys = keys.reshape(batch, n_kv_heads, n_cand * page_size, dim).float()
         s = torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2) * dim ** -0.5  # [B, Hkv, R, C*P]
-    share = torch.softmax(s, dim=-1).sum(2)  # [B, Hkv, C*P]
+    if valid is not None:  # [B, Hkv, 1, C*P]
+        s = s.masked_fill(~valid.repeat_interleave(page_size, -1)[:, :, None, :], float("-inf"))
+    share = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(2)  # [B, Hkv, C*P]
     return share.view(batch, n_kv_heads, n_cand, page_size).sum(-1)
 
 
