@@ -108,10 +108,16 @@ def _check_pages(pages, batch, n_kv_heads, n_pages, device, check_values, row_pa
     return counts.expand(batch, n_kv_heads), pages.expand(batch, n_kv_heads, pages.shape[-1])
 
 
-def _launcher(backend, device, dtype):
+def _triton_page(page_size, paged):
+    """Pages the Triton kernel tiles: a power of two >= 16 tokens, or single keys (token lists, contiguous)."""
+    return (page_size == 1 and not paged) or (page_size >= 16 and not page_size & (page_size - 1))
+
+
+def _launcher(backend, device, dtype, page_size, paged):
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    # auto: pages the Triton kernel cannot tile (2 to 15 tokens, or not a power of two) take the PyTorch ops
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or not _triton_page(page_size, paged))):
         return decode_fwd_cpu
     if dtype == torch.float64:
         raise TypeError("q: float64 runs on the PyTorch path only (backend='torch').")
@@ -139,9 +145,11 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         causal: bottom-right causal (query ``i`` sees keys ``<= seqlen - Lq + i``); only matters for ``Lq > 1``.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return the natural-log LSE ``[B, Hq, Lq]`` (float32; ``-inf`` where nothing is seen).
-        page_size: tokens per page of a contiguous cache (paged caches: ``k_cache.shape[1]``).
+        page_size: tokens per page of a contiguous cache (paged caches: ``k_cache.shape[1]``); 1: ``pages`` lists
+            key positions (a token-granular selection, e.g. ``LokiSelect(granularity="token")``).
         summaries: :class:`~sparse_attn.kvcache.PageSummaries` updated for the appended tokens.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA for pages of a power of two >= 16 tokens, PyTorch ops otherwise),
+            ``"triton"`` or ``"torch"``.
         n_splits: split-K ways per (row, kv head) of the Triton kernel; None chooses.
         check_pages: validate index values (``pages`` sorted and in range, lengths within the cache); each check
             synchronizes with the device, so the default is on for CPU tensors only.
@@ -158,7 +166,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
     """
     n_kv_heads, page_size, capacity = _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table, k, v, page_size)
     batch, _, q_len, head_dim = q.shape
-    launch = _launcher(backend, q.device, q.dtype)
+    launch = _launcher(backend, q.device, q.dtype, page_size, block_table is not None)
     check = q.device.type == "cpu" if check_pages is None else bool(check_pages)  # value checks synchronize
     seqlens = cache_seqlens.to(torch.int32)
     if k is not None:
@@ -170,8 +178,9 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (the cache capacity), got "
                          f"{seqlens.tolist() if batch <= 8 else (int(seqlens.min()), int(seqlens.max()))}.")
     n_pages = num_pages(k_cache, page_size, block_table)
-    if launch is not decode_fwd_cpu and (page_size < 16 or page_size & (page_size - 1)):
-        raise ValueError(f"page_size must be a power of two >= 16 for the Triton kernel, got {page_size}.")
+    if launch is not decode_fwd_cpu and not _triton_page(page_size, block_table is not None):
+        raise ValueError(f"page_size must be a power of two >= 16 (or 1 with a contiguous cache: token lists) for "
+                         f"the Triton kernel, got {page_size}.")
     row_pages = (-(-seqlens // page_size)).clamp(max=n_pages)  # [B] pages holding keys
     if pages is None:
         counts = row_pages.to(torch.int32)[:, None].expand(batch, n_kv_heads)
@@ -187,7 +196,7 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         block_table = None if block_table is None else block_table.to(torch.int32).contiguous()
         if n_splits is None:  # from the cache's page count, so a selection splits like dense decode
             from sparse_attn_kernels.decode.fwd import default_splits
-            n_splits = default_splits(n_pages, batch, n_kv_heads, q.shape[1] // n_kv_heads * q_len,
+            n_splits = default_splits(-(-n_pages * page_size // 16), batch, n_kv_heads, q.shape[1] // n_kv_heads * q_len,
                                       q.device)
     o, lse = launch(q, k_cache, v_cache, seqlens, counts, pages, block_table, bool(causal), scale, page_size,
                     n_splits=n_splits)

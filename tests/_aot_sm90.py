@@ -205,10 +205,14 @@ def _decode_family(dtype, block_m, block_n, head_dim, causal, group, predicates)
 
     t = DTYPES[dtype]
     pad = cfg.pow2_at_least(head_dim)
-    common = dict(GROUP=group, CAUSAL=causal, PAGE=block_n, TILE=fwd.page_tile(block_n, pad, t), BLOCK_M=block_m,
-                  HEAD_DIM=head_dim, HEAD_DIM_PAD=pad, DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
+    common = dict(GROUP=group, CAUSAL=causal, PAGE=block_n, TILE=fwd.page_tile(block_n, pad, t), TOKENS=False,
+                  BLOCK_M=block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=pad,
+                  DOT_PRECISION=cfg.dot_precision(t, tf32=dtype == "tf32"))
+    tok_tile = fwd.page_tile(64, pad, t)  # token lists: the launcher's tile of gathered keys (page_size=1)
     return {"decode": (fwd._decode_fwd_kernel, dict(common, PAGED=False)),
-            "decode_paged": (fwd._decode_fwd_kernel, dict(common, PAGED=True))}
+            "decode_paged": (fwd._decode_fwd_kernel, dict(common, PAGED=True)),
+            "decode_tokens": (fwd._decode_fwd_kernel, dict(common, PAGED=False, TOKENS=True, PAGE=tok_tile,
+                                                           TILE=tok_tile))}
 
 
 FAMILIES = {"block": _block_family, "stripe": _stripe_family, "scoring": _scoring_family, "decode": _decode_family}
@@ -218,11 +222,11 @@ FAMILIES = {"block": _block_family, "stripe": _stripe_family, "scoring": _scorin
 _SCORING_SHAPE = {"lse": lambda t, bm, bn: (t, 64, 64), "vertical_slash": lambda t, bm, bn: (t, 64, 64),
                   "pool": lambda t, bm, bn: (t, bn, bn), "pooled_scores": lambda t, bm, bn: (torch.float32, 16, 32),
                   "kmeans": lambda t, bm, bn: (torch.float32, 64, 32)}
-_DECODE = ("decode", "decode_paged")
+_DECODE = ("decode", "decode_paged", "decode_tokens")
 
 
 def _config_name(kernel):
-    """The name of ``kernel`` in kernels/_common/config.py (both decode variants are one kernel)."""
+    """The name of ``kernel`` in kernels/_common/config.py (the decode variants are one kernel)."""
     return "decode" if kernel in _DECODE else kernel
 
 
@@ -230,6 +234,8 @@ def _config_shape(kernel, t, block_m, block_n):
     """(dtype, block_m, block_n) that the launcher passes to the config functions."""
     if kernel in _SCORING_SHAPE:
         return _SCORING_SHAPE[kernel](t, block_m, block_n)
+    if kernel == "decode_tokens":  # token lists: one tile of 64 gathered keys per step, whatever the page size
+        return t, block_m, 64
     return t, block_m, block_n
 
 
@@ -266,7 +272,7 @@ CI_LARGEST = {"fwd", "dq", "st_fwd", "decode"}
 
 
 # the kernels launched through the autotuner; the others launch their preferred config only
-AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "decode", "decode_paged"}
+AUTOTUNED = {"fwd", "dq", "dkdv", "dk", "dv", "st_fwd", "st_dq", "decode", "decode_paged", "decode_tokens"}
 
 
 def ci_variants(family, quick=False):

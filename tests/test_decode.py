@@ -95,6 +95,48 @@ def test_decode_matches_fp64_oracle(batch, n_q_heads, n_kv_heads, q_len, dim, le
     check_lse(lse, ref_lse)
 
 
+TOKEN_CASES = [  # B, Hq, Hkv, Lq, D, L (cache), seqlens, density, splits
+    pytest.param(2, 4, 2, 1, 32, 300, (300, 97), 0.3, None, id="gqa-ragged"),
+    pytest.param(1, 6, 2, 3, 80, 200, (190,), 0.5, 3, id="d80-lq3-causal-splits"),
+    pytest.param(1, 2, 1, 1, 16, 400, (400,), 0.9, 2, id="several-tiles-per-split"),
+]
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                           ("triton", torch.float16)])
+@pytest.mark.parametrize("batch,n_q_heads,n_kv_heads,q_len,dim,length,seqlens,density,splits", TOKEN_CASES)
+def test_token_lists_match_fp64_oracle(batch, n_q_heads, n_kv_heads, q_len, dim, length, seqlens, density, splits,
+                                       backend, dtype):
+    """``page_size=1``: the list holds key positions (a token-granular selection); keys it leaves out are
+    poisoned and never reach an output; the kernel gathers them a tile at a time, split-K over the list."""
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    q = torch.randn(batch, n_q_heads, q_len, dim).to(dtype)
+    k = torch.randn(batch, n_kv_heads, length, dim).to(dtype)
+    v = torch.randn(batch, n_kv_heads, length, dim).to(dtype)
+    toks = random_pages(batch, n_kv_heads, seqlens.long(), 1, density)
+    toks[:, :, :1] = torch.where(toks[:, :, :1] >= 0, toks[:, :, :1], 0)
+    counts = (toks >= 0).sum(-1).int()
+    keep = visible_keys(seqlens, counts, toks, 1, length, q_len, True)  # [B, Hkv, Lq, L]
+    ref, ref_lse = math_attention(q, k, v, keep, dtype=torch.float64)
+    lowp, _ = math_attention(q, k, v, keep, dtype=dtype)
+    kp, vp = poison_unseen(k, keep.any(2)), poison_unseen(v, keep.any(2))
+    q, kp, vp, seqlens, toks = on_device(backend, q, kp, vp, seqlens, toks)
+    o, lse = sparse_attention_with_kvcache(q, kp, vp, seqlens, pages=toks, page_size=1, return_lse=True,
+                                           backend=backend, n_splits=splits)
+    check_close(o.cpu(), ref, lowp, dtype=dtype)
+    check_lse(lse.cpu(), ref_lse)
+
+
+def test_token_lists_refuse_a_paged_cache_on_the_triton_kernel():
+    from sparse_attn_kernels.decode.fwd import decode_fwd
+
+    q, kc = torch.randn(1, 2, 1, 16), torch.randn(4, 16, 1, 16)
+    one = torch.ones(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous cache"):
+        decode_fwd(q, kc, kc, torch.tensor([20], dtype=torch.int32), one, torch.zeros(1, 1, 1, dtype=torch.int32),
+                   torch.zeros(1, 2, dtype=torch.int32), False, 0.25, 1)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_all_pages_is_dense_bit_for_bit_and_paged_equals_contiguous(backend):
     batch, n_q_heads, n_kv_heads, dim, length, page_size = 2, 4, 2, 32, 96, 16
