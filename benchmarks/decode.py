@@ -103,15 +103,17 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                 def select():
                     return pat.select(q, summ_p, seqlens, k_cache=k)
 
+                unit = pat.unit(page_size)  # tokens per listed entry: a page, or one key
+
                 def step():  # the newest key's page summary (and sketch), the selection, the attention
                     summ_p.update(k, seqlens - 1, seqlens)
-                    return sparse_attention_with_kvcache(q, k, v, seqlens, pages=select(), page_size=page_size)
+                    return sparse_attention_with_kvcache(q, k, v, seqlens, pages=select(), page_size=unit)
 
                 pages = select()
                 small = n_ctx == 0 and context <= 32768
-                err = _check(q, k, v, seqlens, pages, page_size, exact=small and device.type == "cpu")
+                err = _check(q, k, v, seqlens, pages, unit, exact=small and device.type == "cpu")
                 ok = err <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
-                rows.append(dict(base, impl=f"ours {name}", budget=budget, density=density(pages, seqlens, page_size),
+                rows.append(dict(base, impl=f"ours {name}", budget=budget, density=density(pages, seqlens, unit),
                                  ms=time_fn(step, device, min_run_time=min_run_time),
                                  select_ms=time_fn(select, device, min_run_time=min_run_time),
                                  check="ok" if ok else f"WRONG ({err:.1e})"))

@@ -112,7 +112,7 @@ def run_decode(device, contexts):
     try:
         lengths = [int(c) for c in contexts.split(",")]
         rows = bench.decode_rows(device, lengths, [0.125, 0.0625],
-                                 patterns=("kinetics", "quest", "loki", "kinetics:rerank=2"),
+                                 patterns=("kinetics", "quest", "loki", "loki:granularity=page", "kinetics:rerank=2"),
                                  min_run_time=0.05 if device.type == "cpu" else 1.0, progress=False)
         return rows, bench.bars(rows, context=32768 if 32768 in lengths else lengths[-1]) + \
             bench.exactness_lines(device)

@@ -37,18 +37,20 @@ def generate(model, ids, impl, **kw):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("cache,preset", [("dynamic", "kinetics"), ("static", "kinetics"), ("dynamic", "loki")])
-def test_generate_with_every_page_is_dense_token_for_token(llama, register, cache, preset):
+@pytest.mark.parametrize("cache,preset,opts", [("dynamic", "kinetics", {}), ("static", "kinetics", {}),
+                                               ("dynamic", "loki", {"granularity": "page"}), ("static", "loki", {})])
+def test_generate_with_every_page_is_dense_token_for_token(llama, register, cache, preset, opts):
     ids = torch.randint(1, 128, (1, 70))
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     dense = generate(llama, ids, "sdpa", **kw)
-    stats = register(get_preset(preset, k=1.0, min_context=64))
+    stats = register(get_preset(preset, k=1.0, min_context=64, **opts))
     sparse = generate(llama, ids, NAME, **kw)
     assert torch.equal(sparse, dense)
     assert stats["sparse:decode"] == 11 * llama.config.num_hidden_layers, dict(stats)
 
 
-@pytest.mark.parametrize("preset,kw", [("kinetics", dict(rerank=2.0)), ("loki", dict(rank=4))])
+@pytest.mark.parametrize("preset,kw", [("kinetics", dict(rerank=2.0)), ("loki", dict(rank=4)),
+                                       ("loki", dict(rank=4, granularity="page"))])
 def test_generate_with_a_budget_rerank_and_sketches_decodes_sparse(llama, register, preset, kw):
     """A cache growing by one key per step (pages not full): re-scored candidates and sketches kept up to date."""
     ids = torch.randint(1, 128, (2, 150))

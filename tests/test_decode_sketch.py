@@ -64,7 +64,7 @@ def test_loki_with_full_rank_picks_the_pages_of_largest_exact_attention_share():
     q = torch.randn(batch, hkv * group, 1, dim, generator=gen) * 2
     seq = torch.tensor([300, 233])
     s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
-    pat = LokiSelect(k=6, sink=0, window=0, rank=dim)
+    pat = LokiSelect(k=6, sink=0, window=0, rank=dim, granularity="page")
     got = pat.select(q, s, seq)
     for b, n in enumerate(seq.tolist()):
         logits = q[b, :, 0].view(hkv, group, dim) @ k[b, :, :n].transpose(-1, -2) * dim ** -0.5  # [Hkv, G, n]
@@ -82,7 +82,7 @@ def test_loki_paged_equals_contiguous_and_ignores_keys_past_the_lengths():
     k = torch.randn(2, 2, 200, 16, generator=gen)
     seq = torch.tensor([200, 131])
     q = torch.randn(2, 4, 1, 16, generator=gen)
-    pat = get_decode_pattern("loki", k=0.4, sink=16, window=16, rank=0.5)
+    pat = get_decode_pattern("loki", k=0.4, sink=16, window=16, rank=0.5, granularity="page")
     s = PageSummaries.from_cache(k, seq, page_size=P, rank=pat.sketch_rank(16))
     want = pat.select(q, s, seq)
     kc, table = _paged(k, seq, 40, gen)
@@ -97,7 +97,7 @@ def test_loki_paged_equals_contiguous_and_ignores_keys_past_the_lengths():
 
 
 def test_loki_budget_counts_forced_pages_and_sketch_rank_resolves_fractions():
-    pat = LokiSelect(k=0.125, rank=0.25)
+    pat = LokiSelect(k=0.125, rank=0.25, granularity="page")
     assert pat.sketch_rank(64) == 16 and pat.sketch_rank(128) == 32 and LokiSelect(rank=200).sketch_rank(64) == 64
     gen = torch.Generator().manual_seed(4)
     k = torch.randn(1, 2, 4096, 32, generator=gen)

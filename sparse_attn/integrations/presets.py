@@ -243,15 +243,17 @@ def quest(*, k=0.125, page_size: int = 16, min_context: int = 4096, prefill=None
     return _decode_config(QuestSelect(k=k), prefill, page_size, min_context, min_seq_len, backend)
 
 
-def loki(*, k=0.125, sink: int = 64, window: int = 128, rank=0.25, page_size: int = 16, min_context: int = 4096,
-         prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
+def loki(*, k=0.125, sink: int = 64, window: int = 128, rank=0.25, granularity="token", page_size: int = 16,
+         min_context: int = 4096, prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
     """Loki-style low-rank decoding: past ``min_context`` cached keys each step scores every key in a
-    ``rank``-dimensional key subspace (fitted on the prompt's keys), sums each page's softmax share over the GQA
-    group, and attends the ``k`` best pages, the current page, ``sink`` first and ``window`` recent tokens
-    (:class:`~sparse_attn.patterns.decode.LokiSelect`)."""
+    ``rank``-dimensional key subspace (fitted on the prompt's keys) by its softmax share summed over the GQA group,
+    and attends the best keys (as many as ``k`` pages hold), the ``sink`` first and ``window`` recent tokens
+    (:class:`~sparse_attn.patterns.decode.LokiSelect`); ``granularity="page"`` attends the ``k`` pages of largest
+    summed share instead (cheaper on CPU, worse perplexity: docs/decode.md)."""
     from ..patterns.decode import LokiSelect
 
-    return _decode_config(LokiSelect(k=k, sink=sink, window=window, rank=rank), prefill, page_size,
+    return _decode_config(LokiSelect(k=k, sink=sink, window=window, rank=rank, granularity=granularity), prefill,
+                          page_size,
                           min_context, min_seq_len, backend)
 
 
@@ -303,8 +305,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "keys and left-padded batches run dense", kinetics),
     Preset("loki", "LLM decoding (transformers generate)", "Loki low-rank keys (Singhania et al., NeurIPS 2024)",
            "the key basis is fitted per layer and kv head on the prompt's keys, uncentered (Loki: PCA offline on "
-           "calibration data); scores pick whole pages of 16 tokens (Loki: top-k tokens); a page's score is the "
-           "softmax share of its keys summed over the GQA group; 64 sink and 128 recent tokens kept inside the budget",
+           "calibration data); a key's score is its softmax share summed over the GQA group; the best keys themselves are "
+           "attended (granularity='page': the pages with the largest summed share); the budget counts keys (k pages' "
+           "worth), 64 sink and 128 recent tokens kept inside it",
            loki),
     Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",
            "bound maxed over the query heads of a GQA group (one page list per kv head); the current page is "

@@ -183,7 +183,8 @@ def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropou
     rank = getattr(cfg.decode, "sketch_rank", lambda dim: None)(key.shape[-1])
     summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size, rank=rank)
     pages = cfg.decode.select(query, summaries, seqlens, k_cache=key)
-    out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=cfg.page_size,
+    unit = getattr(cfg.decode, "unit", lambda size: size)(cfg.page_size)  # tokens per listed entry
+    out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=unit,
                                         causal=bool(causal), scale=scaling, backend=cfg.backend,
                                         check_pages=False)  # the selection's own lists: sorted, in range
     return out, None

@@ -12,6 +12,8 @@ heads of a GQA group share their pages, so the kernel reads each page once per g
 - ``quest`` (Quest, mit-han-lab/Quest): score = upper bound of ``q . k`` over the page from the per-channel
   min/max of its keys, ``sum_d max(q_d min_d, q_d max_d)``, maxed over the group's query heads; top pages
   (plus the current page, which holds the query's own key).
+- ``loki`` (Loki): every key scored in a low-rank key subspace; the best keys themselves by default
+  (``granularity="token"``: the lists then hold key positions, see :meth:`PageSelect.unit`).
 
 Budget ``k``: total pages per (row, kv head), forced pages included: an int, a fraction of the row's
 pages (float in (0, 1]), or a tuple with one of those per kv head. Registry: :func:`get_decode_pattern`.
@@ -126,44 +128,59 @@ class PageSelect:
             keep = keep | ((p * page_size < self.sink) & (p * page_size < seq))
         return keep
 
+    def unit(self, page_size: int) -> int:
+        """Tokens per entry of the lists :meth:`select` returns: ``page_size`` (pages) or 1 (tokens); the
+        ``page_size`` to hand :func:`~sparse_attn.decode.sparse_attention_with_kvcache` with them."""
+        return page_size
+
+    def token_scores(self, q, summaries, block_table, seqlens):
+        """float ``[B, Hkv, NP * P]`` per-token scores of a token-granular selection (``unit(P) == 1``)."""
+        raise NotImplementedError(f"{type(self).__name__} scores pages, not tokens.")
+
     def select(self, q, summaries, cache_seqlens, *, block_table=None, k_cache=None):
         """int32 ``[B, Hkv, W]`` sorted pages per (row, kv head) of ``q [B, Hq, Lq, D]``; ``-1`` = unused.
 
         ``cache_seqlens [B]``: keys in the cache, the new queries' own keys included. ``k_cache`` (the layout of
         the summaries; needed when ``rerank > 1``): the pages chosen by score are the best ``ceil(rerank * n)``
-        candidates re-scored exactly, by the softmax share of their keys summed over the GQA group.
+        candidates re-scored exactly, by the softmax share of their keys summed over the GQA group. A
+        token-granular selection (``unit(P) == 1``) returns sorted token positions instead, its budget the same
+        number of keys (``k`` pages of ``P`` tokens), its sinks and window exact token ranges.
         """
         P = summaries.page_size
         n_pages = summaries.logical_pages(block_table)
         seq = cache_seqlens.to(q.device).long()
         row_pages = (-(-seq // P)).clamp(max=n_pages)  # [B]
+        n_kv_heads = summaries.mean.shape[1]
+        budget = budget_pages(self.k, n_kv_heads, row_pages)  # [B, Hkv]
+        unit = self.unit(P)
+        if unit != P:  # units smaller than a page: contiguous caches (the paged kernel reads whole pages)
+            if block_table is not None:
+                raise ValueError(f"{type(self).__name__}(granularity={self.granularity!r}) selects keys of a "
+                                 "contiguous cache [B, Hkv, Lmax, D]; with a block_table use granularity='page'.")
+            if unit < 1 or P % unit:
+                raise ValueError(f"granularity: {unit} tokens per unit must divide the page size {P}.")
+            share = self.token_scores(q, summaries, block_table, seq).float()  # [B, Hkv, T]
+            keys = torch.minimum(budget * P, seq[:, None])  # [B, Hkv] the keys the page budget holds
+            if unit == 1:
+                return _token_lists(share, seq, q.shape[2], self.sink, self.window, keys)
+            n_units = share.shape[-1] // unit
+            row_units = -(-seq // unit)  # [B]
+            valid = torch.arange(n_units, device=q.device)[None, :] < row_units[:, None]  # [B, NU]
+            scores = share.view(*share.shape[:2], n_units, unit).sum(-1)  # [B, Hkv, NU]
+            forced = self.forced(n_units, seq, q.shape[2], unit)[:, None, :]  # [B, 1, NU]
+            return pages_from_keep(_keep_best(scores, valid, forced, -(-keys // unit)))
         valid = torch.arange(n_pages, device=q.device)[None, :] < row_pages[:, None]  # [B, NP]
         scores = self.scores(q, summaries, block_table, valid[:, None], seq).float()  # [B, Hkv, NP]
-        batch, n_kv_heads, _ = scores.shape
         forced = self.forced(n_pages, seq, q.shape[2], P)[:, None, :]  # [B, 1, NP]
-        budget = budget_pages(self.k, n_kv_heads, row_pages)  # [B, Hkv]
-        extra = (budget - forced.sum(-1)).clamp(min=0)  # [B, Hkv] pages chosen by score
-        keep = forced.expand(batch, n_kv_heads, n_pages).clone()
-        top = int(extra.max()) if extra.numel() else 0
-        if top:
-            cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
-            cand = cand.nan_to_num(nan=float("-inf"), neginf=float("-inf"))  # (nan_to_num would make -inf finite)
-            n_cand = min(n_pages, math.ceil(top * self.rerank))
-            # sorted: `rank_ok` below keeps the first `extra` entries of each row, which must be its best ones
-            val, idx = cand.topk(n_cand, dim=-1, sorted=True)  # [B, Hkv, n_cand]
-            if n_cand > top:  # exact shares of the candidates: the best `extra` of them are kept
-                if k_cache is None:
-                    raise ValueError(f"k_cache is needed by a selection with rerank={self.rerank} (it re-scores "
-                                     "candidate pages from their keys); pass the cache the summaries describe.")
-                real = val > float("-inf")  # entries past a row's real candidates read no key's value
-                exact = exact_page_shares(q, k_cache, idx, summaries.page_size, block_table, real)  # [B, Hkv, n_cand]
-                exact = exact.masked_fill(~real, float("-inf"))
-                val, pos = exact.topk(top, dim=-1, sorted=True)
-                idx = torch.gather(idx, -1, pos)
-            rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
-            # into a fresh mask, OR-ed in: an entry past the real candidates (-inf) must not clear a forced page
-            keep |= torch.zeros_like(keep).scatter_(-1, idx, rank_ok & (val > float("-inf")))
-        return pages_from_keep(keep)
+        rescore = None
+        if self.rerank > 1:
+            if k_cache is None:
+                raise ValueError(f"k_cache is needed by a selection with rerank={self.rerank} (it re-scores "
+                                 "candidate pages from their keys); pass the cache the summaries describe.")
+
+            def rescore(idx, real):  # exact shares of the candidates
+                return exact_page_shares(q, k_cache, idx, P, block_table, real)
+        return pages_from_keep(_keep_best(scores, valid, forced, budget, self.rerank, rescore))
 
     def to_dict(self) -> dict:
         out = {"name": self.name}
@@ -215,6 +232,62 @@ def exact_page_shares(q, k_cache, pages, page_size, block_table=None, valid=None
     return share.view(batch, n_kv_heads, n_cand, page_size).sum(-1)
 
 
+def _keep_best(scores, valid, forced, budget, rerank=1.0, rescore=None):
+    """bool ``[B, H, N]``: the ``forced [B, 1, N]`` entries plus the best-scored valid (``[B, N]``) others, up to
+    ``budget [B, H]`` entries in all (forced ones counted; never fewer than the forced). With ``rerank > 1``
+    the ``ceil(rerank * n)`` best candidates are re-scored by ``rescore(idx, real) -> [B, H, C]`` first."""
+    batch, n_heads, n = scores.shape
+    extra = (budget - forced.sum(-1)).clamp(min=0)  # [B, H] entries chosen by score
+    keep = forced.expand(batch, n_heads, n).clone()
+    top = int(extra.max()) if extra.numel() else 0
+    if not top:
+        return keep
+    cand = scores.masked_fill(~valid[:, None, :] | forced, float("-inf"))
+    cand = cand.nan_to_num(nan=float("-inf"), neginf=float("-inf"))  # (nan_to_num would make -inf finite)
+    n_cand = min(n, math.ceil(top * rerank))
+    # sorted: `rank_ok` below keeps the first `extra` entries of each row, which must be its best ones
+    val, idx = cand.topk(n_cand, dim=-1, sorted=True)  # [B, H, n_cand]
+    if n_cand > top:  # the best `extra` of the re-scored candidates are kept
+        real = val > float("-inf")  # entries past a row's real candidates read no key's value
+        exact = rescore(idx, real).masked_fill(~real, float("-inf"))  # [B, H, n_cand]
+        val, pos = exact.topk(top, dim=-1, sorted=True)
+        idx = torch.gather(idx, -1, pos)
+    rank_ok = torch.arange(idx.shape[-1], device=idx.device) < extra[..., None]
+    # into a fresh mask, OR-ed in: an entry past the real candidates (-inf) must not clear a forced page
+    return keep | torch.zeros_like(keep).scatter_(-1, idx, rank_ok & (val > float("-inf")))
+
+
+def _token_lists(scores, seq, q_len, sink, window, budget):
+    """int32 ``[B, H, W]`` sorted key positions: the forced ones (the ``sink`` first, and from ``window`` keys
+    before the ``q_len`` newest to the row's end ``seq [B]``) plus the best-scored others (``scores [B, H, T]``,
+    NaN as 0), up to ``budget [B, H]`` keys in all (never fewer than the forced); ``-1`` pads.
+
+    Forced keys are two ranges per row, so the lists are built from positions, not from a ``[B, H, T]`` mask."""
+    batch, n_heads, n_tok = scores.shape
+    dev = scores.device
+    lo = ((seq - q_len).clamp(min=0) - window).clamp(min=0)  # [B] first forced key of the window
+    sink_end = torch.minimum(seq.new_full(seq.shape, sink), lo)  # [B] sink keys before the window
+    forced = torch.cat([torch.arange(sink, device=dev).expand(batch, sink),
+                        lo[:, None] + torch.arange(window + q_len, device=dev)], 1)  # [B, F]
+    forced_ok = torch.cat([forced[:, :sink] < sink_end[:, None], forced[:, sink:] < seq[:, None]], 1)
+    big = torch.iinfo(torch.int64).max
+    lists = [torch.where(forced_ok, forced, big)[:, None, :].expand(batch, n_heads, -1)]
+    extra = (budget - forced_ok.sum(1)[:, None]).clamp(min=0)  # [B, H] keys chosen by score
+    top = int(extra.max()) if extra.numel() else 0
+    if top:
+        tok = torch.arange(n_tok, device=dev)
+        cand_ok = (tok >= sink_end[:, None]) & (tok < lo[:, None])  # [B, T] neither forced nor past the end
+        cand = scores.nan_to_num(0.0).masked_fill_(~cand_ok[:, None, :], float("-inf"))
+        # the first `extra` entries must be a row's best only where rows' budgets differ
+        val, idx = cand.topk(min(top, n_tok), dim=-1, sorted=not bool((extra == top).all()))  # [B, H, top]
+        chosen = (torch.arange(idx.shape[-1], device=dev) < extra[..., None]) & (val > float("-inf"))
+        lists.append(torch.where(chosen, idx, big))
+    out = torch.cat(lists, -1).sort(-1).values  # [B, H, F + top], unused entries last
+    width = int((out != big).sum(-1).max()) if out.numel() else 0
+    out = out[..., :width]
+    return torch.where(out == big, -1, out).to(torch.int32)
+
+
 def pages_from_keep(keep):
     """bool ``[B, H, NP]`` -> int32 sorted page lists ``[B, H, W]`` (``W`` = the most kept; ``-1`` pads)."""
     pages = torch.arange(keep.shape[-1], dtype=torch.int32, device=keep.device)
@@ -228,6 +301,7 @@ def _grouped(q, n_kv_heads):
 
 
 _GROUP_RULES = ("mean", "softmax")
+_GRANULARITIES = ("page", "token", "an int: tokens per unit, dividing the page size")
 
 
 @register_decode("kinetics")
@@ -290,22 +364,36 @@ class QuestSelect(PageSelect):
 class LokiSelect(PageSelect):
     """Loki-style low-rank scoring: every key's ``q . k`` approximated in a ``rank``-dimensional subspace of
     the keys (:class:`~sparse_attn.kvcache.KeySketch`), a softmax over the row's keys per query head, the
-    shares summed over the GQA group and over each page; top pages + current page + sinks + window.
+    shares summed over the GQA group; the best keys + sinks + window (Loki's top-k tokens).
 
     ``rank``: an int, or a fraction of the head dim (float in (0, 1]); Loki's default is a quarter. Scoring
-    reads ``rank / D`` of the key cache (a quarter: one eighth of the K+V bytes), token by token, so a key
-    that one query attends sharply keeps its page, where a page mean (``kinetics``) averages it away. The
-    basis is fitted on the prompt's keys per layer and kv head (Loki fits it offline on calibration text).
-    Sink and window defaults as ``kinetics`` (counted in the budget).
+    reads ``rank / D`` of the key cache (a quarter: one eighth of the K+V bytes), token by token. The basis is
+    fitted on the prompt's keys per layer and kv head (Loki fits it offline on calibration text). Sink and
+    window defaults as ``kinetics`` (counted in the budget).
+
+    ``granularity``: ``"token"`` (default) keeps the best-scored keys themselves, as many as ``k`` pages hold,
+    sinks and window as exact token ranges; :meth:`select` then returns key positions, attended with
+    ``page_size=1`` (:meth:`unit`; contiguous caches only). An int ``n`` dividing the page size keeps units of
+    ``n`` consecutive keys (lists of units, attended with ``page_size=n``: fewer, longer copies on CPU; the
+    Triton kernel takes 1 or whole pages, other units run PyTorch ops). ``"page"`` keeps the pages of largest summed share
+    (plus the current page): on SmolLM2 at 4k, 1/8 of the keys, +3.73% perplexity on the tuning text against
+    +1.14% for tokens (docs/decode.md), but a cheaper gather on CPU.
     """
 
     k: Budget = 0.125
     sink: int = 64
     window: int = 128
     rank: Union[int, float] = 0.25
+    granularity: Union[str, int] = "token"
 
     def __post_init__(self):
         super().__post_init__()
+        g = self.granularity
+        if g not in ("page", "token") and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {g!r}.")
+        if g != "page" and self.rerank != 1.0:
+            raise ValueError(f"rerank re-scores candidate pages; granularity={g!r} selects from the sketch "
+                             f"directly and takes no rerank, got rerank={self.rerank!r}.")
         r = self.rank
         if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, int) and r < 1) or (
                 isinstance(r, float) and not 0.0 < r <= 1.0):
@@ -315,17 +403,27 @@ class LokiSelect(PageSelect):
         r = self.rank
         return min(head_dim, r) if isinstance(r, int) else max(1, min(head_dim, int(round(r * head_dim))))
 
-    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
+    def unit(self, page_size: int) -> int:
+        g = self.granularity
+        return 1 if g == "token" else page_size if g == "page" else g
+
+    def token_scores(self, q, summaries, block_table, seqlens):
+        """float32 ``[B, Hkv, T]``: each key's softmax share in the sketch, summed over the GQA group's rows."""
         proj = summaries.logical_sketch(block_table)  # [B, Hkv, T, r]
         basis = summaries.sketch.basis  # [Hkv, D, r]
-        batch, n_kv_heads, n_tok, _ = proj.shape
-        P = summaries.page_size
-        rows = _grouped(q, n_kv_heads) @ basis[None]  # [B, Hkv, R, r]
+        rows = _grouped(q, proj.shape[1]) @ basis[None]  # [B, Hkv, R, r]
         s = torch.matmul(rows, proj.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hkv, R, T]
-        if seqlens is not None:
-            s = s.masked_fill(torch.arange(n_tok, device=q.device) >= seqlens.long()[:, None, None, None],
-                              float("-inf"))
-        share = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(2)  # [B, Hkv, T]
+        if seqlens is not None and proj.shape[2] and int(seqlens.min()) < proj.shape[2]:
+            lo = max(0, int(seqlens.min()))  # keys past a row's length: only the tail from the shortest row on
+            tail = torch.arange(lo, proj.shape[2], device=q.device) >= seqlens.long()[:, None, None, None]
+            s[..., lo:].masked_fill_(tail, float("-inf"))
+        # a row with no key (or a non-finite one) gives NaN shares: 0 (it then weighs nothing in the sum)
+        return torch.softmax(s, dim=-1).nan_to_num_(0.0).sum(2)  # [B, Hkv, T]
+
+    def scores(self, q, summaries, block_table, valid=None, seqlens=None):
+        share = self.token_scores(q, summaries, block_table, seqlens)  # [B, Hkv, T]
+        batch, n_kv_heads, n_tok = share.shape
+        P = summaries.page_size
         return share.view(batch, n_kv_heads, n_tok // P, P).sum(-1)  # [B, Hkv, NP]
 
 
