@@ -132,3 +132,18 @@ def test_bad_granularity_rerank_and_paged_caches_name_the_problem():
     with pytest.raises(ValueError, match="contiguous cache"):
         LokiSelect(k=1, rank=2, granularity="token").select(torch.randn(1, 2, 1, 8), s, torch.tensor([40]),
                                                             block_table=table)
+
+
+def test_per_head_budgets_keep_each_heads_best_keys_up_to_its_budget():
+    q, k, _ = _problem(5)
+    dim = k.shape[-1]
+    seq = torch.tensor([300, 160])
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    both = LokiSelect(k=(0.25, 0.5), sink=0, window=0, rank=dim).select(q, s, seq)
+    for h, frac in enumerate((0.25, 0.5)):
+        alone = LokiSelect(k=frac, sink=0, window=0, rank=dim).select(q, s, seq)
+        for b in range(2):
+            want = alone[b, h][alone[b, h] >= 0]
+            got = both[b, h][both[b, h] >= 0]
+            assert torch.equal(got, want), (b, h)
+    assert ((both >= 0).sum(-1)).tolist() == [[80, 160], [48, 80]]
