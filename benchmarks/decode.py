@@ -3,6 +3,7 @@
     python benchmarks/decode.py [--contexts 8192,32768,131072] [--budgets 0.125,0.0625] [--threads 2]
     python benchmarks/decode.py --quality [--quality-context 4096] [--text shakespeare]  # teacher-forced perplexity
     python benchmarks/decode.py --quick                                # tiny shapes: checks the script runs
+    python benchmarks/decode.py --contexts 32768 --layers 4            # caches read from memory, as in a model
 
 One decode step of one layer: q ``[1, Hq, 1, D]`` over a contiguous cache ``[1, Hkv, L, D]`` (default a
 Llama-3-8B layer: 32 query heads, 8 kv heads, D = 128, fp32 on CPU / bf16 on CUDA). Rows per context:
@@ -13,12 +14,15 @@ Llama-3-8B layer: 32 query heads, 8 kv heads, D = 128, fp32 on CPU / bf16 on CUD
 - ``ours <pattern> <budget>``: the newest page's summary update, page selection from the summaries and
   attention over the selected pages (the whole sparse step; ``select ms`` is the selection alone).
 
-Each sparse row is checked against the reference on the same pages (fp64 oracle at the smallest context,
+With ``--layers N`` each timed call takes the next of ``N`` independent caches (a model's layers run in between
+in a real step), so that no call finds its cache still warm from the previous one; ``N = 1`` (the default) times
+one cache over and over. Each sparse row is checked against the reference on the same pages (fp64 oracle at the smallest context,
 ``ours-dense`` against SDPA at every context) before it is timed. The bar: at 32k with 1/8 of the pages,
 sparse step <= 0.3x the SDPA step. Writes CSV/JSON under ``--out``.
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -55,8 +59,10 @@ def _check(q, k, v, seqlens, pages, page_size, exact):
 
 
 def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, kv_heads=8, head_dim=128,
-                dtype=None, page_size=16, min_run_time=1.0, progress=True):
-    """Timing rows (dicts) of the decode benchmark on ``device``."""
+                dtype=None, page_size=16, min_run_time=1.0, progress=True, layers=1):
+    """Timing rows (dicts) of the decode benchmark on ``device``. ``layers > 1``: that many independent caches
+    (as a model's layers), each timed call taking the next, so that a step reads its cache from memory as a
+    real decode step does (the other layers ran in between) instead of from a cache the last call warmed."""
     from sparse_attn import sparse_attention_with_kvcache
     from sparse_attn.bench.timing import time_fn
     from sparse_attn.kvcache import PageSummaries
@@ -65,29 +71,35 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
+    turn = itertools.count()
+
+    def layer():  # the cache of the next timed call
+        return next(turn) % layers
+
     for n_ctx, context in enumerate(contexts):
-        q, k, v = _problem(context, heads, kv_heads, head_dim, dtype, device)
+        probs = [_problem(context, heads, kv_heads, head_dim, dtype, device, seed=i) for i in range(layers)]
+        q, k, v = probs[0]
         seqlens = torch.tensor([context], dtype=torch.int32, device=device)
-        summ = PageSummaries.from_cache(k, seqlens, page_size=page_size)
         base = dict(context=context, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=str(dtype),
-                    page_size=page_size, device=device.type)
+                    page_size=page_size, device=device.type, layers=layers)
 
-        def sdpa():
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        def sdpa(i=None):
+            lq, lk, lv = probs[layer() if i is None else i]
+            return F.scaled_dot_product_attention(lq, lk, lv, enable_gqa=True)
 
-        def ours_dense():
-            return sparse_attention_with_kvcache(q, k, v, seqlens, page_size=page_size)
+        def ours_dense(i=None):
+            lq, lk, lv = probs[layer() if i is None else i]
+            return sparse_attention_with_kvcache(lq, lk, lv, seqlens, page_size=page_size)
 
-        q_grouped = q.view(1, kv_heads, heads // kv_heads, head_dim)
+        def sdpa_grouped(i=None):  # the group's heads as query rows: K/V read once, never repeated
+            lq, lk, lv = probs[layer() if i is None else i]
+            return F.scaled_dot_product_attention(lq.view(1, kv_heads, heads // kv_heads, head_dim), lk, lv)
 
-        def sdpa_grouped():  # the group's heads as query rows: K/V read once, never repeated
-            return F.scaled_dot_product_attention(q_grouped, k, v)
-
-        err = (ours_dense().double() - sdpa().double()).abs().max().item()
+        err = (ours_dense(0).double() - sdpa(0).double()).abs().max().item()  # checks: one layer
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         t_sdpa = time_fn(sdpa, device, min_run_time=min_run_time)
         rows.append(dict(base, impl="sdpa", budget=1.0, ms=t_sdpa, check="ok"))
-        grouped_err = (sdpa_grouped().reshape(q.shape).double() - sdpa().double()).abs().max().item()
+        grouped_err = (sdpa_grouped(0).reshape(q.shape).double() - sdpa(0).double()).abs().max().item()
         rows.append(dict(base, impl="sdpa-grouped", budget=1.0, ms=time_fn(sdpa_grouped, device,
                                                                             min_run_time=min_run_time),
                          check="ok" if grouped_err <= tol else f"WRONG ({grouped_err:.1e})"))
@@ -96,20 +108,22 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
         for name in patterns:
             kind, kw = _preset_spec(name)
             rank = get_decode_pattern(kind, **kw).sketch_rank(head_dim)  # the budget does not change the sketch
-            summ_p = summ if rank is None else PageSummaries.from_cache(k, seqlens, page_size=page_size, rank=rank)
+            summs = [PageSummaries.from_cache(lk, seqlens, page_size=page_size, rank=rank) for _, lk, _ in probs]
             for budget in budgets:
                 pat = get_decode_pattern(kind, k=budget, **kw)
-
-                def select():
-                    return pat.select(q, summ_p, seqlens, k_cache=k)
-
                 unit = pat.unit(page_size)  # tokens per listed entry: a page, or one key
 
-                def step():  # the newest key's page summary (and sketch), the selection, the attention
-                    summ_p.update(k, seqlens - 1, seqlens)
-                    return sparse_attention_with_kvcache(q, k, v, seqlens, pages=select(), page_size=unit)
+                def select(i=None):
+                    i = layer() if i is None else i
+                    return pat.select(probs[i][0], summs[i], seqlens, k_cache=probs[i][1])
 
-                pages = select()
+                def step():  # the newest key's page summary (and sketch), the selection, the attention
+                    i = layer()
+                    lq, lk, lv = probs[i]
+                    summs[i].update(lk, seqlens - 1, seqlens)
+                    return sparse_attention_with_kvcache(lq, lk, lv, seqlens, pages=select(i), page_size=unit)
+
+                pages = select(0)
                 small = n_ctx == 0 and context <= 32768
                 err = _check(q, k, v, seqlens, pages, unit, exact=small and device.type == "cpu")
                 ok = err <= (2e-2 if dtype == torch.bfloat16 else 1e-4)
@@ -119,7 +133,7 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                                  check="ok" if ok else f"WRONG ({err:.1e})"))
         if progress:
             print(f"  context {context}: done", flush=True)
-        del q, k, v, summ
+        del q, k, v, probs
     return rows
 
 
@@ -247,6 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=1, help="independent caches timed round-robin (as a model's "
+                        "layers): > 1 reads each step's cache from memory, not from the last call's cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, short timings: checks the script runs")
     parser.add_argument("--quality", action="store_true", help="SmolLM2 teacher-forced perplexity instead of timings")
     parser.add_argument("--quality-context", type=int, default=4096)
@@ -255,6 +271,8 @@ def main(argv=None) -> int:
                         "tuning text; python-reference, python-code, shakespeare: held out)")
     parser.add_argument("--out", default=str(ROOT / "bench_out" / "decode"))
     args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -279,7 +297,7 @@ def main(argv=None) -> int:
     if args.quick:
         contexts, shape, args.min_run_time = [1024, 4096], dict(heads=4, kv_heads=2, head_dim=64), 0.05
     rows = decode_rows(device, contexts, budgets, patterns=patterns, page_size=args.page_size,
-                       min_run_time=args.min_run_time, **shape)
+                       min_run_time=args.min_run_time, layers=args.layers, **shape)
     print(format_rows(rows))
     for line in (bars(rows) if not args.quick else bars(rows, context=contexts[-1])) + exactness_lines(device):
         print(line)

@@ -269,11 +269,12 @@ def test_gpu_check_flow_on_cpu(tmp_path, capsys, monkeypatch):
     # the shape of test_bench_flex_row_on_the_identical_mask: FlexAttention is compiled once for both
     monkeypatch.setitem(sweeps.SWEEPS, "one", [Case(seq_len=128, heads=1, head_dim=16, density=0.5, block=32)])
     rc = gpu_check.main(["--device", "cpu", "--skip-tests", "--sweeps", "one", "--out", str(tmp_path),
-                         "--routing-length", "512"])
+                         "--routing-length", "512", "--decode-contexts", "2048"])  # (128k decode rows: minutes)
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "ours/sdpa" in out and "did not produce checked timings" in out
     assert "routing bar (L=512" in out and "warm build, 2 iters" in out
+    assert "bar: ours loki at 2048 keys" in out and "decode rows: error" not in out  # section 6 ran (token lists)
     saved = json.loads((tmp_path / "results.json").read_text())
     rows = saved["rows"]
     assert {r["impl"] for r in rows} == {"ours", "sdpa", "flex"} and all(r["check"] == "ok" for r in rows)
