@@ -196,8 +196,8 @@ def sparse_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, block_t
         block_table = None if block_table is None else block_table.to(torch.int32).contiguous()
         if n_splits is None:  # from the cache's page count, so a selection splits like dense decode
             from sparse_attn_kernels.decode.fwd import default_splits
-            n_splits = default_splits(-(-n_pages * page_size // 16), batch, n_kv_heads, q.shape[1] // n_kv_heads * q_len,
-                                      q.device)
+            n_pages16 = -(-n_pages * page_size // 16)  # token lists split like pages of 16
+            n_splits = default_splits(n_pages16, batch, n_kv_heads, q.shape[1] // n_kv_heads * q_len, q.device)
     o, lse = launch(q, k_cache, v_cache, seqlens, counts, pages, block_table, bool(causal), scale, page_size,
                     n_splits=n_splits)
     return (o, lse.float()) if return_lse else o

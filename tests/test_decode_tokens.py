@@ -147,3 +147,21 @@ def test_per_head_budgets_keep_each_heads_best_keys_up_to_its_budget():
             got = both[b, h][both[b, h] >= 0]
             assert torch.equal(got, want), (b, h)
     assert ((both >= 0).sum(-1)).tolist() == [[80, 160], [48, 80]]
+
+
+def test_token_lists_equal_the_mask_path_and_never_choose_a_nan_score():
+    """The position-built lists (the fast path) against forced mask + best-scored keys (``_keep_best``)."""
+    from sparse_attn.patterns.decode import _keep_best, _token_lists, pages_from_keep
+
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.rand(2, 3, 200, generator=gen)  # distinct values: no ties
+    scores[0, 1, 50:60] = float("nan")
+    seq, q_len, sink, window = torch.tensor([200, 131]), 2, 8, 16
+    budget = torch.tensor([[40, 60, 25], [30, 30, 30]])
+    sel = LokiSelect(sink=sink, window=window)
+    forced = sel.forced(200, seq, q_len, 1)[:, None, :]
+    valid = torch.arange(200)[None, :] < seq[:, None]
+    want = pages_from_keep(_keep_best(scores, valid, forced, budget))
+    got = _token_lists(scores, seq, q_len, sink, window, budget)
+    assert torch.equal(got, want)
+    assert not set(range(50, 60)) & set(got[0, 1].tolist())

@@ -10,8 +10,8 @@ never recompiles the kernel.
 
 Caches: contiguous ``[B, Hkv, Lmax, D]``, or paged ``[num_pages, page_size, Hkv, D]`` with
 ``block_table [B, max_pages]`` (the ``flash_attn_with_kvcache`` layout). With ``page_size=1`` (contiguous
-caches) the list holds key positions (a token-granular selection): each step gathers a tile of them. Keys past ``cache_seqlens``
-and pages outside the list are never read; with ``causal``, query ``i`` of ``Lq`` sees key
+caches) the list holds key positions (a token-granular selection): each step gathers a tile of them. Keys
+past ``cache_seqlens`` and pages outside the list are never read; with ``causal``, query ``i`` of ``Lq`` sees key
 ``j <= seqlen - Lq + i`` (bottom-right).
 """
 

@@ -252,9 +252,8 @@ def loki(*, k=0.125, sink: int = 64, window: int = 128, rank=0.25, granularity="
     summed share instead (cheaper on CPU, worse perplexity: docs/decode.md)."""
     from ..patterns.decode import LokiSelect
 
-    return _decode_config(LokiSelect(k=k, sink=sink, window=window, rank=rank, granularity=granularity), prefill,
-                          page_size,
-                          min_context, min_seq_len, backend)
+    pattern = LokiSelect(k=k, sink=sink, window=window, rank=rank, granularity=granularity)
+    return _decode_config(pattern, prefill, page_size, min_context, min_seq_len, backend)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
@@ -305,9 +304,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "keys and left-padded batches run dense", kinetics),
     Preset("loki", "LLM decoding (transformers generate)", "Loki low-rank keys (Singhania et al., NeurIPS 2024)",
            "the key basis is fitted per layer and kv head on the prompt's keys, uncentered (Loki: PCA offline on "
-           "calibration data); a key's score is its softmax share summed over the GQA group; the best keys themselves are "
-           "attended (granularity='page': the pages with the largest summed share); the budget counts keys (k pages' "
-           "worth), 64 sink and 128 recent tokens kept inside it",
+           "calibration data); a key's score is its softmax share summed over the GQA group; the best keys themselves "
+           "are attended (granularity='page': the pages with the largest summed share); the budget counts keys "
+           "(k pages' worth), 64 sink and 128 recent tokens kept inside it",
            loki),
     Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",
            "bound maxed over the query heads of a GQA group (one page list per kv head); the current page is "

@@ -129,12 +129,12 @@ class PageSelect:
         return keep
 
     def unit(self, page_size: int) -> int:
-        """Tokens per entry of the lists :meth:`select` returns: ``page_size`` (pages) or 1 (tokens); the
-        ``page_size`` to hand :func:`~sparse_attn.decode.sparse_attention_with_kvcache` with them."""
+        """Tokens per entry of the lists :meth:`select` returns: ``page_size`` (pages), 1 (keys) or a divisor of
+        it (units of keys); the ``page_size`` to hand :func:`~sparse_attn.decode.sparse_attention_with_kvcache`."""
         return page_size
 
     def token_scores(self, q, summaries, block_table, seqlens):
-        """float ``[B, Hkv, NP * P]`` per-token scores of a token-granular selection (``unit(P) == 1``)."""
+        """float ``[B, Hkv, NP * P]`` per-token scores of a selection finer than pages (``unit(P) < P``)."""
         raise NotImplementedError(f"{type(self).__name__} scores pages, not tokens.")
 
     def select(self, q, summaries, cache_seqlens, *, block_table=None, k_cache=None):
@@ -260,7 +260,8 @@ def _keep_best(scores, valid, forced, budget, rerank=1.0, rescore=None):
 def _token_lists(scores, seq, q_len, sink, window, budget):
     """int32 ``[B, H, W]`` sorted key positions: the forced ones (the ``sink`` first, and from ``window`` keys
     before the ``q_len`` newest to the row's end ``seq [B]``) plus the best-scored others (``scores [B, H, T]``,
-    NaN as 0), up to ``budget [B, H]`` keys in all (never fewer than the forced); ``-1`` pads.
+    NaN never chosen, as in :func:`_keep_best`), up to ``budget [B, H]`` keys in all (never fewer than the forced);
+    ``-1`` pads.
 
     Forced keys are two ranges per row, so the lists are built from positions, not from a ``[B, H, T]`` mask."""
     batch, n_heads, n_tok = scores.shape
@@ -277,7 +278,8 @@ def _token_lists(scores, seq, q_len, sink, window, budget):
     if top:
         tok = torch.arange(n_tok, device=dev)
         cand_ok = (tok >= sink_end[:, None]) & (tok < lo[:, None])  # [B, T] neither forced nor past the end
-        cand = scores.nan_to_num(0.0).masked_fill_(~cand_ok[:, None, :], float("-inf"))
+        cand = scores.nan_to_num(nan=float("-inf"), neginf=float("-inf")).masked_fill_(~cand_ok[:, None, :],
+                                                                                      float("-inf"))
         # the first `extra` entries must be a row's best only where rows' budgets differ
         val, idx = cand.topk(min(top, n_tok), dim=-1, sorted=not bool((extra == top).all()))  # [B, H, top]
         chosen = (torch.arange(idx.shape[-1], device=dev) < extra[..., None]) & (val > float("-inf"))
@@ -375,9 +377,9 @@ class LokiSelect(PageSelect):
     sinks and window as exact token ranges; :meth:`select` then returns key positions, attended with
     ``page_size=1`` (:meth:`unit`; contiguous caches only). An int ``n`` dividing the page size keeps units of
     ``n`` consecutive keys (lists of units, attended with ``page_size=n``: fewer, longer copies on CPU; the
-    Triton kernel takes 1 or whole pages, other units run PyTorch ops). ``"page"`` keeps the pages of largest summed share
-    (plus the current page): on SmolLM2 at 4k, 1/8 of the keys, +3.73% perplexity on the tuning text against
-    +1.14% for tokens (docs/decode.md), but a cheaper gather on CPU.
+    Triton kernel takes 1 or whole pages, other units run PyTorch ops). ``"page"`` keeps the pages of largest
+    summed share (plus the current page): on SmolLM2 at 4k, 1/8 of the keys, +3.73% perplexity on the tuning
+    text against +1.14% for tokens (docs/decode.md), but a cheaper gather on CPU.
     """
 
     k: Budget = 0.125
