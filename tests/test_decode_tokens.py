@@ -23,7 +23,7 @@ def test_full_rank_token_selection_keeps_the_keys_of_largest_exact_share_plus_si
     q, k, _ = _problem(0)
     hkv, dim = k.shape[1], k.shape[-1]
     seq = torch.tensor([300, 233])
-    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim, sketch_dtype=torch.float32)
     pat = LokiSelect(k=5, sink=3, window=10, rank=dim, granularity="token")
     got = pat.select(q, s, seq)
     assert pat.unit(P) == 1 and LokiSelect().unit(P) == 1 and LokiSelect(granularity="page").unit(P) == P
@@ -91,7 +91,7 @@ def test_units_of_a_few_keys_keep_the_units_of_largest_share_and_attend_them_exa
     q, k, v = _problem(4)
     hkv, dim = k.shape[1], k.shape[-1]
     seq = torch.tensor([300, 201])
-    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim, sketch_dtype=torch.float32)
     pat = LokiSelect(k=4, sink=8, window=8, rank=dim, granularity=4)
     assert pat.unit(P) == 4
     units = pat.select(q, s, seq)
@@ -138,7 +138,7 @@ def test_per_head_budgets_keep_each_heads_best_keys_up_to_its_budget():
     q, k, _ = _problem(5)
     dim = k.shape[-1]
     seq = torch.tensor([300, 160])
-    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim, sketch_dtype=torch.float32)
     both = LokiSelect(k=(0.25, 0.5), sink=0, window=0, rank=dim).select(q, s, seq)
     for h, frac in enumerate((0.25, 0.5)):
         alone = LokiSelect(k=frac, sink=0, window=0, rank=dim).select(q, s, seq)
@@ -165,3 +165,7 @@ def test_token_lists_equal_the_mask_path_and_never_choose_a_nan_score():
     got = _token_lists(scores, seq, q_len, sink, window, budget)
     assert torch.equal(got, want)
     assert not set(range(50, 60)) & set(got[0, 1].tolist())
+    small = torch.full((2, 3), 5)  # fewer keys than the forced ones: those only, nothing chosen by score
+    want = pages_from_keep(_keep_best(scores, valid, forced, small))
+    assert torch.equal(_token_lists(scores, seq, q_len, sink, window, small), want)
+    assert want.shape[-1] == sink + window + q_len
