@@ -177,9 +177,23 @@ def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, cau
     row_q = torch.arange(n_rows, device=dev) % q_len  # [R]
     step = max(1, CHUNK_BYTES // max(1, 2 * width * page_size * head_dim * k_cache.element_size()))
     offs = torch.arange(page_size, device=dev)
+    # every row sees every listed key (full lists of whole pages or keys below the row's length, one query or
+    # no causal cut): nothing to mask and no value to check, fewer ops per chunk (2026-12-07, Xeon, 32k keys,
+    # 8 kv heads, 1/8: token lists 5.94 -> 5.65 ms, pages 4.93 -> 4.44 ms, medians of two runs each)
+    clean = width > 0 and (q_len == 1 or not causal) and bool((cnt_all == width).all()) and bool(
+        ((pg_all.amax(-1) + 1) * page_size <= seq_all).all())
     for c0 in range(0, batch * n_kv_heads, step):
         sl = slice(c0, min(c0 + step, batch * n_kv_heads))
         b_idx, h_idx, seq = b_all[sl], h_all[sl], seq_all[sl]
+        if clean:
+            pg = pg_all[sl]
+            k = _gather(k_cache, block_table, b_idx, h_idx, pg, page_size, "k").to(acc)  # [n, W*P, D]
+            s = _scores(k, qg[b_idx, h_idx].to(acc), scale)  # [n, R, W*P]
+            v = _gather(v_cache, block_table, b_idx, h_idx, pg, page_size, "v").to(acc)  # [n, W*P, D]
+            o_c, lse_c = softmax_rows(s, v)  # [n, R, D], [n, R, 1]
+            o[b_idx, h_idx] = o_c.to(q.dtype)
+            lse[b_idx, h_idx] = lse_c.squeeze(-1)
+            continue
         entry_ok = torch.arange(width, device=dev)[None, :] < cnt_all[sl, None]  # [n, W]
         pg = torch.where(entry_ok, pg_all[sl], 0)
         tok = pg[:, :, None] * page_size + offs  # [n, W, P]
