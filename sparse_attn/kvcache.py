@@ -22,6 +22,21 @@ _CHUNK_PAGES = 256  # pages summarized at a time when many are (a first summary 
 _FIT_KEYS = 8192  # keys per row a sketch basis is fitted on at most (evenly strided)
 _REFIT_BELOW = 1024  # a basis fitted on fewer keys (per row, at most) is refitted when the keys double
 
+
+def default_sketch_dtype(device) -> torch.dtype:
+    """Dtype a :class:`KeySketch` keeps its projections in by default: bfloat16 on CUDA and on CPUs with native
+    bf16 matrix products (half the bytes a selection reads: at 32k keys, 8 kv heads, rank 32 on a 2-core Xeon,
+    scoring 1.16 -> 0.53 ms and the whole selection 6.2 -> 5.0 ms, 2026-12-07), float32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        except (AttributeError, RuntimeError):
+            return torch.float32
+    return torch.float32
+
 def _page_stats(keys, valid):
     """``keys [..., P, D]``, ``valid`` bool ``[..., P]`` -> float32 ``(mean, kmin, kmax)`` ``[..., D]``."""
     keys = keys.float()
@@ -61,7 +76,8 @@ def fit_key_basis(keys, valid, rank):
 class KeySketch:
     """Each key projected on a per-kv-head basis of ``rank`` directions (Loki's low-rank keys), kept per token.
 
-    ``basis [Hkv, D, r]``; ``proj`` float32 ``[B, Hkv, Lcap, r]`` (contiguous caches, token ``t`` of row ``b`` at
+    ``basis`` float32 ``[Hkv, D, r]``; ``proj`` bfloat16 or float32 (:func:`default_sketch_dtype`) ``[B, Hkv,
+    Lcap, r]`` (contiguous caches, token ``t`` of row ``b`` at
     ``[b, :, t]``) or ``[num_pages, Hkv, page_size, r]`` (paged, per physical page); entries past a row's length
     hold zeros or stale values and must be masked by the reader. ``fitted_on``: keys per row (at most) the basis
     was fitted on. A selection that scores every key through the sketch reads ``r / D`` of the key cache.
@@ -103,9 +119,11 @@ class PageSummaries:
     sketch: Optional[KeySketch] = None
 
     @classmethod
-    def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None, rank=None) -> "PageSummaries":
+    def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None, rank=None,
+                   sketch_dtype=None) -> "PageSummaries":
         """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row); with
-        ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys."""
+        ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys, its projections kept in
+        ``sketch_dtype`` (bfloat16 or float32; None: :func:`default_sketch_dtype` of the cache's device)."""
         if block_table is not None:
             page_size = k_cache.shape[1]
             shape = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3])
@@ -114,15 +132,19 @@ class PageSummaries:
         dim = k_cache.shape[-1]
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
             raise ValueError(f"rank must be an int in [1, {dim}] (the head dim), got {rank!r}.")
+        if sketch_dtype is None:
+            sketch_dtype = default_sketch_dtype(k_cache.device)
+        if sketch_dtype not in (torch.bfloat16, torch.float32):
+            raise TypeError(f"sketch_dtype must be torch.bfloat16 or torch.float32, got {sketch_dtype!r}.")
         zeros = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         out = cls(zeros, zeros.clone(), zeros.clone(), int(page_size), block_table is not None)
         seq = torch.as_tensor(cache_seqlens, device=k_cache.device)
         start = torch.zeros_like(seq)
         if rank is not None:
-            out.sketch = out._fit_sketch(k_cache, seq, block_table, rank)
+            out.sketch = out._fit_sketch(k_cache, seq, block_table, rank, sketch_dtype)
         return out.update(k_cache, start, cache_seqlens, block_table=block_table)
 
-    def _fit_sketch(self, k_cache, seqlens, block_table, rank):
+    def _fit_sketch(self, k_cache, seqlens, block_table, rank, dtype):
         """A new :class:`KeySketch` whose basis is fitted on the valid keys (its ``proj`` still empty)."""
         keys = logical_cache(k_cache, block_table if self.paged else None)  # [B, Hkv, L, D]
         valid = torch.arange(keys.shape[2], device=keys.device)[None, :] < seqlens.long()[:, None]  # [B, L]
@@ -131,7 +153,7 @@ class PageSummaries:
             shape = (k_cache.shape[0], k_cache.shape[2], self.page_size, rank)
         else:
             shape = (k_cache.shape[0], k_cache.shape[1], self.mean.shape[2] * self.page_size, rank)
-        proj = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        proj = torch.zeros(shape, dtype=dtype, device=k_cache.device)
         return KeySketch(basis, proj, int(seqlens.max()) if seqlens.numel() else 0)
 
     def update(self, k_cache, start, end, *, block_table=None) -> "PageSummaries":
@@ -144,7 +166,7 @@ class PageSummaries:
         sk = self.sketch
         if sk is not None and sk.fitted_on < _REFIT_BELOW and int(end.max()) >= 2 * max(sk.fitted_on, 1):
             # a basis fitted on a short prefix: refit on the keys now there and project every key again
-            self.sketch = self._fit_sketch(k_cache, end, block_table, sk.rank)
+            self.sketch = self._fit_sketch(k_cache, end, block_table, sk.rank, sk.proj.dtype)
             start = torch.zeros_like(start)
         first = int((start // P).min())
         last = int(((end - 1).clamp(min=0) // P).max()) + 1
@@ -173,7 +195,7 @@ class PageSummaries:
         mean, kmin, kmax = _page_stats(keys, valid[:, None])
         self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
         if self.sketch is not None:  # [m, Hkv, P, D] @ [Hkv, D, r]
-            self.sketch.proj[phys] = keys.float() @ self.sketch.basis
+            self.sketch.proj[phys] = (keys.float() @ self.sketch.basis).to(self.sketch.proj.dtype)
         return self
 
     def grow(self, n_pages) -> "PageSummaries":
@@ -250,4 +272,4 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check=Tru
     return (seq + new).to(torch.int32)
 
 
-__all__ = ["PageSummaries", "KeySketch", "fit_key_basis", "append_kv", "num_pages"]
+__all__ = ["PageSummaries", "KeySketch", "default_sketch_dtype", "fit_key_basis", "append_kv", "num_pages"]

@@ -26,7 +26,7 @@ def test_sketch_is_the_keys_projected_on_an_orthonormal_basis():
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(2, 3, 90, 32, generator=gen) * torch.linspace(0.2, 3.0, 32)  # channels of unequal energy
     seq = torch.tensor([90, 70])
-    s = PageSummaries.from_cache(k, seq, page_size=P, rank=8)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=8, sketch_dtype=torch.float32)
     basis = s.sketch.basis  # [Hkv, D, r]
     torch.testing.assert_close(basis.transpose(1, 2) @ basis, torch.eye(8).expand(3, 8, 8), atol=1e-5, rtol=0)
     for b, n in enumerate(seq.tolist()):
@@ -37,21 +37,24 @@ def test_sketch_is_the_keys_projected_on_an_orthonormal_basis():
     torch.testing.assert_close((x @ basis[0]).square().sum(), best, rtol=1e-4, atol=0)
 
 
-def test_sketch_kept_incrementally_equals_the_keys_projected():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sketch_kept_incrementally_equals_the_keys_projected(dtype):
     gen = torch.Generator().manual_seed(1)
     cache = torch.zeros(1, 2, 1200, 16)
     v = torch.zeros_like(cache)
     seq = append_kv(cache, v, torch.randn(1, 2, 40, 16, generator=gen), torch.zeros(1, 2, 40, 16),
                     torch.tensor([0], dtype=torch.int32))
-    s = PageSummaries.from_cache(cache, seq, page_size=P, rank=4)
-    assert s.sketch.fitted_on == 40
+    s = PageSummaries.from_cache(cache, seq, page_size=P, rank=4, sketch_dtype=dtype)
+    assert s.sketch.fitted_on == 40 and s.sketch.proj.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=2 ** -8)  # bf16 rounding
     for n_new in (1, 3, 50, 1, 17):  # the basis is refitted while it was fitted on few keys
         new = torch.randn(1, 2, n_new, 16, generator=gen)
         before = seq
         seq = append_kv(cache, v, new, torch.zeros_like(new), seq)
         s.update(cache, before, seq)
         n = int(seq[0])
-        torch.testing.assert_close(s.sketch.proj[:, :, :n], cache[:, :, :n] @ s.sketch.basis, atol=1e-5, rtol=1e-5)
+        assert s.sketch.proj.dtype == dtype  # kept through refits
+        torch.testing.assert_close(s.sketch.proj[:, :, :n].float(), cache[:, :, :n] @ s.sketch.basis, **tol)
     assert s.sketch.fitted_on == 94  # refitted once the keys doubled (44 -> 94), not at every step
     fresh = PageSummaries.from_cache(cache, seq, page_size=P)
     torch.testing.assert_close(s.mean, fresh.mean)
@@ -63,7 +66,7 @@ def test_loki_with_full_rank_picks_the_pages_of_largest_exact_attention_share():
     k = torch.randn(batch, hkv, length, dim, generator=gen)
     q = torch.randn(batch, hkv * group, 1, dim, generator=gen) * 2
     seq = torch.tensor([300, 233])
-    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim)
+    s = PageSummaries.from_cache(k, seq, page_size=P, rank=dim, sketch_dtype=torch.float32)
     pat = LokiSelect(k=6, sink=0, window=0, rank=dim, granularity="page")
     got = pat.select(q, s, seq)
     for b, n in enumerate(seq.tolist()):
@@ -219,3 +222,28 @@ def test_a_row_with_a_smaller_budget_keeps_its_best_pages_up_to_its_budget(reran
     alone = KineticsSelect(k=8, sink=16, window=16, rerank=rerank).select(
         q[1:], PageSummaries.from_cache(k[1:, :, :200], seq[1:], page_size=P), seq[1:], k_cache=k[1:, :, :200])
     assert torch.equal(short[1:, :, :alone.shape[-1]], alone)
+
+
+def test_sketch_dtype_defaults_to_bf16_where_matmuls_have_it_and_refuses_others():
+    from sparse_attn.kvcache import default_sketch_dtype
+
+    k = torch.randn(1, 2, 64, 16)
+    s = PageSummaries.from_cache(k, torch.tensor([64]), page_size=P, rank=4)
+    assert s.sketch.proj.dtype == default_sketch_dtype(k.device) in (torch.bfloat16, torch.float32)
+    assert default_sketch_dtype("cuda") == torch.bfloat16
+    with pytest.raises(TypeError, match="sketch_dtype must be torch.bfloat16 or torch.float32, got torch.float16"):
+        PageSummaries.from_cache(k, torch.tensor([64]), page_size=P, rank=4, sketch_dtype=torch.float16)
+
+
+def test_a_bf16_sketch_keeps_almost_the_keys_of_a_float32_one():
+    """Rounding the projections to bf16 moves only keys near the budget's edge (real quality: docs/decode.md)."""
+    gen = torch.Generator().manual_seed(8)
+    k = torch.randn(1, 4, 8192, 64, generator=gen)
+    k[0, :, torch.randint(0, 8192, (64,), generator=gen)] *= 3  # some keys that matter
+    q, seq = torch.randn(1, 8, 1, 64, generator=gen), torch.tensor([8192])
+    pat = LokiSelect(k=0.125, rank=16)
+    lists = [pat.select(q, PageSummaries.from_cache(k, seq, page_size=P, rank=16, sketch_dtype=dt), seq)
+             for dt in (torch.float32, torch.bfloat16)]
+    assert lists[0].shape == lists[1].shape == (1, 4, 1024)
+    same = [len(set(a.tolist()) & set(b.tolist())) / 1024 for a, b in zip(lists[0][0], lists[1][0])]
+    assert min(same) >= 0.95, same
