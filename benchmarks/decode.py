@@ -241,10 +241,16 @@ def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("k
     for name in patterns:
         preset, kw = _preset_spec(name)
         for budget in budgets:
-            impl = hf.register(get_preset(preset, k=budget, min_context=min(1024, context), **kw),
-                               name=f"bench_{preset}")
+            cfg = get_preset(preset, k=budget, min_context=min(1024, context), **kw)
+            impl = hf.register(cfg, name=f"bench_{preset}")
             model.set_attn_implementation(impl)
-            ppl = hf.decode_perplexity(model, ids, context, prefilled=start)
+            # the prefill runs through the patched model as in generate() (dense: the presets' default prefill,
+            # the same numbers as the shared one), so that it sees the prompt's queries (loki fits its sketch
+            # to them); the shared dense prefill serves patterns that do not
+            head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+            wants_queries = cfg.decode.sketch_rank(head_dim) is not None
+            pre = hf.prefill(model, ids[:, :context]) if wants_queries else start
+            ppl = hf.decode_perplexity(model, ids, context, prefilled=pre)
             model.set_attn_implementation("sdpa")
             hf.unregister(impl)
             rows.append(dict(impl=name, budget=budget, context=context, tokens=tokens, ppl=ppl,

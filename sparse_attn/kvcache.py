@@ -21,6 +21,7 @@ from sparse_attn_kernels._common.paged import logical_cache
 _CHUNK_PAGES = 256  # pages summarized at a time when many are (a first summary of a long cache)
 _FIT_KEYS = 8192  # keys per row a sketch basis is fitted on at most (evenly strided)
 _REFIT_BELOW = 1024  # a basis fitted on fewer keys (per row, at most) is refitted when the keys double
+_QUERY_RIDGE = 1e-3  # added to the query moment's eigenvalues (times their mean) before its inverse square root
 
 
 def default_sketch_dtype(device) -> torch.dtype:
@@ -49,6 +50,19 @@ def _page_stats(keys, valid):
     return mean, kmin.masked_fill(empty, 0.0), kmax.masked_fill(empty, 0.0)
 
 
+def _key_gram(keys, valid):
+    """float64 ``[Hkv, D, D]`` uncentered second moment (sum) of the valid keys (strided to ``_FIT_KEYS`` per row),
+    or None when no key is valid."""
+    batch, n_kv_heads, length, dim = keys.shape
+    step = max(1, -(-length // _FIT_KEYS))
+    keys, valid = keys[:, :, ::step].float(), valid[:, ::step]
+    if not bool(valid.any()):
+        return None
+    x = keys.masked_fill(~valid[:, None, :, None], 0.0).transpose(0, 1).reshape(n_kv_heads, -1, dim)  # [Hkv, N, D]
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite valid key must not spoil the basis
+    return (x.transpose(1, 2) @ x).double()
+
+
 def fit_key_basis(keys, valid, rank):
     """Top-``rank`` right singular vectors of each kv head's valid keys, uncentered (attention scores are dot
     products, and the subspace that best keeps ``k`` in the least-squares sense keeps ``q . k`` best on average).
@@ -60,32 +74,75 @@ def fit_key_basis(keys, valid, rank):
         float32 ``[Hkv, D, rank]`` with orthonormal columns (zeros-free even when no key is valid: the first
         ``rank`` channels then).
     """
-    batch, n_kv_heads, length, dim = keys.shape
-    step = max(1, -(-length // _FIT_KEYS))
-    keys, valid = keys[:, :, ::step].float(), valid[:, ::step]
-    if not bool(valid.any()):
+    n_kv_heads, dim = keys.shape[1], keys.shape[3]
+    gram = _key_gram(keys, valid)  # [Hkv, D, D]: the right singular vectors are its eigenvectors
+    if gram is None:
         return torch.eye(dim, rank, device=keys.device).expand(n_kv_heads, dim, rank).contiguous()
-    x = keys.masked_fill(~valid[:, None, :, None], 0.0).transpose(0, 1).reshape(n_kv_heads, -1, dim)  # [Hkv, N, D]
-    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a non-finite valid key must not spoil the basis
-    gram = x.transpose(1, 2) @ x  # [Hkv, D, D]: the right singular vectors are its eigenvectors
-    _, vecs = torch.linalg.eigh(gram.double())  # ascending eigenvalues
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     return vecs.flip(-1)[..., :rank].float().contiguous()
+
+
+def fit_sketch_maps(keys, valid, rank, query_moment=None):
+    """Key and query maps of a rank-``rank`` sketch: ``q . k ~ (q @ query_map) . (k @ key_map)``.
+
+    Without ``query_moment``: the keys' own basis (:func:`fit_key_basis`) for both (``query_map`` None). With the
+    queries' uncentered second moment ``query_moment [Hkv, D, D]`` (``E[q q^T]`` over a kv head's group), the
+    rank-``r`` bilinear form that minimizes the expected squared error of ``q . k`` over those queries and the
+    valid keys: with ``S = query_moment^(1/2)`` (ridge ``_QUERY_RIDGE`` of its mean eigenvalue) and ``U`` the top
+    eigenvectors of ``S C_k S``, ``key_map = S U`` and ``query_map = S^-1 U``. Directions the queries never probe
+    then get no rank, whatever the keys' energy there. Heads whose moment is not finite or zero fall back to
+    the keys' basis. On SmolLM2 (4k prompt, rank 16 of 64, 1/8 of the keys) the exact attention mass the
+    selected keys hold rose from 93.2% to 94.3% on the essays (exact scores: 95.3%) and 92.4% -> 93.5% on
+    Shakespeare (94.6%).
+
+    Returns:
+        float32 ``(key_map [Hkv, D, r], query_map [Hkv, D, r] | None)``.
+    """
+    if query_moment is None:
+        return fit_key_basis(keys, valid, rank), None
+    n_kv_heads, dim = keys.shape[1], keys.shape[3]
+    gram = _key_gram(keys, valid)
+    if gram is None:
+        return fit_key_basis(keys, valid, rank), None
+    cq = query_moment.to(keys.device, torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64, device=keys.device)
+    trace = cq.diagonal(dim1=-2, dim2=-1).sum(-1)  # [Hkv]
+    usable = torch.isfinite(cq).all(-1).all(-1) & (trace > 0)
+    cq = torch.where(usable[:, None, None], cq, eye)  # such heads: S = I, the keys' basis
+    w, vecs = torch.linalg.eigh(cq)
+    w = w.clamp(min=0)
+    w = (w + _QUERY_RIDGE * w.mean(-1, keepdim=True)) / w.mean(-1, keepdim=True)  # scale-free: mean 1
+    half = (vecs * w.sqrt()[:, None, :]) @ vecs.transpose(1, 2)  # S
+    inv_half = (vecs * w.rsqrt()[:, None, :]) @ vecs.transpose(1, 2)  # S^-1
+    _, u = torch.linalg.eigh(half @ gram @ half)
+    u = u.flip(-1)[..., :rank]  # [Hkv, D, r]
+    return (half @ u).float().contiguous(), (inv_half @ u).float().contiguous()
 
 
 @dataclass
 class KeySketch:
     """Each key projected on a per-kv-head basis of ``rank`` directions (Loki's low-rank keys), kept per token.
 
-    ``basis`` float32 ``[Hkv, D, r]``; ``proj`` bfloat16 or float32 (:func:`default_sketch_dtype`) ``[B, Hkv,
-    Lcap, r]`` (contiguous caches, token ``t`` of row ``b`` at
-    ``[b, :, t]``) or ``[num_pages, Hkv, page_size, r]`` (paged, per physical page); entries past a row's length
-    hold zeros or stale values and must be masked by the reader. ``fitted_on``: keys per row (at most) the basis
-    was fitted on. A selection that scores every key through the sketch reads ``r / D`` of the key cache.
+    ``basis`` float32 ``[Hkv, D, r]``: the key map (``proj = k @ basis``); ``query_map`` float32 ``[Hkv, D, r]`` or
+    None (then ``basis``, orthonormal, maps the queries too): ``q . k ~ (q @ query_map) . proj``
+    (:func:`fit_sketch_maps`; ``query_moment`` is what it was fitted with, kept for refits). ``proj`` bfloat16
+    or float32 (:func:`default_sketch_dtype`) ``[B, Hkv, Lcap, r]`` (contiguous caches, token ``t`` of row ``b``
+    at ``[b, :, t]``) or ``[num_pages, Hkv, page_size, r]`` (paged, per physical page); entries past a row's
+    length hold zeros or stale values and must be masked by the reader. ``fitted_on``: keys per row (at most)
+    the basis was fitted on. A selection that scores every key through the sketch reads ``r / D`` of the key
+    cache.
     """
 
     basis: torch.Tensor
     proj: torch.Tensor
     fitted_on: int
+    query_map: Optional[torch.Tensor] = None
+    query_moment: Optional[torch.Tensor] = None
+
+    @property
+    def query_basis(self) -> torch.Tensor:
+        """``[Hkv, D, r]``: the map of the queries (``query_map``, else ``basis``)."""
+        return self.basis if self.query_map is None else self.query_map
 
     @property
     def rank(self) -> int:
@@ -120,9 +177,10 @@ class PageSummaries:
 
     @classmethod
     def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None, rank=None,
-                   sketch_dtype=None) -> "PageSummaries":
+                   sketch_dtype=None, query_moment=None) -> "PageSummaries":
         """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row); with
-        ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys, its projections kept in
+        ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys (and on the queries'
+        second moment ``query_moment [Hkv, D, D]`` when given: :func:`fit_sketch_maps`), its projections kept in
         ``sketch_dtype`` (bfloat16 or float32; None: :func:`default_sketch_dtype` of the cache's device)."""
         if block_table is not None:
             page_size = k_cache.shape[1]
@@ -136,25 +194,30 @@ class PageSummaries:
             sketch_dtype = default_sketch_dtype(k_cache.device)
         if sketch_dtype not in (torch.bfloat16, torch.float32):
             raise TypeError(f"sketch_dtype must be torch.bfloat16 or torch.float32, got {sketch_dtype!r}.")
+        n_kv_heads = k_cache.shape[2] if block_table is not None else k_cache.shape[1]
+        if query_moment is not None and (not isinstance(query_moment, torch.Tensor) or
+                                         tuple(query_moment.shape) != (n_kv_heads, dim, dim)):
+            got = list(query_moment.shape) if isinstance(query_moment, torch.Tensor) else type(query_moment).__name__
+            raise ValueError(f"query_moment must be a tensor [Hkv={n_kv_heads}, D={dim}, D={dim}], got {got}.")
         zeros = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
         out = cls(zeros, zeros.clone(), zeros.clone(), int(page_size), block_table is not None)
         seq = torch.as_tensor(cache_seqlens, device=k_cache.device)
         start = torch.zeros_like(seq)
         if rank is not None:
-            out.sketch = out._fit_sketch(k_cache, seq, block_table, rank, sketch_dtype)
+            out.sketch = out._fit_sketch(k_cache, seq, block_table, rank, sketch_dtype, query_moment)
         return out.update(k_cache, start, cache_seqlens, block_table=block_table)
 
-    def _fit_sketch(self, k_cache, seqlens, block_table, rank, dtype):
-        """A new :class:`KeySketch` whose basis is fitted on the valid keys (its ``proj`` still empty)."""
+    def _fit_sketch(self, k_cache, seqlens, block_table, rank, dtype, query_moment=None):
+        """A new :class:`KeySketch` whose maps are fitted on the valid keys (its ``proj`` still empty)."""
         keys = logical_cache(k_cache, block_table if self.paged else None)  # [B, Hkv, L, D]
         valid = torch.arange(keys.shape[2], device=keys.device)[None, :] < seqlens.long()[:, None]  # [B, L]
-        basis = fit_key_basis(keys, valid, rank)
+        basis, query_map = fit_sketch_maps(keys, valid, rank, query_moment)
         if self.paged:
             shape = (k_cache.shape[0], k_cache.shape[2], self.page_size, rank)
         else:
             shape = (k_cache.shape[0], k_cache.shape[1], self.mean.shape[2] * self.page_size, rank)
         proj = torch.zeros(shape, dtype=dtype, device=k_cache.device)
-        return KeySketch(basis, proj, int(seqlens.max()) if seqlens.numel() else 0)
+        return KeySketch(basis, proj, int(seqlens.max()) if seqlens.numel() else 0, query_map, query_moment)
 
     def update(self, k_cache, start, end, *, block_table=None) -> "PageSummaries":
         """Recompute the pages holding tokens ``[start_b, end_b)`` of each row; ``end [B]`` is the row's length
@@ -166,7 +229,7 @@ class PageSummaries:
         sk = self.sketch
         if sk is not None and sk.fitted_on < _REFIT_BELOW and int(end.max()) >= 2 * max(sk.fitted_on, 1):
             # a basis fitted on a short prefix: refit on the keys now there and project every key again
-            self.sketch = self._fit_sketch(k_cache, end, block_table, sk.rank, sk.proj.dtype)
+            self.sketch = self._fit_sketch(k_cache, end, block_table, sk.rank, sk.proj.dtype, sk.query_moment)
             start = torch.zeros_like(start)
         first = int((start // P).min())
         last = int(((end - 1).clamp(min=0) // P).max()) + 1
@@ -208,7 +271,7 @@ class PageSummaries:
         sketch = self.sketch
         if sketch is not None:
             proj = torch.nn.functional.pad(sketch.proj, (0, 0, 0, (have + pad) * self.page_size - sketch.proj.shape[2]))
-            sketch = KeySketch(sketch.basis, proj, sketch.fitted_on)
+            sketch = KeySketch(sketch.basis, proj, sketch.fitted_on, sketch.query_map, sketch.query_moment)
         return PageSummaries(*grown, page_size=self.page_size, paged=False, sketch=sketch)
 
     def logical(self, block_table=None):
@@ -272,4 +335,4 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check=Tru
     return (seq + new).to(torch.int32)
 
 
-__all__ = ["PageSummaries", "KeySketch", "default_sketch_dtype", "fit_key_basis", "append_kv", "num_pages"]
+__all__ = ["PageSummaries", "KeySketch", "default_sketch_dtype", "fit_key_basis", "fit_sketch_maps", "append_kv", "num_pages"]

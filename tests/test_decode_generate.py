@@ -57,6 +57,11 @@ def test_generate_with_a_budget_rerank_and_sketches_decodes_sparse(llama, regist
     stats = register(get_preset(preset, k=0.5, sink=16, window=16, min_context=100, **kw))
     out = generate(llama, ids, NAME)
     assert out.shape == (2, 162) and stats["sparse:decode"] == 11 * llama.config.num_hidden_layers, dict(stats)
+    state = hf._CONFIGS[NAME].state
+    for layer in range(llama.config.num_hidden_layers):  # sketches were fitted to the prompt's queries
+        sketch = state._entries[layer][1].sketch
+        assert (sketch is not None and sketch.query_map is not None) == (preset == "loki"), layer
+        assert (state.query_moment(layer) is not None) == (preset == "loki")
 
 
 def test_generate_with_a_budget_decodes_sparse_and_short_contexts_stay_dense(llama, register):

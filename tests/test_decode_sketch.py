@@ -247,3 +247,81 @@ def test_a_bf16_sketch_keeps_almost_the_keys_of_a_float32_one():
     assert lists[0].shape == lists[1].shape == (1, 4, 1024)
     same = [len(set(a.tolist()) & set(b.tolist())) / 1024 for a, b in zip(lists[0][0], lists[1][0])]
     assert min(same) >= 0.95, same
+
+
+def _logits(q, k, qmap, kmap):
+    """Sketch logits ``(q @ qmap) . (k @ kmap)`` per kv head: q ``[Hkv, N, D]``, k ``[Hkv, M, D]`` -> ``[Hkv, N, M]``."""
+    return (q @ qmap) @ (k @ kmap).transpose(1, 2)
+
+
+def test_query_aware_maps_are_exact_at_full_rank_reduce_to_the_key_basis_and_fall_back_on_bad_moments():
+    from sparse_attn.kvcache import fit_sketch_maps
+
+    gen = torch.Generator().manual_seed(10)
+    dim = 16
+    k = torch.randn(1, 3, 200, dim, generator=gen) * torch.linspace(0.3, 3.0, dim)
+    valid = torch.ones(1, 200, dtype=torch.bool)
+    a = torch.randn(3, dim, dim, generator=gen)
+    moment = a @ a.transpose(1, 2) / dim  # a full-rank query second moment per kv head
+    q = torch.randn(3, 50, dim, generator=gen)
+    kmap, qmap = fit_sketch_maps(k, valid, dim, moment)
+    torch.testing.assert_close(_logits(q, k[0], qmap, kmap), q @ k[0].transpose(1, 2), atol=2e-3, rtol=1e-4)
+    basis = fit_key_basis(k, valid, 4)
+    kmap, qmap = fit_sketch_maps(k, valid, 4, torch.eye(dim).expand(3, dim, dim) * 2.5)  # isotropic queries
+    torch.testing.assert_close(_logits(q, k[0], qmap, kmap), _logits(q, k[0], basis, basis), atol=1e-3, rtol=1e-3)
+    assert fit_sketch_maps(k, valid, 4)[1] is None  # no moment: the keys' basis for both
+    bad = moment.clone()
+    bad[0, 1, 1] = float("nan")
+    bad[1] = 0.0  # no query seen
+    kmap, qmap = fit_sketch_maps(k, valid, 4, bad)
+    for h in (0, 1):
+        torch.testing.assert_close(_logits(q[h:h + 1], k[0, h:h + 1], qmap[h:h + 1], kmap[h:h + 1]),
+                                   _logits(q[h:h + 1], k[0, h:h + 1], basis[h:h + 1], basis[h:h + 1]), atol=1e-3,
+                                   rtol=1e-3)
+    assert bool(torch.isfinite(kmap).all() and torch.isfinite(qmap).all())
+
+
+def test_query_aware_sketch_spends_its_rank_where_the_queries_look():
+    """Keys with most energy in channels the queries never probe: the keys' own basis spends its rank there,
+    the query-aware maps do not, and their logits are far closer to the exact ones."""
+    from sparse_attn.kvcache import fit_sketch_maps
+
+    gen = torch.Generator().manual_seed(11)
+    dim, rank = 8, 2
+    k = torch.randn(1, 1, 400, dim, generator=gen) * torch.tensor([10.0, 8.0, 3, 2.5, 1, 1, 1, 1])
+    q = torch.randn(1, 300, dim, generator=gen) * torch.tensor([0.0, 0.0, 1, 1, 1, 1, 1, 1])  # never channels 0, 1
+    valid = torch.ones(1, 400, dtype=torch.bool)
+    moment = (q.transpose(1, 2) @ q) / q.shape[1]
+    exact = q @ k[0].transpose(1, 2)
+    basis = fit_key_basis(k, valid, rank)
+    kmap, qmap = fit_sketch_maps(k, valid, rank, moment)
+    err_keys = (_logits(q, k[0], basis, basis) - exact).square().mean()
+    err_aware = (_logits(q, k[0], qmap, kmap) - exact).square().mean()
+    assert err_aware < 0.5 * err_keys, (float(err_aware), float(err_keys))
+
+
+def test_decode_state_fits_the_sketch_to_the_observed_queries():
+    from sparse_attn.decode import DecodeState
+
+    gen = torch.Generator().manual_seed(12)
+    k = torch.randn(1, 2, 300, 16, generator=gen)
+    q1, q2 = torch.randn(1, 6, 40, 16, generator=gen), torch.randn(1, 6, 10, 16, generator=gen)
+    state = DecodeState()
+    state.observe_queries(0, q1, 2)
+    rows1 = q1.double().reshape(2, -1, 16)
+    torch.testing.assert_close(state.query_moment(0), rows1.transpose(1, 2) @ rows1 / 120, rtol=1e-5, atol=1e-6)
+    state.observe_queries(0, q2, 2, fresh=False)  # a later chunk adds its rows
+    rows = torch.cat([rows1, q2.double().reshape(2, -1, 16)], 1)
+    torch.testing.assert_close(state.query_moment(0), rows.transpose(1, 2) @ rows / 150, rtol=1e-5, atol=1e-6)
+    seq = torch.tensor([300])
+    s = state.summaries(0, k, seq, P, rank=4)
+    assert s.sketch.query_map is not None and state.summaries(1, k, seq, P, rank=4).sketch.query_map is None
+    want = PageSummaries.from_cache(k, seq, page_size=P, rank=4, query_moment=state.query_moment(0))
+    torch.testing.assert_close(s.sketch.proj, want.sketch.proj)
+    state.reset(0)  # a prefill forgets the summaries, not the queries it is about to add to
+    assert state.query_moment(0) is not None
+    state.observe_queries(0, q2, 2)  # a new sequence starts over
+    rows2 = q2.double().reshape(2, -1, 16)
+    torch.testing.assert_close(state.query_moment(0), rows2.transpose(1, 2) @ rows2 / 30, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"query_moment must be a tensor \[Hkv=2, D=16, D=16\], got \[2, 8, 8\]"):
+        PageSummaries.from_cache(k, seq, page_size=P, rank=4, query_moment=torch.eye(8).expand(2, 8, 8))

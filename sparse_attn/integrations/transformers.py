@@ -254,6 +254,11 @@ def _make_forward(name):
                                               scaling=scaling, is_causal=is_causal, **kwargs)
             # a prefill (a new sequence, or a new chunk): the next sparse decode step summarizes the cache afresh
             cfg.state.reset(layer)
+            if getattr(cfg.decode, "sketch_rank", lambda dim: None)(key.shape[-1]) is not None:
+                # the sketch is fitted to these queries; a new sequence (no cached keys before, or an empty
+                # static cache: no mask) starts the moment over, a later chunk adds to it
+                fresh = key.shape[2] == query.shape[2] or attention_mask is None
+                cfg.state.observe_queries(layer, query, key.shape[1], fresh=fresh)
         # a padded batch, a chunked prefill after a cache or a static cache's empty slots: the mask is exactly
         # valid ranges (+ causal) per batch row, which the kernels apply as predicates
         ranges = None

@@ -377,7 +377,9 @@ class LokiSelect(PageSelect):
 
     ``rank``: an int, or a fraction of the head dim (float in (0, 1]); Loki's default is a quarter. Scoring
     reads ``rank / D`` of the key cache (a quarter: one eighth of the K+V bytes), token by token. The basis is
-    fitted on the prompt's keys per layer and kv head (Loki fits it offline on calibration text). Sink and
+    fitted on the prompt's keys per layer and kv head, and to the prompt's queries where the summaries were built
+    with their second moment (the transformers integration observes them at prefill:
+    :func:`~sparse_attn.kvcache.fit_sketch_maps`); Loki fits a key PCA offline on calibration text. Sink and
     window defaults as ``kinetics`` (counted in the budget).
 
     ``granularity``: ``"token"`` (default) keeps the best-scored keys themselves, as many as ``k`` pages hold,
@@ -419,7 +421,7 @@ class LokiSelect(PageSelect):
     def token_scores(self, q, summaries, block_table, seqlens):
         """float32 ``[B, Hkv, T]``: each key's softmax share in the sketch, summed over the GQA group's rows."""
         proj = summaries.logical_sketch(block_table)  # [B, Hkv, T, r]
-        basis = summaries.sketch.basis  # [Hkv, D, r]
+        basis = summaries.sketch.query_basis  # [Hkv, D, r] the queries' map
         rows = (_grouped(q, proj.shape[1]) @ basis[None]) * q.shape[-1] ** -0.5  # [B, Hkv, R, r], scaled
         s = torch.matmul(rows.to(proj.dtype), proj.transpose(-1, -2))  # [B, Hkv, R, T] in the sketch's dtype
         if seqlens is not None and proj.shape[2] and int(seqlens.min()) < proj.shape[2]:
