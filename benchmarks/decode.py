@@ -125,7 +125,9 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                     i = layer()
                     lq, lk, lv = probs[i]
                     summs[i].update(lk, seqlens - 1, seqlens)
-                    return sparse_attention_with_kvcache(lq, lk, lv, seqlens, pages=select(i), page_size=unit)
+                    # as the transformers integration calls it: the selection's own lists are not re-validated
+                    return sparse_attention_with_kvcache(lq, lk, lv, seqlens, pages=select(i), page_size=unit,
+                                                         check_pages=False)
 
                 pages = select(0)
                 small = n_ctx == 0 and context <= 32768

@@ -169,3 +169,32 @@ def test_token_lists_equal_the_mask_path_and_never_choose_a_nan_score():
     want = pages_from_keep(_keep_best(scores, valid, forced, small))
     assert torch.equal(_token_lists(scores, seq, q_len, sink, window, small), want)
     assert want.shape[-1] == sink + window + q_len
+
+
+def test_lists_every_row_sees_take_the_short_path_with_the_same_results_and_nan_semantics():
+    """Full lists below every length with one query (the CPU path's mask-free softmax) against the same keys
+    with a padded list (the general path) and the fp64 oracle; poisoned unlisted keys never matter; a listed
+    non-finite key makes its group's rows NaN, never a silent number."""
+    q, k, v = _problem(13, batch=2, hkv=2, group=2, length=200)
+    seq = torch.tensor([200, 150])
+    gen = torch.Generator().manual_seed(13)
+    toks = torch.stack([torch.stack([torch.randperm(int(n), generator=gen)[:40].sort().values for _ in range(2)])
+                        for n in seq.tolist()]).int()  # [B, Hkv, 40], every entry used and < the row's length
+    listed = torch.zeros(2, 2, 200, dtype=torch.bool).scatter_(-1, toks.long(), True)
+    k = k.masked_fill(~listed[..., None], float("nan"))  # keys outside the lists poisoned
+    v = v.masked_fill(~listed[..., None], float("inf"))
+    padded = torch.cat([toks, torch.full((2, 2, 1), -1, dtype=torch.int32)], -1)  # the general path
+    short = sparse_attention_with_kvcache(q, k, v, seq, pages=toks, page_size=1, return_lse=True)
+    general = sparse_attention_with_kvcache(q, k, v, seq, pages=padded, page_size=1, return_lse=True)
+    ref, ref_lse = decode_fwd_ref(q.double(), k.double(), v.double(), seq.int(), torch.full((2, 2), 40).int(), toks,
+                                  None, True, 0.25, 1)
+    for o, lse in (short, general):
+        assert bool(torch.isfinite(o).all())
+        torch.testing.assert_close(o.double(), ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-5, rtol=0)
+    for cache, value in ((v, float("nan")), (k, float("inf"))):
+        bad = cache.clone()
+        bad[1, 0, int(toks[1, 0, 7])] = value
+        o = sparse_attention_with_kvcache(q, bad if cache is k else k, bad if cache is v else v, seq, pages=toks,
+                                          page_size=1)
+        assert bool(torch.isnan(o[1, :2]).all()) and bool(torch.isfinite(o[0]).all() and torch.isfinite(o[1, 2:]).all())

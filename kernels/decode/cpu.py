@@ -105,6 +105,17 @@ def _softmax_nan_rows(s, v, bad):
     return o, lse
 
 
+def _softmax_seen(s, v, dtype):
+    """Attention of scores ``s [n, K, R]`` (keys as rows, every key seen by every row, K >= 1) over ``v [n, K, D]``:
+    ``(o [n, R, D]`` in ``dtype``, ``lse [n, R])``. No mask and no empty row: the softmax in a few ops, over the
+    key dim of the product as it comes (a non-finite value reaches the output as NaN, as every row sees it)."""
+    m = s.amax(dim=1, keepdim=True)  # [n, 1, R]
+    p = torch.exp(s - m)
+    l_sum = p.sum(dim=1)  # [n, R]
+    o = torch.bmm(p.transpose(1, 2), v) / l_sum[..., None]  # [n, R, D]
+    return o.to(dtype), m.squeeze(1) + torch.log(l_sum)
+
+
 def _prefix_lists(counts, pages):
     """Whether every (row, kv head) lists pages ``0 .. count - 1`` with one count per row (dense decode)."""
     width = pages.shape[-1]
@@ -188,11 +199,9 @@ def decode_fwd_cpu(q, k_cache, v_cache, seqlens, counts, pages, block_table, cau
         if clean:
             pg = pg_all[sl]
             k = _gather(k_cache, block_table, b_idx, h_idx, pg, page_size, "k").to(acc)  # [n, W*P, D]
-            s = _scores(k, qg[b_idx, h_idx].to(acc), scale)  # [n, R, W*P]
+            s = torch.matmul(k, (qg[b_idx, h_idx].to(acc) * scale).transpose(1, 2))  # [n, W*P, R], keys as rows
             v = _gather(v_cache, block_table, b_idx, h_idx, pg, page_size, "v").to(acc)  # [n, W*P, D]
-            o_c, lse_c = softmax_rows(s, v)  # [n, R, D], [n, R, 1]
-            o[b_idx, h_idx] = o_c.to(q.dtype)
-            lse[b_idx, h_idx] = lse_c.squeeze(-1)
+            o[b_idx, h_idx], lse[b_idx, h_idx] = _softmax_seen(s, v, q.dtype)
             continue
         entry_ok = torch.arange(width, device=dev)[None, :] < cnt_all[sl, None]  # [n, W]
         pg = torch.where(entry_ok, pg_all[sl], 0)
