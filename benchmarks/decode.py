@@ -108,11 +108,12 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
         summs_by_rank = {}
         for name in patterns:
             kind, kw = _preset_spec(name)
-            rank = get_decode_pattern(kind, **kw).sketch_rank(head_dim)  # the budget does not change the sketch
-            if rank not in summs_by_rank:  # patterns that need the same sketch (or none) share their summaries
-                summs_by_rank[rank] = [PageSummaries.from_cache(lk, seqlens, page_size=page_size, rank=rank)
-                                       for _, lk, _ in probs]
-            summs = summs_by_rank[rank]
+            probe = get_decode_pattern(kind, **kw)  # the budget does not change the summaries it reads
+            need = (probe.sketch_rank(head_dim), probe.page_stats)
+            if need not in summs_by_rank:  # patterns that read the same summaries share them
+                summs_by_rank[need] = [PageSummaries.from_cache(lk, seqlens, page_size=page_size, rank=need[0],
+                                                                stats=need[1]) for _, lk, _ in probs]
+            summs = summs_by_rank[need]
             for budget in budgets:
                 pat = get_decode_pattern(kind, k=budget, **kw)
                 unit = pat.unit(page_size)  # tokens per listed entry: a page, or one key

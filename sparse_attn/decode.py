@@ -242,18 +242,19 @@ class DecodeState:
         else:
             self._entries.pop(layer, None)
 
-    def summaries(self, layer, key, seqlens, page_size, rank=None) -> PageSummaries:
+    def summaries(self, layer, key, seqlens, page_size, rank=None, stats=True) -> PageSummaries:
         """Summaries of ``key [B, Hkv, L, D]`` with ``seqlens [B]`` valid keys per row, kept up to date (with a
         key sketch of ``rank`` when given, fitted with the layer's observed query moment when there is one of the
-        right shape: :meth:`PageSummaries.from_cache`)."""
+        right shape; without per-page statistics when ``stats`` is False: :meth:`PageSummaries.from_cache`)."""
         entry = self._entries.get(layer)
-        shape = (key.shape[0], key.shape[1], key.shape[3], page_size, key.dtype, key.device, rank)
+        shape = (key.shape[0], key.shape[1], key.shape[3], page_size, key.dtype, key.device, rank, stats)
         need = -(-key.shape[2] // page_size)
         if entry is None or entry[0] != shape or bool((seqlens < entry[2]).any()):
             moment = self.query_moment(layer) if rank is not None else None
             if moment is not None and tuple(moment.shape) != (key.shape[1], key.shape[3], key.shape[3]):
                 moment = None  # observed for another model or head layout
-            summ = PageSummaries.from_cache(key, seqlens, page_size=page_size, rank=rank, query_moment=moment)
+            summ = PageSummaries.from_cache(key, seqlens, page_size=page_size, rank=rank, query_moment=moment,
+                                            stats=stats)
         else:
             summ = entry[1].grow(need).update(key, entry[2], seqlens)
         self._entries[layer] = (shape, summ, seqlens.clone())

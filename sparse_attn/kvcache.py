@@ -159,7 +159,9 @@ class PageSummaries:
     """Key summaries per page: ``mean``, ``kmin``, ``kmax`` float32.
 
     Contiguous caches: ``[B, Hkv, NP, D]`` (``NP = ceil(Lmax / page_size)``), per logical page; paged caches:
-    ``[num_pages, Hkv, D]``, per physical page (rows that share a page share its summary).
+    ``[num_pages, Hkv, D]``, per physical page (rows that share a page share its summary). Built with
+    ``stats=False`` (a selection that reads only the sketch, as ``loki``) the three hold no channel (last dim
+    0: no memory, nothing recomputed per step) and :attr:`has_stats` is False.
 
     Example:
         >>> k = torch.randn(1, 2, 40, 16)
@@ -177,11 +179,12 @@ class PageSummaries:
 
     @classmethod
     def from_cache(cls, k_cache, cache_seqlens, *, page_size=16, block_table=None, rank=None,
-                   sketch_dtype=None, query_moment=None) -> "PageSummaries":
+                   sketch_dtype=None, query_moment=None, stats=True) -> "PageSummaries":
         """Summaries of every page from the cache contents (``cache_seqlens [B]`` valid keys per row); with
         ``rank`` (an int in ``[1, D]``) also a :class:`KeySketch` fitted on those keys (and on the queries'
         second moment ``query_moment [Hkv, D, D]`` when given: :func:`fit_sketch_maps`), its projections kept in
-        ``sketch_dtype`` (bfloat16 or float32; None: :func:`default_sketch_dtype` of the cache's device)."""
+        ``sketch_dtype`` (bfloat16 or float32; None: :func:`default_sketch_dtype` of the cache's device).
+        ``stats=False``: no per-page mean / min / max (for selections that read the sketch only)."""
         if block_table is not None:
             page_size = k_cache.shape[1]
             shape = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[3])
@@ -199,7 +202,11 @@ class PageSummaries:
                                          tuple(query_moment.shape) != (n_kv_heads, dim, dim)):
             got = list(query_moment.shape) if isinstance(query_moment, torch.Tensor) else type(query_moment).__name__
             raise ValueError(f"query_moment must be a tensor [Hkv={n_kv_heads}, D={dim}, D={dim}], got {got}.")
-        zeros = torch.zeros(shape, dtype=torch.float32, device=k_cache.device)
+        if not isinstance(stats, bool):
+            raise TypeError(f"stats must be a bool, got {type(stats).__name__}.")
+        if not stats and rank is None:
+            raise ValueError("stats=False keeps neither page statistics nor a sketch: give rank= too.")
+        zeros = torch.zeros(shape[:-1] + ((shape[-1] if stats else 0),), dtype=torch.float32, device=k_cache.device)
         out = cls(zeros, zeros.clone(), zeros.clone(), int(page_size), block_table is not None)
         seq = torch.as_tensor(cache_seqlens, device=k_cache.device)
         start = torch.zeros_like(seq)
@@ -240,10 +247,11 @@ class PageSummaries:
             for c0 in range(first, last, _CHUNK_PAGES):
                 c1 = min(last, c0 + _CHUNK_PAGES)
                 tok = torch.arange(c0, c1, device=dev)[:, None] * P + offs  # [n, P]
-                keys = k_cache[:, :, tok.clamp(max=n_tok - 1)]  # [B, Hkv, n, P, D]
-                valid = (tok[None] < end[:, None, None]) & (tok[None] < n_tok)  # [B, n, P]
-                mean, kmin, kmax = _page_stats(keys, valid[:, None])
-                self.mean[:, :, c0:c1], self.kmin[:, :, c0:c1], self.kmax[:, :, c0:c1] = mean, kmin, kmax
+                if self.has_stats:
+                    keys = k_cache[:, :, tok.clamp(max=n_tok - 1)]  # [B, Hkv, n, P, D]
+                    valid = (tok[None] < end[:, None, None]) & (tok[None] < n_tok)  # [B, n, P]
+                    mean, kmin, kmax = _page_stats(keys, valid[:, None])
+                    self.mean[:, :, c0:c1], self.kmin[:, :, c0:c1], self.kmax[:, :, c0:c1] = mean, kmin, kmax
                 if self.sketch is not None:  # [B, Hkv, n*P, D] @ [Hkv, D, r] over the whole pages touched
                     t0, t1 = c0 * P, min(c1 * P, n_tok)
                     self.sketch.proj[:, :, t0:t1] = k_cache[:, :, t0:t1].float() @ self.sketch.basis
@@ -255,8 +263,9 @@ class PageSummaries:
         phys = block_table[b_idx, page].long()  # [m]
         valid = page[:, None] * P + offs < end[b_idx, None]  # [m, P]
         keys = k_cache[phys].transpose(1, 2)  # [m, Hkv, P, D]
-        mean, kmin, kmax = _page_stats(keys, valid[:, None])
-        self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
+        if self.has_stats:
+            mean, kmin, kmax = _page_stats(keys, valid[:, None])
+            self.mean[phys], self.kmin[phys], self.kmax[phys] = mean, kmin, kmax
         if self.sketch is not None:  # [m, Hkv, P, D] @ [Hkv, D, r]
             self.sketch.proj[phys] = (keys.float() @ self.sketch.basis).to(self.sketch.proj.dtype)
         return self
@@ -274,8 +283,19 @@ class PageSummaries:
             sketch = KeySketch(sketch.basis, proj, sketch.fitted_on, sketch.query_map, sketch.query_moment)
         return PageSummaries(*grown, page_size=self.page_size, paged=False, sketch=sketch)
 
+    @property
+    def has_stats(self) -> bool:
+        """Whether the summaries keep per-page mean / min / max (False: built with ``stats=False``)."""
+        return self.mean.shape[-1] > 0
+
+    def _need_stats(self):
+        if not self.has_stats:
+            raise ValueError("these PageSummaries keep no page statistics (built with stats=False, for a "
+                             "sketch-only selection): build them with stats=True for kinetics / quest.")
+
     def logical(self, block_table=None):
         """``(mean, kmin, kmax)`` per logical page ``[B, Hkv, NP, D]`` (paged: gathered by ``block_table``)."""
+        self._need_stats()
         if not self.paged:
             return self.mean, self.kmin, self.kmax
         idx = block_table.long().clamp(min=0)  # entries past a row's pages are never selected
@@ -300,6 +320,7 @@ class PageSummaries:
 
     def logical_mean(self, block_table=None):
         """``mean [B, Hkv, NP, D]`` alone (what a mean-based selection reads)."""
+        self._need_stats()
         if not self.paged:
             return self.mean
         return self.mean[block_table.long().clamp(min=0)].transpose(1, 2)

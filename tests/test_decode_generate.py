@@ -61,6 +61,7 @@ def test_generate_with_a_budget_rerank_and_sketches_decodes_sparse(llama, regist
     for layer in range(llama.config.num_hidden_layers):  # sketches were fitted to the prompt's queries
         sketch = state._entries[layer][1].sketch
         assert (sketch is not None and sketch.query_map is not None) == (preset == "loki"), layer
+        assert state._entries[layer][1].has_stats == (preset != "loki")  # loki reads the sketch alone
         assert (state.query_moment(layer) is not None) == (preset == "loki")
 
 

@@ -325,3 +325,40 @@ def test_decode_state_fits_the_sketch_to_the_observed_queries():
     torch.testing.assert_close(state.query_moment(0), rows2.transpose(1, 2) @ rows2 / 30, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"query_moment must be a tensor \[Hkv=2, D=16, D=16\], got \[2, 8, 8\]"):
         PageSummaries.from_cache(k, seq, page_size=P, rank=4, query_moment=torch.eye(8).expand(2, 8, 8))
+
+
+def test_summaries_without_page_statistics_select_alike_and_refuse_page_scores():
+    """``stats=False`` (loki reads the sketch only): no mean / min / max memory, the same lists for every loki
+    granularity, kept up to date through appends (contiguous and paged), and a clear error for kinetics / quest."""
+    from sparse_attn.patterns import KineticsSelect, QuestSelect
+
+    gen = torch.Generator().manual_seed(14)
+    k = torch.randn(2, 2, 300, 16, generator=gen)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    seq = torch.tensor([250, 180])
+    full = PageSummaries.from_cache(k, seq, page_size=P, rank=4)
+    bare = PageSummaries.from_cache(k, seq, page_size=P, rank=4, stats=False)
+    assert full.has_stats and not bare.has_stats and bare.mean.numel() == bare.kmin.numel() == 0
+    for _ in range(3):  # appends: both kept up to date the same way
+        full.update(k, seq, seq + 7)
+        bare.update(k, seq, seq + 7)
+        seq = seq + 7
+    torch.testing.assert_close(bare.sketch.proj, full.sketch.proj)
+    for g in ("token", "page", 4):
+        pat = LokiSelect(k=0.25, granularity=g)
+        assert torch.equal(pat.select(q, bare, seq), pat.select(q, full, seq)), g
+    kc, table = _paged(k, seq, 50, gen)
+    bare_paged = PageSummaries.from_cache(kc, seq, block_table=table, rank=4, stats=False)
+    pat = LokiSelect(k=0.25, granularity="page")
+    assert torch.equal(pat.select(q, bare_paged, seq, block_table=table),
+                       pat.select(q, PageSummaries.from_cache(kc, seq, block_table=table, rank=4), seq,
+                                  block_table=table))
+    assert bare.grow(40).mean.shape == (2, 2, 40, 0)
+    for sel in (KineticsSelect(k=2), QuestSelect(k=2)):
+        with pytest.raises(ValueError, match="no page statistics .* stats=True for kinetics / quest"):
+            sel.select(q, bare, seq)
+    assert not LokiSelect.page_stats and KineticsSelect.page_stats
+    with pytest.raises(ValueError, match="stats=False keeps neither"):
+        PageSummaries.from_cache(k, seq, page_size=P, stats=False)
+    with pytest.raises(TypeError, match="stats must be a bool"):
+        PageSummaries.from_cache(k, seq, page_size=P, rank=4, stats="no")

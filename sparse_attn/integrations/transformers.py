@@ -181,7 +181,8 @@ def _sparse_decode(cfg, layer, module, query, key, value, attention_mask, dropou
     if longest < cfg.min_context:
         return None, "decode (short context)"
     rank = getattr(cfg.decode, "sketch_rank", lambda dim: None)(key.shape[-1])
-    summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size, rank=rank)
+    summaries = cfg.state.summaries(layer, key, seqlens, cfg.page_size, rank=rank,
+                                    stats=getattr(cfg.decode, "page_stats", True))
     pages = cfg.decode.select(query, summaries, seqlens, k_cache=key)
     unit = getattr(cfg.decode, "unit", lambda size: size)(cfg.page_size)  # tokens per listed entry
     out = sparse_attention_with_kvcache(query, key, value, seqlens, pages=pages, page_size=unit,

@@ -91,6 +91,7 @@ class PageSelect:
     """Shared selection: forced pages (current, sinks, window) plus the best-scored ones up to ``k``."""
 
     name: ClassVar[str] = "page_select"
+    page_stats: ClassVar[bool] = True  # reads the summaries' per-page mean / min / max (False: the sketch only)
     k: Budget = 0.125
     sink: int = 0
     window: int = 0
@@ -391,6 +392,7 @@ class LokiSelect(PageSelect):
     text against +1.14% for tokens (docs/decode.md), but a cheaper gather on CPU.
     """
 
+    page_stats: ClassVar[bool] = False  # scores from the sketch alone: summaries built with stats=False
     k: Budget = 0.125
     sink: int = 64
     window: int = 128
