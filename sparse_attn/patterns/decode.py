@@ -377,7 +377,8 @@ class LokiSelect(PageSelect):
     shares summed over the GQA group; the best keys + sinks + window (Loki's top-k tokens).
 
     ``rank``: an int, or a fraction of the head dim (float in (0, 1]); Loki's default is a quarter. Scoring
-    reads ``rank / D`` of the key cache (a quarter: one eighth of the K+V bytes), token by token. The basis is
+    reads ``rank / D`` of the key cache's entries, token by token (a quarter of D kept in bf16 over an fp32 cache: a
+    sixteenth of the K+V bytes; :func:`~sparse_attn.kvcache.default_sketch_dtype`). The basis is
     fitted on the prompt's keys per layer and kv head, and to the prompt's queries where the summaries were built
     with their second moment (the transformers integration observes them at prefill:
     :func:`~sparse_attn.kvcache.fit_sketch_maps`); Loki fits a key PCA offline on calibration text. Sink and
