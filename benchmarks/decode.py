@@ -105,15 +105,15 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                          check="ok" if grouped_err <= tol else f"WRONG ({grouped_err:.1e})"))
         rows.append(dict(base, impl="ours-dense", budget=1.0, ms=time_fn(ours_dense, device, min_run_time=min_run_time),
                          check="ok" if err <= tol else f"WRONG ({err:.1e})"))
-        summs_by_rank = {}
+        summs_by_need = {}
         for name in patterns:
             kind, kw = _preset_spec(name)
             probe = get_decode_pattern(kind, **kw)  # the budget does not change the summaries it reads
             need = (probe.sketch_rank(head_dim), probe.page_stats)
-            if need not in summs_by_rank:  # patterns that read the same summaries share them
-                summs_by_rank[need] = [PageSummaries.from_cache(lk, seqlens, page_size=page_size, rank=need[0],
+            if need not in summs_by_need:  # patterns that read the same summaries share them
+                summs_by_need[need] = [PageSummaries.from_cache(lk, seqlens, page_size=page_size, rank=need[0],
                                                                 stats=need[1]) for _, lk, _ in probs]
-            summs = summs_by_rank[need]
+            summs = summs_by_need[need]
             for budget in budgets:
                 pat = get_decode_pattern(kind, k=budget, **kw)
                 unit = pat.unit(page_size)  # tokens per listed entry: a page, or one key
@@ -140,7 +140,7 @@ def decode_rows(device, contexts, budgets, *, patterns=("kinetics",), heads=32, 
                                  check="ok" if ok else f"WRONG ({err:.1e})"))
         if progress:
             print(f"  context {context}: done", flush=True)
-        del q, k, v, probs, summs_by_rank
+        del q, k, v, probs, summs_by_need
     return rows
 
 
@@ -250,7 +250,8 @@ def quality_rows(context=4096, tokens=600, budgets=(0.125, 0.0625), patterns=("k
             # the prefill runs through the patched model as in generate() (dense: the presets' default prefill,
             # the same numbers as the shared one), so that it sees the prompt's queries (loki fits its sketch
             # to them); the shared dense prefill serves patterns that do not
-            head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+            config = model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             wants_queries = cfg.decode.sketch_rank(head_dim) is not None
             pre = hf.prefill(model, ids[:, :context]) if wants_queries else start
             ppl = hf.decode_perplexity(model, ids, context, prefilled=pre)

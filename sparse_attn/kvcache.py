@@ -38,6 +38,7 @@ def default_sketch_dtype(device) -> torch.dtype:
             return torch.float32
     return torch.float32
 
+
 def _page_stats(keys, valid):
     """``keys [..., P, D]``, ``valid`` bool ``[..., P]`` -> float32 ``(mean, kmin, kmax)`` ``[..., D]``."""
     keys = keys.float()
@@ -91,16 +92,16 @@ def fit_sketch_maps(keys, valid, rank, query_moment=None):
     valid keys: with ``S = query_moment^(1/2)`` (ridge ``_QUERY_RIDGE`` of its mean eigenvalue) and ``U`` the top
     eigenvectors of ``S C_k S``, ``key_map = S U`` and ``query_map = S^-1 U``. Directions the queries never probe
     then get no rank, whatever the keys' energy there. Heads whose moment is not finite or zero fall back to
-    the keys' basis. On SmolLM2 (4k prompt, rank 16 of 64, 1/8 of the keys) the exact attention mass the
-    selected keys hold rose from 93.2% to 94.3% on the essays (exact scores: 95.3%) and 92.4% -> 93.5% on
-    Shakespeare (94.6%).
+    the keys' basis. On SmolLM2 (4k prompt, rank 16 of 64, 1/8 of the keys; benchmarks/sketch_mass.py) the
+    exact attention mass the selected keys hold rose from 93.2% to 94.2% on the essays (exact scores: 95.2%) and
+    92.5% -> 93.6% on Shakespeare (94.7%).
 
     Returns:
         float32 ``(key_map [Hkv, D, r], query_map [Hkv, D, r] | None)``.
     """
     if query_moment is None:
         return fit_key_basis(keys, valid, rank), None
-    n_kv_heads, dim = keys.shape[1], keys.shape[3]
+    dim = keys.shape[3]
     gram = _key_gram(keys, valid)
     if gram is None:
         return fit_key_basis(keys, valid, rank), None
@@ -356,4 +357,5 @@ def append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table=None, check=Tru
     return (seq + new).to(torch.int32)
 
 
-__all__ = ["PageSummaries", "KeySketch", "default_sketch_dtype", "fit_key_basis", "fit_sketch_maps", "append_kv", "num_pages"]
+__all__ = ["PageSummaries", "KeySketch", "default_sketch_dtype", "fit_key_basis", "fit_sketch_maps", "append_kv",
+           "num_pages"]

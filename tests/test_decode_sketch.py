@@ -250,7 +250,8 @@ def test_a_bf16_sketch_keeps_almost_the_keys_of_a_float32_one():
 
 
 def _logits(q, k, qmap, kmap):
-    """Sketch logits ``(q @ qmap) . (k @ kmap)`` per kv head: q ``[Hkv, N, D]``, k ``[Hkv, M, D]`` -> ``[Hkv, N, M]``."""
+    """Sketch logits ``(q @ qmap) . (k @ kmap)`` per kv head: q ``[Hkv, N, D]``, k ``[Hkv, M, D]`` ->
+    ``[Hkv, N, M]``."""
     return (q @ qmap) @ (k @ kmap).transpose(1, 2)
 
 

@@ -246,8 +246,8 @@ def quest(*, k=0.125, page_size: int = 16, min_context: int = 4096, prefill=None
 def loki(*, k=0.125, sink: int = 64, window: int = 128, rank=0.25, granularity="token", page_size: int = 16,
          min_context: int = 4096, prefill=None, min_seq_len: int = 1024, backend: str = "auto"):
     """Loki-style low-rank decoding: past ``min_context`` cached keys each step scores every key in a
-    ``rank``-dimensional key subspace (fitted on the prompt's keys and queries) by its softmax share summed over the GQA group,
-    and attends the best keys (as many as ``k`` pages hold), the ``sink`` first and ``window`` recent tokens
+    ``rank``-dimensional key subspace (fitted on the prompt's keys and queries) by its softmax share summed over
+    the GQA group, and attends the best keys (as many as ``k`` pages hold), the ``sink`` first and ``window`` recent tokens
     (:class:`~sparse_attn.patterns.decode.LokiSelect`); ``granularity="page"`` attends the ``k`` pages of largest
     summed share instead (cheaper on CPU, worse perplexity: docs/decode.md)."""
     from ..patterns.decode import LokiSelect
@@ -304,8 +304,8 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "keys and left-padded batches run dense", kinetics),
     Preset("loki", "LLM decoding (transformers generate)", "Loki low-rank keys (Singhania et al., NeurIPS 2024)",
            "the sketch is fitted per layer and kv head on the prompt's keys and queries (the rank-r form of q.k with "
-           "the least expected error over them; Loki: a key PCA offline on calibration data); a key's score is its softmax share summed over the GQA group; the best keys themselves "
-           "are attended (granularity='page': the pages with the largest summed share); the budget counts keys "
+           "the least expected error over them; Loki: a key PCA offline on calibration data); a key's score is its "
+           "softmax share summed over the GQA group; the best keys themselves are attended (granularity='page': the pages with the largest summed share); the budget counts keys "
            "(k pages' worth), 64 sink and 128 recent tokens kept inside it",
            loki),
     Preset("quest", "LLM decoding (transformers generate)", "Quest (mit-han-lab/Quest)",

@@ -284,9 +284,10 @@ def _token_lists(scores, seq, q_len, sink, window, budget):
         # scattered first, forced OR-ed in after: an entry past the real candidates must not clear a forced key
         keep = torch.zeros(scores.shape, dtype=torch.bool, device=dev).scatter_(-1, idx, chosen)
         keep |= forced[:, None, :]
+        counts = forced.sum(1)[:, None] + chosen.sum(-1)  # [B, H]: chosen keys are distinct and never forced
     else:
         keep = forced[:, None, :].expand(batch, n_heads, n_tok)
-    counts = keep.sum(-1)  # [B, H]
+        counts = forced.sum(1)[:, None].expand(batch, n_heads)
     width = int(counts.max()) if counts.numel() else 0
     flat = keep.reshape(-1).nonzero().squeeze(1)  # row-major: each row's positions in order
     if bool((counts == width).all()):
