@@ -98,6 +98,10 @@ def test_causal_aligned_one_pass(hq, hkv, mask_heads, q_len, kv_len, monkeypatch
     check_close(out, ref, math_attention(q, k, v, mask.to_dense(), True, dtype=torch.float32)[0])
     check_lse(lse.double(), ref_lse)
     assert (out[torch.isinf(ref_lse)] == 0).all()
+    # q as attention modules hand it over ([B, L, H, D] transposed): read in place, the same result
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out_t, lse_t = block_sparse_fwd_cpu(q_t, k, v, mask.counts, mask.indices, 32, 32, True, 32 ** -0.5)
+    assert torch.equal(out_t, out) and torch.equal(lse_t, lse)
     calls.clear()
     k[:, :, -1], v[:, :, -1] = float("nan"), float("inf")  # the last key: hidden from every row but the last
     out, _ = block_sparse_fwd_cpu(q, k, v, mask.counts, mask.indices, 32, 32, True, 32 ** -0.5)

@@ -83,6 +83,39 @@ def test_block_topk_matches_dense_reference(causal):
         assert mask.counts[0, :, 0].tolist() == [1, 2, 3, 5]
 
 
+@pytest.mark.parametrize("group", ["mean", "softmax"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_group_selects_once_per_kv_head(group, causal):
+    q, k = _qk(hq=6, hkv=2)  # GQA groups of 3 query heads
+    mask = BlockTopK(k=(2, 4), block_size=32, group=group).build(q, k, causal=causal)
+    mask.validate()
+    assert mask.counts.shape[1] == 2  # one selection per kv head: the group's heads share one gather
+    vis = _visible(160, 224, 32, 32, causal)
+    scores = (_pool(q, 32) @ _pool(k, 32).repeat_interleave(3, 1).transpose(-1, -2) * 16 ** -0.5).view(1, 2, 3, 5, 7)
+    scores = scores.masked_fill(~vis, -math.inf)
+    combined = scores.mean(2) if group == "mean" else torch.softmax(scores, -1).sum(2).masked_fill(~vis, -math.inf)
+    anchors = _anchors_ref(160, 224, 32, 32) if causal else None
+    assert torch.equal(mask.to_block_dense(), _topk_ref(combined, [2, 4], vis, anchors))
+
+
+def test_block_topk_group_with_forced_and_mha():
+    q, k = _qk(hq=6, hkv=2)
+    grouped = BlockTopK(k=2, block_size=32, group="mean")
+    per_q_head = torch.zeros(1, 6, 5, 7, dtype=torch.bool)
+    per_q_head[0, 4, 1, 5] = True  # forced for one query head: kept for its whole group (kv head 1)
+    keep = grouped.block_map(q, k, forced=per_q_head)
+    assert keep.shape[1] == 2 and bool(keep[0, 1, 1, 5])
+    back = BlockTopK(k=2, block_size=32).block_map(q, k, forced=keep)  # per-kv-head forced on per-head selection
+    assert back.shape[1] == 6 and bool(back[0, 3:, 1, 5].all())
+    qm, km = _qk(hq=2, hkv=2)  # no GQA: the same as per-head selection
+    assert torch.equal(BlockTopK(k=3, block_size=32, group="softmax").build(qm, km, causal=True).to_block_dense(),
+                       BlockTopK(k=3, block_size=32).build(qm, km, causal=True).to_block_dense())
+    with pytest.raises(ValueError, match="group"):
+        BlockTopK(group="max")
+    with pytest.raises(ValueError, match="k must have 1 or 2 entries"):
+        BlockTopK(k=(1, 2, 3), block_size=32, group="mean").build(q, k)
+
+
 def test_block_topk_fraction_budget():
     q, k = _qk(lq=128, lk=320)
     mask = BlockTopK(k=0.25, block_size=32).build(q, k)

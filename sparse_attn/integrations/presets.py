@@ -109,14 +109,21 @@ def minference(*, vertical=1000, slash=6096, last_q: int = 64, block_size: int =
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
-def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, min_seq_len: int = 1024,
-         backend: str = "auto") -> SparseConfig:
+def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, group: Optional[str] = "softmax",
+         min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
     """MoBA-style chunk gating for LLM prefill: per query block the ``k`` key blocks with the largest
-    ``mean(q_blk) . mean(k_blk)``, plus the own (causal) block, a local window and sink keys."""
+    ``mean(q_blk) . mean(k_blk)``, plus the own (causal) block, a local window and sink keys.
+
+    ``group="softmax"``: one selection per GQA group (the query heads of a kv head), ranking blocks by the
+    heads' summed softmax shares, so the group's heads share one K/V gather (:class:`~sparse_attn.patterns.BlockTopK`;
+    ``group=None``: per query head, as MoBA). Chosen on the tuning text (SmolLM2-135M, essays, 4k: +2.07%
+    against +1.95% per head, +2.26% for ``"mean"``, all at 0.301 of the causal pairs) for its speed: one
+    SmolLM2 layer's sparse attention 0.47x instead of 0.61x of dense SDPA at 4k. Held-out texts:
+    docs/integrations.md."""
     from ..patterns import BlockTopK, SinkLocal
 
     # whole tiles: MoBA always attends its own (causal) block, which the diagonal tiles are
-    pattern = BlockTopK(k=k, block_size=block_size) | SinkLocal(sink=sink, window=window, block_size=block_size,
+    pattern = BlockTopK(k=k, block_size=block_size, group=group) | SinkLocal(sink=sink, window=window, block_size=block_size,
                                                                  exact=False)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 

@@ -108,7 +108,7 @@ def per_head(value, n_heads, name):
     """A scalar or a per-head sequence -> list of ``n_heads`` values."""
     if isinstance(value, (tuple, list)):
         if len(value) not in (1, n_heads):
-            raise ValueError(f"{name} must have 1 or {n_heads} (query heads) entries, got {len(value)}.")
+            raise ValueError(f"{name} must have 1 or {n_heads} entries (one per head selected for), got {len(value)}.")
         return list(value) * (n_heads if len(value) == 1 else 1)
     return [value] * n_heads
 

@@ -22,9 +22,17 @@ class ContentPattern(Pattern):
         return q.shape[-1] ** -0.5 if self.scale is None else float(self.scale)
 
     def _forced(self, forced, shape):
+        """``forced`` as bool ``shape``; per-query-head tiles forced on a per-kv-head selection are forced for
+        the whole GQA group, per-kv-head ones on a per-query-head selection for each head of the group."""
         if forced is None:
             return None
-        return forced.to(torch.bool).expand(shape)
+        forced = forced.to(torch.bool)
+        h_f, h = forced.shape[1], shape[1]
+        if h_f not in (1, h) and h % h_f == 0:
+            forced = forced.repeat_interleave(h // h_f, dim=1)
+        elif h_f not in (1, h) and h_f % h == 0:
+            forced = forced.view(forced.shape[0], h, h_f // h, *forced.shape[2:]).any(2)
+        return forced.expand(shape)
 
     def _select_share(self, mass, shares, name, q, k, causal, forced, min_blocks, max_blocks=None):
         """Per query block the fewest largest-``mass`` tiles reaching the per-head ``shares`` (``name`` in errors);
@@ -49,6 +57,31 @@ def _check_scale(scale):
         raise ValueError(f"scale must be a positive float or None, got {scale!r}.")
 
 
+GROUPS = (None, "mean", "softmax")
+
+
+def group_scores(scores, n_kv_heads, group):
+    """One selection per kv head: ``scores [B, Hq, N, M]`` -> ``[B, Hkv, N, M]``, the GQA group's mean score
+    (``"mean"``) or its summed softmax shares over the visible tiles (``"softmax"``: every head's ranking
+    weighs alike, whatever its logit scale); ``-inf`` stays on hidden tiles. ``group=None``: unchanged."""
+    n_q_heads = scores.shape[1]
+    if group is None or n_q_heads == n_kv_heads:
+        return scores
+    b, _, n, m = scores.shape
+    g = scores.view(b, n_kv_heads, n_q_heads // n_kv_heads, n, m)
+    hidden = torch.isneginf(g[:, :, 0])
+    if group == "mean":
+        out = g.mean(2)
+    else:
+        out = torch.softmax(g, dim=-1).nan_to_num(0.0).sum(2)
+    return out.masked_fill(hidden, float("-inf"))
+
+
+def check_group(group):
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS} (None: a selection per query head), got {group!r}.")
+
+
 def pooled_scores(q, k, block_size, causal, scale):
     """float32 ``[B, Hq, NQB, NKB]`` pooled estimate (``-inf`` on tiles hidden by causality)."""
     bm, bn = block_size
@@ -70,6 +103,10 @@ class BlockTopK(ContentPattern):
             tiles are always kept and counted in ``k``.
         block_size: tile size.
         scale: score scale (default ``1/sqrt(D)``; it does not change the ranking).
+        group: ``None`` selects per query head (mask heads ``Hq``); ``"mean"`` or ``"softmax"`` select once per
+            kv head for its GQA group (mask heads ``Hkv``: the group's heads share one K/V gather), ranking
+            tiles by the group's mean score or its summed per-head softmax shares (:func:`group_scores`);
+            per-head budgets then have one entry per kv head.
 
     Example:
         >>> mask = BlockTopK(k=(4, 8)).build(torch.randn(1, 2, 512, 64), torch.randn(1, 2, 512, 64))
@@ -78,17 +115,19 @@ class BlockTopK(ContentPattern):
     k: Union[int, float, Tuple] = 8
     block_size: int = 64
     scale: Optional[float] = None
+    group: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "k", S.check_budget(as_tuple(self.k), "k"))
         object.__setattr__(self, "block_size", as_tuple(self.block_size))
         self.block_pair  # noqa: B018
         _check_scale(self.scale)
+        check_group(self.group)
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
-        scores = pooled_scores(q, k, self.block_pair, causal, self._scale(q))
+        scores = group_scores(pooled_scores(q, k, self.block_pair, causal, self._scale(q)), k.shape[1], self.group)
         visible = visible_tiles(q.shape[2], k.shape[2], self.block_pair, causal, q.device).sum(-1)
-        budget = S.budget_tensor(self.k, q.shape[1], visible, "k", q.device)
+        budget = S.budget_tensor(self.k, scores.shape[1], visible, "k", q.device)
         anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
         return S.topk_anchored(scores, budget, self._forced(forced, scores.shape), anchors)
 
