@@ -69,20 +69,37 @@ def test_estimated_mass_and_selection(causal):
         anchors = causal_anchors(96, 96, (16, 16))
         assert bool((keep | ~anchors).all())
         assert not bool((keep & torch.ones(6, 6, dtype=torch.bool).triu(1)).any())
-    # the rule: per query block, the largest-mass tiles whose share first reaches the threshold
+    assert_threshold_rule(keep, want, 0.6, causal)
+
+
+def assert_threshold_rule(keep, mass, threshold, causal):
+    """The rule: per query block, the largest-mass tiles whose share first reaches the threshold (``keep``,
+    ``mass`` ``[H, 6, 6]`` of a 96-token problem in 16-token tiles)."""
     forced = causal_anchors(96, 96, (16, 16)) if causal else torch.zeros(6, 6, dtype=torch.bool)
-    for h in range(q.shape[1]):
+    for h in range(mass.shape[0]):
         for r in range(6):
-            share = want[h, r] / want[h, r].sum()
+            share = mass[h, r] / mass[h, r].sum()
             chosen = keep[h, r]
             extra = share.masked_fill(forced[r], -1.0)
             order = torch.sort(extra, descending=True, stable=True).indices
             base = float(share[forced[r]].sum())
             need = 0
-            while base < 0.6 - 1e-6 and need < len(order) and extra[order[need]] > 0:
+            while base < threshold - 1e-6 and need < len(order) and extra[order[need]] > 0:
                 base += float(share[order[need]])
                 need += 1
             assert int(chosen.sum()) == int(forced[r].sum()) + max(need, 0 if causal else 1), (h, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_group_selection_by_the_groups_mean_share(causal):
+    q, k = inputs(96, 96)  # 4 query heads on 2 kv heads
+    want = estimated_mass_by_loop(q, k, 8, 16, causal).view(2, 2, 6, 6).mean(1)  # [Hkv, NQB, NKB]
+    pat = XAttention(threshold=0.6, stride=8, block_size=16, group="mean")
+    keep = pat.block_map(q, k, causal=causal)[0]
+    assert keep.shape == (2, 6, 6)
+    assert_threshold_rule(keep, want, 0.6, causal)
+    mask = pat.build(q.float(), k.float(), causal=causal)
+    assert mask.counts.shape[1] == 2 and torch.equal(mask.to_block_dense()[0], keep)
 
 
 def test_a_planted_key_column_is_found_in_every_query_block():
@@ -99,6 +116,7 @@ def test_a_planted_key_column_is_found_in_every_query_block():
 @pytest.mark.parametrize("kw,name", [
     (dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold"), (dict(threshold=[0.5, 2]), "threshold"),
     (dict(stride=0), "stride"), (dict(stride=24, block_size=64), "stride"), (dict(scale=-1.0), "scale"),
+    (dict(group="softmax"), "group"),
 ])
 def test_bad_parameters_name_the_argument(kw, name):
     with pytest.raises((ValueError, TypeError), match=name):

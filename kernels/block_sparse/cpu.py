@@ -216,16 +216,22 @@ def _merge_or_store(o_acc, lse_acc, rows, o_c, lse_c, n_full):
         lse_acc.index_copy_(0, rows, lse_c)
 
 
-def _diagonal_masks(n, g, block, dtype, device, cache):
+_DIAGONAL_MASKS = {}
+
+
+def _diagonal_masks(n, g, block, dtype, device):
     """``[1, 1, G*bm, n*bn]`` additive mask of a row whose last tile is its diagonal: 0 on the ``n - 1`` full
-    tiles, top-left causal on the last (the same for every row of a chunk: broadcast over them)."""
-    key = (n, g)
-    if key not in cache:
+    tiles, top-left causal on the last (the same for every row of a chunk: broadcast over them). Built once
+    per shape and kept (read only), as every layer of a model asks for the same few."""
+    key = (n, g, block, dtype, str(device))
+    if key not in _DIAGONAL_MASKS:
+        if len(_DIAGONAL_MASKS) >= 256:  # bounded: long runs of odd shapes do not pile up
+            _DIAGONAL_MASKS.clear()
         tri = torch.ones(block, block, dtype=torch.bool, device=device).tril()
         add = torch.zeros(g * block, n * block, dtype=dtype, device=device)
         add[:, (n - 1) * block:] = torch.where(tri, 0.0, float("-inf")).to(dtype).repeat(g, 1)
-        cache[key] = add.view(1, 1, g * block, n * block)
-    return cache[key]
+        _DIAGONAL_MASKS[key] = add.view(1, 1, g * block, n * block)
+    return _DIAGONAL_MASKS[key]
 
 
 def _fwd_one_pass(r, qr, kb, vb, scale, acc, cap, buf_k, buf_v):
@@ -234,13 +240,16 @@ def _fwd_one_pass(r, qr, kb, vb, scale, acc, cap, buf_k, buf_v):
     them under a mask shared by its chunk: no second pass, no merge."""
     flash = _flash_cpu()
     vis_idx, _, n_vis = _compact(r.idx, r.visible, None)
-    o = torch.zeros(qr.shape, dtype=acc, device=qr.device)
-    lse = torch.full(qr.shape[:2], float("-inf"), dtype=acc, device=qr.device)
-    masks = {}
+    if bool((n_vis > 0).all()):  # every row is written below
+        o = torch.empty(qr.shape, dtype=acc, device=qr.device)
+        lse = torch.empty(qr.shape[:2], dtype=acc, device=qr.device)
+    else:  # rows that see no key stay o = 0, lse = -inf
+        o = torch.zeros(qr.shape, dtype=acc, device=qr.device)
+        lse = torch.full(qr.shape[:2], float("-inf"), dtype=acc, device=qr.device)
     for rows, n, diag in r.plan(n_vis, cap, tag=r.n_part > 0):
         kg, _ = r.gather(kb, rows, vis_idx, n, buf_k)  # [C, 1, n*bn, D]
         vg, _ = r.gather(vb, rows, vis_idx, n, buf_v)
-        add = _diagonal_masks(n, r.g_u, r.block_m, qr.dtype, qr.device, masks) if diag else None
+        add = _diagonal_masks(n, r.g_u, r.block_m, qr.dtype, qr.device) if diag else None
         o_c, lse_c = flash(qr.index_select(0, rows).unsqueeze(1), kg, vg, attn_mask=add, scale=scale)
         o.index_copy_(0, rows, o_c.squeeze(1).to(acc))
         lse.index_copy_(0, rows, lse_c.squeeze(1).to(acc))

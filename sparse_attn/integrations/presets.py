@@ -159,8 +159,8 @@ def xattention(*, threshold=0.92, stride: int = 8, estimate: str = "antidiagonal
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
-def xattention_lattice(*, threshold=0.85, stride: int = 8, block_size: int = 64, min_seq_len: int = 1024,
-                       backend: str = "auto") -> SparseConfig:
+def xattention_lattice(*, threshold=0.85, stride: int = 8, block_size: int = 64, group: Optional[str] = None,
+                       min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
     """XAttention's antidiagonal lattice with single pairs (this package's variant, ``estimate="lattice"``): per
     64-query block the fewest tiles whose estimated share reaches ``threshold``, each query's softmax taken over
     its sampled keys (no logit averaged before the exponential), plus the diagonal and sink tiles.
@@ -170,7 +170,7 @@ def xattention_lattice(*, threshold=0.85, stride: int = 8, block_size: int = 64,
     antidiagonal sums after the first held-out set and confirmed on a second one: docs/integrations.md."""
     from ..patterns import XAttention
 
-    pattern = XAttention(threshold=threshold, stride=stride, estimate="lattice", block_size=block_size)
+    pattern = XAttention(threshold=threshold, stride=stride, estimate="lattice", block_size=block_size, group=group)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 

@@ -37,7 +37,7 @@ class ContentPattern(Pattern):
     def _select_share(self, mass, shares, name, q, k, causal, forced, min_blocks, max_blocks=None):
         """Per query block the fewest largest-``mass`` tiles reaching the per-head ``shares`` (``name`` in errors);
         with ``causal`` the diagonal and sink tiles are kept and their mass counts."""
-        p = torch.tensor(S.per_head(shares, q.shape[1], name), dtype=mass.dtype, device=q.device)
+        p = torch.tensor(S.per_head(shares, mass.shape[1], name), dtype=mass.dtype, device=q.device)
         anchors = causal_anchors(q.shape[2], k.shape[2], self.block_pair, q.device) if causal else None
         fz, _ = S.with_anchors(self._forced(forced, mass.shape), anchors, mass.shape)
         return S.mass_rows(mass, p, fz, min_blocks, max_blocks)
@@ -75,6 +75,15 @@ def group_scores(scores, n_kv_heads, group):
     else:
         out = torch.softmax(g, dim=-1).nan_to_num(0.0).sum(2)
     return out.masked_fill(hidden, float("-inf"))
+
+
+def group_mass(mass, n_kv_heads, group):
+    """One selection per kv head from shares: ``mass [B, Hq, N, M]`` -> ``[B, Hkv, N, M]``, the GQA group's mean
+    share (``group="mean"``; a share again, so a threshold keeps its meaning). ``group=None``: unchanged."""
+    n_q_heads = mass.shape[1]
+    if group is None or n_q_heads == n_kv_heads:
+        return mass
+    return mass.view(mass.shape[0], n_kv_heads, n_q_heads // n_kv_heads, *mass.shape[2:]).mean(2)
 
 
 def check_group(group):

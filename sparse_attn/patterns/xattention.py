@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .._checks import check_positive_int
 from .base import as_tuple, register
-from .dynamic import ContentPattern, _check_scale, check_shares
+from .dynamic import ContentPattern, _check_scale, check_shares, group_mass
 
 CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
 LATTICE_CHUNK_ELEMS = 1 << 21  # float32 scores of one chunk of the lattice estimate (8 MiB: stays in cache)
@@ -121,6 +121,9 @@ class XAttention(ContentPattern):
             ``"lattice"`` (softmax over the single pairs of the antidiagonals: :func:`lattice_mass`).
         block_size: tile size (XAttention: 128).
         scale: logit scale (default ``1/sqrt(D)``).
+        group: ``None`` selects per query head; ``"mean"`` once per kv head for its GQA group, by the group's
+            mean estimated share (mask heads ``Hkv``: the group shares one K/V gather; a per-head ``threshold``
+            then has one entry per kv head).
 
     With ``causal``, key groups after a query group's own are hidden, and each query block's diagonal and
     sink tiles are always kept (their share counts toward ``threshold``).
@@ -135,9 +138,12 @@ class XAttention(ContentPattern):
     estimate: str = "antidiagonal"
     block_size: int = 64
     scale: Optional[float] = None
+    group: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "threshold", check_shares(self.threshold, "threshold"))
+        if self.group not in (None, "mean"):
+            raise ValueError(f"group must be None (a selection per query head) or 'mean', got {self.group!r}.")
         check_positive_int(self.stride, "stride")
         object.__setattr__(self, "block_size", as_tuple(self.block_size))
         bm, bn = self.block_pair
@@ -183,7 +189,7 @@ class XAttention(ContentPattern):
         return (mass / rm).reshape(batch, n_q_heads, n_qb, n_kb)
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
-        mass = self.estimated_mass(q, k, causal)
+        mass = group_mass(self.estimated_mass(q, k, causal), k.shape[1], self.group)
         return self._select_share(mass, self.threshold, "threshold", q, k, causal, forced, 0 if causal else 1)
 
 
