@@ -116,6 +116,22 @@ def test_block_topk_group_with_forced_and_mha():
         BlockTopK(k=(1, 2, 3), block_size=32, group="mean").build(q, k)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topp_group_selects_by_the_groups_mean_mass(causal):
+    q, k = _qk(lq=128, lk=200, hq=6, hkv=2)
+    per_head = BlockTopP(p=0.7, block_size=32)
+    grouped = BlockTopP(p=0.7, block_size=32, group="mean")
+    mass = per_head.estimated_mass(q, k, causal).view(1, 2, 3, 4, 7).mean(2)  # [1, Hkv, NQB, NKB]
+    anchors = _anchors_ref(128, 200, 32, 32) if causal else None
+    want = grouped._select_share(mass, 0.7, "p", q, k, causal, None, 1)
+    keep = grouped.block_map(q, k, causal=causal)
+    assert keep.shape[1] == 2 and torch.equal(keep, want)
+    if anchors is not None:
+        assert bool((keep[0] | ~anchors).all())
+    with pytest.raises(ValueError, match="group"):
+        BlockTopP(group="softmax")
+
+
 def test_block_topk_fraction_budget():
     q, k = _qk(lq=128, lk=320)
     mask = BlockTopK(k=0.25, block_size=32).build(q, k)

@@ -129,7 +129,8 @@ def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, group: 
 
 
 def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Optional[int] = None,
-                block_size: int = 64, min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
+                block_size: int = 64, group: Optional[str] = None, min_seq_len: int = 1024,
+                backend: str = "auto") -> SparseConfig:
     """FlexPrefill-style cumulative-attention selection for LLM prefill: per query block the fewest key blocks
     whose estimated attention mass reaches ``p`` (``block_topp``), plus sink keys and a local window
     (token-exact ``sink_local``), built at every prefill.
@@ -139,13 +140,13 @@ def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Opt
     pairs; the largest p under 30%). Held-out texts: docs/integrations.md."""
     from ..patterns import BlockTopP, SinkLocal
 
-    pattern = BlockTopP(p=p, estimate_block=estimate_block, block_size=block_size) | SinkLocal(
+    pattern = BlockTopP(p=p, estimate_block=estimate_block, block_size=block_size, group=group) | SinkLocal(
         sink=sink, window=window, block_size=block_size)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
 def xattention(*, threshold=0.92, stride: int = 8, estimate: str = "antidiagonal", block_size: int = 64,
-               min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
+               group: Optional[str] = None, min_seq_len: int = 1024, backend: str = "auto") -> SparseConfig:
     """XAttention for LLM prefill: per 64-query block the fewest tiles whose antidiagonal-estimated share of
     attention (stride-8 groups) reaches ``threshold``, plus the diagonal and sink tiles, built at every prefill.
 
@@ -155,7 +156,7 @@ def xattention(*, threshold=0.92, stride: int = 8, estimate: str = "antidiagonal
     density on other text). Held-out texts: docs/integrations.md."""
     from ..patterns import XAttention
 
-    pattern = XAttention(threshold=threshold, stride=stride, estimate=estimate, block_size=block_size)
+    pattern = XAttention(threshold=threshold, stride=stride, estimate=estimate, block_size=block_size, group=group)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 

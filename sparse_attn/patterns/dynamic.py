@@ -86,9 +86,10 @@ def group_mass(mass, n_kv_heads, group):
     return mass.view(mass.shape[0], n_kv_heads, n_q_heads // n_kv_heads, *mass.shape[2:]).mean(2)
 
 
-def check_group(group):
-    if group not in GROUPS:
-        raise ValueError(f"group must be one of {GROUPS} (None: a selection per query head), got {group!r}.")
+def check_group(group, allowed=GROUPS):
+    """ValueError naming ``group`` unless it is one of ``allowed`` (None: a selection per query head)."""
+    if group not in allowed:
+        raise ValueError(f"group must be one of {allowed} (None: a selection per query head), got {group!r}.")
 
 
 def pooled_scores(q, k, block_size, causal, scale):
@@ -157,6 +158,8 @@ class BlockTopP(ContentPattern):
         min_blocks, max_blocks: bounds on the selected blocks per row (forced tiles not counted).
         temperature: divides the pooled scores before the softmax (< 1 sharpens).
         estimate_block: pooling size of the estimate; must divide both block sizes (None: the block size).
+        group: ``None`` selects per query head; ``"mean"`` once per kv head for its GQA group, by the group's
+            mean estimated mass (mask heads ``Hkv``; a per-head ``p`` then has one entry per kv head).
 
     With ``causal`` each query block's diagonal and sink tiles are always kept (their mass counts toward ``p``).
 
@@ -172,9 +175,11 @@ class BlockTopP(ContentPattern):
     estimate_block: Optional[int] = None
     block_size: int = 64
     scale: Optional[float] = None
+    group: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "p", check_shares(self.p, "p"))
+        check_group(self.group, allowed=(None, "mean"))
         check_positive_int(self.min_blocks, "min_blocks", allow_zero=True)
         if self.max_blocks is not None:
             check_positive_int(self.max_blocks, "max_blocks")
@@ -206,7 +211,7 @@ class BlockTopP(ContentPattern):
         return tile / rows[:, None].to(tile.dtype)
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
-        mass = self.estimated_mass(q, k, causal)
+        mass = group_mass(self.estimated_mass(q, k, causal), k.shape[1], self.group)
         return self._select_share(mass, self.p, "p", q, k, causal, forced, self.min_blocks, self.max_blocks)
 
 

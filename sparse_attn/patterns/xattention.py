@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .._checks import check_positive_int
 from .base import as_tuple, register
-from .dynamic import ContentPattern, _check_scale, check_shares, group_mass
+from .dynamic import ContentPattern, _check_scale, check_group, check_shares, group_mass
 
 CHUNK_ELEMS = 1 << 24  # float32 scores of one chunk of query groups (64 MiB)
 LATTICE_CHUNK_ELEMS = 1 << 21  # float32 scores of one chunk of the lattice estimate (8 MiB: stays in cache)
@@ -142,8 +142,7 @@ class XAttention(ContentPattern):
 
     def __post_init__(self):
         object.__setattr__(self, "threshold", check_shares(self.threshold, "threshold"))
-        if self.group not in (None, "mean"):
-            raise ValueError(f"group must be None (a selection per query head) or 'mean', got {self.group!r}.")
+        check_group(self.group, allowed=(None, "mean"))
         check_positive_int(self.stride, "stride")
         object.__setattr__(self, "block_size", as_tuple(self.block_size))
         bm, bn = self.block_pair
