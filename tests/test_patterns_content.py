@@ -386,3 +386,15 @@ def test_exact_coverage_keeps_the_fewest_tiles_reaching_the_mass(name, causal):
             assert set(keep[0, h, m].nonzero()[:, 0].tolist()) == want, (h, m)
     with pytest.raises(ValueError, match="coverage"):
         get_pattern(name, coverage=1.5)
+
+
+def test_per_head_takes_each_query_heads_row_of_a_group_selection():
+    q, k = _qk(hq=6, hkv=2)
+    grouped = BlockTopK(k=4, block_size=32, group="mean")
+    mixed = PerHead((grouped,) * 3 + (SlidingWindow(left=32, right=0, block_size=32),) * 3)
+    keep = mixed.block_map(q, k, causal=True)
+    group_map = grouped.block_map(q, k, causal=True)  # [1, 2, NQB, NKB]: kv head 0 serves query heads 0-2
+    assert keep.shape[1] == 6
+    assert not torch.equal(group_map[:, 0], group_map[:, 1])  # the two groups chose differently
+    for h in range(3):
+        assert torch.equal(keep[:, h], group_map[:, 0])

@@ -191,8 +191,11 @@ class PerHead(Pattern):
 
     def block_map(self, q, k, *, causal=False, layout=None, forced=None):
         maps = self._each_distinct(q, lambda p: p.block_map(q, k, causal=causal, layout=layout, forced=forced))
-        batch = max(m.shape[0] for m in maps.values())
-        heads = [maps[p.to_json()][:, min(h, maps[p.to_json()].shape[1] - 1)] for h, p in enumerate(self.patterns)]
+        batch, n_q_heads = max(m.shape[0] for m in maps.values()), q.shape[1]
+
+        def head_of(m, h):  # a map's heads: 1, one per query head, or one per kv head (a GQA group's selection)
+            return 0 if m.shape[1] == 1 else h * m.shape[1] // n_q_heads
+        heads = [maps[p.to_json()][:, head_of(maps[p.to_json()], h)] for h, p in enumerate(self.patterns)]
         return torch.stack([x.expand(batch, *x.shape[1:]) for x in heads], dim=1)
 
     def build(self, q, k, *, causal=False, layout=None):
