@@ -118,13 +118,14 @@ def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, group: 
     heads' summed softmax shares, so the group's heads share one K/V gather (:class:`~sparse_attn.patterns.BlockTopK`;
     ``group=None``: per query head, as MoBA). Chosen on the tuning text (SmolLM2-135M, essays, 4k: +2.07%
     against +1.95% per head, +2.26% for ``"mean"``, all at 0.301 of the causal pairs) for its speed: one
-    SmolLM2 layer's sparse attention 0.47x instead of 0.61x of dense SDPA at 4k. Held-out texts:
+    SmolLM2 layer's sparse attention 0.44-0.49x instead of 0.61-0.69x of dense SDPA at 4k, prefill end to end
+    x0.82 instead of x0.88. On the held-out texts it loses ~0.2-1.5 points more than per head on most:
     docs/integrations.md."""
     from ..patterns import BlockTopK, SinkLocal
 
     # whole tiles: MoBA always attends its own (causal) block, which the diagonal tiles are
-    pattern = BlockTopK(k=k, block_size=block_size, group=group) | SinkLocal(sink=sink, window=window, block_size=block_size,
-                                                                 exact=False)
+    pattern = BlockTopK(k=k, block_size=block_size, group=group) | SinkLocal(
+        sink=sink, window=window, block_size=block_size, exact=False)
     return SparseConfig(pattern, cache=None, min_seq_len=min_seq_len, backend=backend)
 
 
@@ -137,7 +138,8 @@ def flexprefill(*, p=0.93, sink: int = 64, window: int = 64, estimate_block: Opt
 
     ``p=0.93`` was chosen on the tuning text only (tests/data/english_essays.txt, SmolLM2-135M, 4k tokens:
     p 0.9 / 0.93 / 0.95 give +2.15% / +1.30% / +0.77% perplexity at 0.226 / 0.269 / 0.312 of the causal
-    pairs; the largest p under 30%). Held-out texts: docs/integrations.md."""
+    pairs; the largest p under 30%). Held-out texts: docs/integrations.md. ``group="mean"``: one selection per
+    GQA group (:class:`~sparse_attn.patterns.BlockTopP`)."""
     from ..patterns import BlockTopP, SinkLocal
 
     pattern = BlockTopP(p=p, estimate_block=estimate_block, block_size=block_size, group=group) | SinkLocal(
@@ -153,7 +155,8 @@ def xattention(*, threshold=0.92, stride: int = 8, estimate: str = "antidiagonal
     ``threshold=0.92`` was chosen on the tuning text only (tests/data/english_essays.txt, SmolLM2-135M, 4k
     tokens: 0.9 / 0.92 / 0.93 / 0.95 give +1.64% / +0.38% / -0.02% / -0.69% perplexity at 0.247 / 0.277 /
     0.297 / 0.346 of the causal pairs; the largest threshold under 28%, leaving room for the adaptive
-    density on other text). Held-out texts: docs/integrations.md."""
+    density on other text). Held-out texts: docs/integrations.md. ``group="mean"``: one selection per GQA group
+    (:class:`~sparse_attn.patterns.XAttention`)."""
     from ..patterns import XAttention
 
     pattern = XAttention(threshold=threshold, stride=stride, estimate=estimate, block_size=block_size, group=group)
@@ -168,7 +171,8 @@ def xattention_lattice(*, threshold=0.85, stride: int = 8, block_size: int = 64,
 
     ``threshold=0.85`` was chosen on the tuning text only (essays, 4k: 0.8 / 0.85 / 0.87 / 0.9 give +3.19% / +0.83%
     / +0.29% / -0.01% at 0.225 / 0.273 / 0.297 / 0.344; the largest under 28%). The estimate was preferred to the
-    antidiagonal sums after the first held-out set and confirmed on a second one: docs/integrations.md."""
+    antidiagonal sums after the first held-out set and confirmed on a second one: docs/integrations.md.
+    ``group="mean"`` (one selection per GQA group) is worse on the essays (+1.40% at 0.283): not the default."""
     from ..patterns import XAttention
 
     pattern = XAttention(threshold=threshold, stride=stride, estimate="lattice", block_size=block_size, group=group)
