@@ -10,15 +10,14 @@ Usage:
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from sparse_attn import sparse_attention
 from sparse_attn.bench.machine import load_average, machine_header
+from sparse_attn.bench.report import write_json
 from sparse_attn.bench.timing import time_cpu
 from sparse_attn.flex import to_flex_block_mask
 from sparse_attn.integrations.presets import moba
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
               f"(×{r['ours_ms'] / r['dense_ms']:.2f}) | {r['flex_ms']:.1f} (×{r['flex_ms'] / r['dense_ms']:.2f}) | "
               f"{r['ours_ms'] / r['flex_ms']:.2f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": header, "rows": rows}, indent=1), encoding="utf-8")
+        write_json(args.out, rows, header)
     return 0
 
 
