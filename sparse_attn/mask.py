@@ -589,6 +589,23 @@ class BlockSparseMask(TiledMask):
         visible = self._visible_pairs(causal) * b * h
         return self.kept_pairs(causal) / visible if visible else 0.0
 
+    def tile_share(self, causal: bool = False) -> float:
+        """Kept tiles x tile area / the visible pairs (causally visible with ``causal``; tiles wholly above the
+        causal diagonal are not counted, as no kernel computes them), averaged over batch and heads: the share
+        of dense attention's work the kernels do, counting every computed tile whole. An upper bound of
+        :meth:`density` from the block lists alone (no pair is evaluated: cheap enough for every call)."""
+        bm, bn = self.block_size
+        visible = self._visible_pairs(causal) * self.counts.shape[0] * self.counts.shape[1]
+        if not visible:
+            return 0.0
+        if not causal:
+            return float(self.counts.sum()) * bm * bn / visible
+        width = self.indices.shape[-1]
+        kept = torch.arange(width, device=self.device) < self.counts[..., None].long()  # [Bm, Hm, NQB, W]
+        q_last = torch.clamp((torch.arange(self.counts.shape[-1], device=self.device) + 1) * bm, max=self.q_len) - 1
+        seen = self.indices.long() * bn <= (q_last + self.kv_len - self.q_len)[:, None]  # bottom-right causal
+        return float((kept & seen).sum()) * bm * bn / visible
+
     def pair_fraction(self, causal: bool = False) -> float:
         """Kept pairs / all ``Lq * Lk`` pairs (with ``causal``, still over all pairs)."""
         b, h = max(self.counts.shape[0], self.predicate_batch), self.counts.shape[1]

@@ -55,6 +55,26 @@ def test_band_pattern_is_the_masked_attention():
     assert not torch.allclose(out, SDPA(q, k, v, is_causal=True))
 
 
+def test_masks_over_max_density_run_the_original_sdpa():
+    """A mask whose tiles take more than ``max_density`` of dense attention's work runs the original SDPA
+    (bit for bit); under it, or without a limit, the call runs sparse."""
+    q, k, v = (torch.randn(1, 2, 256, 32) for _ in range(3))
+    pat = BandPattern(block=32, width=1)
+    share = pat.build(q, k).tile_share(causal=True)  # first, previous and diagonal tile: 21 x 32 x 32 / 32896
+    assert share == pytest.approx(21 * 1024 / (256 * 257 / 2)) and share >= pat.build(q, k).density(causal=True)
+    ref = SDPA(q, k, v, is_causal=True)
+    with patch_sdpa(SparseConfig(pat, min_seq_len=64, max_density=0.6)) as p:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, ref) and p.stats["fallback:mask too dense"] == 1 and p.stats["sparse"] == 0
+    for limit in (0.7, None):
+        with patch_sdpa(SparseConfig(pat, min_seq_len=64, max_density=limit)) as p:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert p.stats["sparse"] == 1 and not torch.allclose(out, ref, atol=1e-3)
+    for bad in (0.0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="max_density"):
+            SparseConfig(pat, max_density=bad)
+
+
 @pytest.mark.parametrize("case", ["dropout", "float-mask", "bool-mask", "decode", "short", "causal-lq>lk",
                                   "heads-without-gqa", "value-dim"])
 def test_fallbacks_are_the_original_sdpa(case):
@@ -243,10 +263,10 @@ def test_config_json_round_trip():
 
     plan = {0: SinkLocal(sink=64, window=128), 1: None, 2: BlockTopK(k=4)}
     cfg = SparseConfig(plan, cache=StepCache(CachePolicy(warmup_steps=3, rebuild_steps=(3, 9)), max_bytes=1 << 20),
-                       min_seq_len=256, layout=TokenLayout.video(2, 4, 4))
+                       min_seq_len=256, layout=TokenLayout.video(2, 4, 4), max_density=0.6)
     back = SparseConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back.pattern == plan and back.cache.policy == cfg.cache.policy and back.cache.max_bytes == 1 << 20
-    assert (back.min_seq_len, back.backend, back.layout) == (256, "auto", cfg.layout)
+    assert (back.min_seq_len, back.backend, back.layout, back.max_density) == (256, "auto", cfg.layout, 0.6)
     one = SparseConfig.from_dict(SparseConfig(SinkLocal()).to_dict())
     assert one.pattern == SinkLocal() and one.cache is None
     with pytest.raises(TypeError, match="no to_dict"):

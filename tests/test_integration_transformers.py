@@ -94,6 +94,30 @@ def test_generate_decode_goes_dense_and_padding_runs_sparse(llama, name):
     assert counts["sparse"] == 2 + 2 and counts["dense:decode"] == 3 * 2 and counts["dense:attention_mask"] == 0
 
 
+def test_masks_over_max_density_run_dense(llama, name):
+    ids = torch.randint(0, 128, (1, 256))
+    with torch.no_grad():
+        llama.set_attn_implementation("sdpa")
+        dense = llama(ids).logits
+        hf.register(SparseConfig(BandPattern(block=32, width=1), min_seq_len=64, max_density=0.6), name=name)
+        llama.set_attn_implementation(name)  # the band's tiles: 0.65 of the causal work, over the limit
+        out = llama(ids).logits
+        llama.set_attn_implementation("sdpa")
+    assert torch.equal(out, dense)
+    assert hf.stats[name]["dense:mask too dense"] == 2 and hf.stats[name]["sparse"] == 0
+
+
+def test_moba_preset_runs_dense_where_its_budget_keeps_most_of_the_work():
+    from sparse_attn.integrations.presets import moba
+    from sparse_attn.integrations.sdpa import too_dense
+
+    cfg = moba()
+    for n, dense in ((2048, True), (3072, False)):
+        q, k = torch.randn(1, 6, n, 64), torch.randn(1, 2, n, 64)
+        assert too_dense(cfg, cfg.pattern.build(q, k, causal=True), True) is dense, n
+    assert not too_dense(moba(max_density=None), cfg.pattern.build(q, k, causal=True), True)
+
+
 def test_per_layer_patterns_cache_and_use(llama, name):
     only1 = DensePattern()
     hf.register(None, name=name)

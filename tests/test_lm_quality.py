@@ -115,3 +115,21 @@ def test_evaluate_meters_per_layer_configs():
         model.set_attn_implementation("sdpa")
         hf.unregister("per_layer_check")
     assert row["ppl"] == pytest.approx(math.exp(want), rel=1e-6) and row["change_pct"] != 0.0
+
+
+def test_masks_over_max_density_count_as_dense_calls():
+    """A mask the integration runs dense (over ``max_density``) counts 1 in the density, like any dense call,
+    and the perplexity is dense's."""
+    from sparse_attn.integrations.sdpa import SparseConfig
+    from sparse_attn.patterns import SlidingWindow
+
+    model = tiny_llama(seed=0)
+    ids = torch.randint(0, 128, (1, 256), generator=torch.Generator().manual_seed(4))
+    window = SlidingWindow(left=64, right=0)
+    cfgs = [lq.NamedConfig(f"limit {limit}", "window", lambda limit=limit: SparseConfig(
+        window, min_seq_len=64, max_density=limit)) for limit in (0.1, None)]
+    rows = {r["config"]: r for r in lq.evaluate(model, [ids], cfgs) if r["window"] == 0}
+    over, free = rows["limit 0.1"], rows["limit None"]
+    assert over["sparse_calls"] == 0 and over["density"] == pytest.approx(1.0)
+    assert over["ppl"] == pytest.approx(rows["dense"]["ppl"], rel=1e-6)
+    assert free["sparse_calls"] == 2 and 0.2 < free["density"] < 0.5

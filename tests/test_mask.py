@@ -33,6 +33,22 @@ def test_from_dense_matches_python_builder(shape, density):
     assert torch.equal(mask.to_block_dense(), keep)
 
 
+@pytest.mark.parametrize("q_len,kv_len", [(96, 96), (70, 100), (100, 70)])
+def test_tile_share_counts_every_computed_tile_whole(q_len, kv_len):
+    torch.manual_seed(0)
+    keep = torch.rand(2, 3, -(-q_len // 16), -(-kv_len // 16)) < 0.6
+    mask = BlockSparseMask.from_dense(keep, 16, seq_lens=(q_len, kv_len))
+    i, j = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+    visible = (j <= i + kv_len - q_len).sum().item()
+    tile_seen = (j <= i + kv_len - q_len).float()  # a tile is computed when one of its pairs is visible
+    n_qb, n_kb = keep.shape[2:]
+    tile_seen = torch.nn.functional.pad(tile_seen, (0, n_kb * 16 - kv_len, 0, n_qb * 16 - q_len))
+    tile_seen = tile_seen.view(n_qb, 16, n_kb, 16).amax((1, 3)).bool()
+    assert mask.tile_share(causal=True) == pytest.approx((keep & tile_seen).sum().item() * 256 / (6 * visible))
+    assert mask.tile_share() == pytest.approx(keep.sum().item() * 256 / (6 * q_len * kv_len))
+    assert mask.tile_share(causal=True) >= mask.density(causal=True)
+
+
 def test_width_is_the_largest_row_not_the_number_of_key_blocks():
     keep = torch.zeros(1, 1, 64, 2048, dtype=torch.bool)
     keep[..., :5] = True

@@ -86,16 +86,21 @@ def parse_config(label: str, min_seq_len: int = 1024) -> NamedConfig:
 
 
 class MaskMeter:
-    """Wraps a pattern: records each mask's density (share of the visible pairs) and its build time."""
+    """Wraps a pattern: records each mask's density (share of the visible pairs) and its build time.
 
-    def __init__(self, pattern):
+    ``runs_dense(mask, causal)``: masks the integration will not run sparse (over the config's ``max_density``):
+    their density is not recorded, as the call is counted dense."""
+
+    def __init__(self, pattern, runs_dense=None):
         self.pattern, self.densities, self.build_s = pattern, [], 0.0
+        self.runs_dense = runs_dense
         if hasattr(pattern, "build_stateful"):
             self.build_stateful = self._build_stateful
 
     def _record(self, mask, causal, t0):
         self.build_s += time.perf_counter() - t0
-        self.densities.append(float(mask.density(causal=causal)))
+        if self.runs_dense is None or not self.runs_dense(mask, causal):
+            self.densities.append(float(mask.density(causal=causal)))
 
     def build(self, q, k, *, causal=False, layout=None):
         t0 = time.perf_counter()
@@ -114,13 +119,13 @@ class LayerMeters:
     """Per-layer :class:`MaskMeter` s for a configuration whose pattern depends on the layer (a mapping
     ``layer -> pattern``, a plan, a callable): ``pattern_for(layer)`` gives the metered pattern (None: dense)."""
 
-    def __init__(self, config):
-        self._config, self.meters = config, {}
+    def __init__(self, config, runs_dense=None):
+        self._config, self.meters, self.runs_dense = config, {}, runs_dense
 
     def pattern_for(self, layer):
         if layer not in self.meters:
             pattern = self._config.pattern_for(layer)
-            self.meters[layer] = None if pattern is None else MaskMeter(pattern)
+            self.meters[layer] = None if pattern is None else MaskMeter(pattern, self.runs_dense)
         return self.meters[layer]
 
     @property
@@ -135,12 +140,15 @@ class LayerMeters:
 def metered(config):
     """Wrap ``config.pattern`` in place with a :class:`MaskMeter` (one pattern) or :class:`LayerMeters` (a
     per-layer pattern); returns the meter."""
+    from ..integrations.sdpa import too_dense
     from ..integrations.warm_start import is_pattern
 
+    def runs_dense(mask, causal):
+        return too_dense(config, mask, causal)
     if is_pattern(config.pattern):
-        meter = MaskMeter(config.pattern)
+        meter = MaskMeter(config.pattern, runs_dense)
     else:
-        meter = LayerMeters(copy.copy(config))
+        meter = LayerMeters(copy.copy(config), runs_dense)
     config.pattern = meter
     return meter
 

@@ -73,6 +73,9 @@ class SparseConfig:
             ``layer -> pattern | None``, or a plan object with ``pattern_for(layer)``.
         cache: a :class:`~sparse_attn.cache.StepCache`; None builds a mask at every call.
         min_seq_len: shorter queries or keys run the original dense attention.
+        max_density: a block mask whose kept tiles take more than this share of dense attention's work
+            (:meth:`~sparse_attn.BlockSparseMask.tile_share`) runs the original dense attention instead (the
+            sparse kernels are slower than dense there); None: never.
         backend: passed to :func:`~sparse_attn.sparse_attention`.
         layout: :class:`~sparse_attn.layout.TokenLayout` passed to patterns when its length matches.
 
@@ -87,6 +90,7 @@ class SparseConfig:
     min_seq_len: int = 128
     backend: str = "auto"
     layout: Any = None
+    max_density: Optional[float] = None
 
     def __post_init__(self):
         p = self.pattern
@@ -102,13 +106,16 @@ class SparseConfig:
         if self.cache is not None and not isinstance(self.cache, StepCache):
             raise TypeError(f"cache must be a StepCache or None, got {type(self.cache).__name__}.")
         check_positive_int(self.min_seq_len, "min_seq_len")
+        md = self.max_density
+        if md is not None and (isinstance(md, bool) or not isinstance(md, (int, float)) or not 0.0 < md <= 1.0):
+            raise ValueError(f"max_density must be None or a share in (0, 1], got {md!r}.")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}.")
 
     def to_dict(self) -> dict:
         """JSON-ready dict: ``SparseConfig.from_dict(json.loads(json.dumps(d)))`` gives a config with the same
         dict (equal patterns, plan, cache policy, ``max_bytes``, ``num_steps``, ``num_layers``, ``min_seq_len``,
-        ``backend``, ``layout``) and a fresh, empty cache.
+        ``max_density``, ``backend``, ``layout``) and a fresh, empty cache.
 
         Saves patterns with ``to_dict`` (those of :mod:`sparse_attn.patterns`, the presets' wrappers), mappings
         ``layer -> pattern`` (int, str, tuple or None layer ids) and :class:`~sparse_attn.patterns.SearchPlan`
@@ -145,7 +152,8 @@ class SparseConfig:
                    max_bytes=None if cache is None else cache.max_bytes,
                    num_steps=None if cache is None else cache.num_steps,
                    num_layers=None if cache is None else cache.num_layers, min_seq_len=self.min_seq_len,
-                   backend=self.backend, layout=None if self.layout is None else self.layout.to_dict())
+                   max_density=self.max_density, backend=self.backend,
+                   layout=None if self.layout is None else self.layout.to_dict())
         return out
 
     @classmethod
@@ -159,7 +167,7 @@ class SparseConfig:
         if not isinstance(d, dict) or sum(kind in d for kind in kinds) != 1:
             raise ValueError(f"a SparseConfig dict needs exactly one of {list(kinds)}, got {str(d)[:200]!r}.")
         known = {*kinds, "plan_missing_layers", "policy", "max_bytes", "num_steps", "num_layers", "min_seq_len",
-                 "backend", "layout"}
+                 "max_density", "backend", "layout"}
         if set(d) - known:
             raise ValueError(f"unknown SparseConfig fields {sorted(set(d) - known)}; expected some of {sorted(known)}.")
         if "pattern" in d:
@@ -180,7 +188,7 @@ class SparseConfig:
                               num_steps=d.get("num_steps"), num_layers=d.get("num_layers"))
         layout = None if d.get("layout") is None else TokenLayout.from_dict(d["layout"])
         return cls(pattern, cache=cache, min_seq_len=d.get("min_seq_len", 128), backend=d.get("backend", "auto"),
-                   layout=layout)
+                   layout=layout, max_density=d.get("max_density"))
 
     def pattern_for(self, layer):
         """The pattern of ``layer`` (None: dense)."""
@@ -253,8 +261,17 @@ WARN_AFTER_DENSE_CALLS = 8
 #: a "sparse" call whose mask keeps every visible pair: it does the work of dense attention
 FULL_MASK = "mask keeps every pair"
 # dense by the config's own choice (per-layer None, policy warm-up, calibration, scoping): never warned about
+#: a mask over the config's max_density: dense attention is faster there
+TOO_DENSE = "mask too dense"
 _CHOSEN_DENSE = frozenset({"dense layer", "dense step", "calibration", "outside the chosen modules",
-                           "cross-attention"})
+                           "cross-attention", TOO_DENSE})
+
+
+def too_dense(config, mask, causal) -> bool:
+    """True when ``config.max_density`` is set and the block ``mask``'s kept tiles take more than that share
+    of dense attention's work (other mask kinds: False)."""
+    limit = getattr(config, "max_density", None)
+    return limit is not None and isinstance(mask, BlockSparseMask) and mask.tile_share(causal=bool(causal)) > limit
 _DENSE_HINTS = {
     "short": "calls shorter than min_seq_len={min_seq_len} run dense (the LLM presets default to 1024): pass a "
              "smaller min_seq_len",
@@ -384,6 +401,8 @@ class _Route:
                 mask = pattern.build(query, key, causal=bool(is_causal), layout=layout)
         if mask is None:
             return self.fallback("dense step", args)
+        if too_dense(self.config, mask, is_causal):
+            return self.fallback(TOO_DENSE, args)
         if kv_range is not None or bool_mask is not None:
             if not isinstance(mask, BlockSparseMask):
                 return self.fallback(f"attn_mask with a {type(mask).__name__}", args)

@@ -49,7 +49,7 @@ from ..mask import BlockSparseMask
 from ..ops import sparse_attention
 from ..patterns import padding
 from .hf_masks import padding_ranges
-from .sdpa import _SCOPE, SparseConfig, _DenseWatch, as_config
+from .sdpa import _SCOPE, TOO_DENSE, SparseConfig, _DenseWatch, as_config, too_dense
 
 _CONFIGS: Dict[str, Optional[SparseConfig]] = {}
 _ACTIVE: "contextvars.ContextVar[Optional[SparseConfig]]" = contextvars.ContextVar("sparse_attn_hf", default=None)
@@ -296,6 +296,8 @@ def _make_forward(name):
                         reason = "dense step"
                 else:
                     mask = pattern.build(query, key, causal=bool(causal), layout=None)
+            if mask is not None and too_dense(cfg, mask, causal):
+                reason, mask = TOO_DENSE, None
             if mask is not None and ranges is not None:
                 if isinstance(mask, BlockSparseMask):
                     mask = mask.with_predicates(q_range=ranges[0], kv_range=ranges[1])
