@@ -112,7 +112,7 @@ def test_moba_preset_runs_dense_where_its_budget_keeps_most_of_the_work():
     from sparse_attn.integrations.sdpa import too_dense
 
     cfg = moba()
-    for n, dense in ((2048, True), (3072, False)):
+    for n, dense in ((1536, True), (2048, False)):  # the budget keeps 0.68 / 0.58 of the work: limit 0.6
         q, k = torch.randn(1, 6, n, 64), torch.randn(1, 2, n, 64)
         assert too_dense(cfg, cfg.pattern.build(q, k, causal=True), True) is dense, n
     assert not too_dense(moba(max_density=None), cfg.pattern.build(q, k, causal=True), True)

@@ -110,7 +110,7 @@ def minference(*, vertical=1000, slash=6096, last_q: int = 64, block_size: int =
 
 
 def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, group: Optional[str] = "softmax",
-         min_seq_len: int = 1024, max_density: Optional[float] = 0.5, backend: str = "auto") -> SparseConfig:
+         min_seq_len: int = 1024, max_density: Optional[float] = 0.6, backend: str = "auto") -> SparseConfig:
     """MoBA-style chunk gating for LLM prefill: per query block the ``k`` key blocks with the largest
     ``mean(q_blk) . mean(k_blk)``, plus the own (causal) block, a local window and sink keys.
 
@@ -122,9 +122,10 @@ def moba(*, k=8, sink: int = 64, window: int = 64, block_size: int = 64, group: 
     x0.82 instead of x0.88. On the held-out texts it loses ~0.2-1.5 points more than per head on most:
     docs/integrations.md.
 
-    ``max_density=0.5``: a prompt short enough that the fixed budget keeps over half of the work (about 2.3k
-    tokens and shorter at ``k=8``: 0.53 at 2304, 0.48 at 2560) runs dense attention, which is faster there (one SmolLM2 layer on CPU: the
-    sparse path x1.67 / x1.28 / x1.05 of dense SDPA at 1024 / 1536 / 2048 tokens, x0.72 at 3072)."""
+    ``max_density=0.6``: a prompt short enough that the fixed budget keeps over 60% of the work (under ~1.9k
+    tokens at ``k=8``: 0.68 at 1536, 0.58 at 2048) runs dense attention, exact and faster there (SmolLM2 prefill
+    on CPU, sparse -> with the limit: x1.18 -> x1.09 of dense at 1024 tokens, x1.08 -> x1.03 at 1536; the rest is
+    the discarded mask's build; at 2048 the sparse path is at x1.00, and a limit of 0.5 made it x1.06)."""
     from ..patterns import BlockTopK, SinkLocal
 
     # whole tiles: MoBA always attends its own (causal) block, which the diagonal tiles are
