@@ -260,18 +260,12 @@ class DenseFallbackWarning(UserWarning):
 WARN_AFTER_DENSE_CALLS = 8
 #: a "sparse" call whose mask keeps every visible pair: it does the work of dense attention
 FULL_MASK = "mask keeps every pair"
-# dense by the config's own choice (per-layer None, policy warm-up, calibration, scoping): never warned about
 #: a mask over the config's max_density: dense attention is faster there
 TOO_DENSE = "mask too dense"
+# dense by the config's own choice (per-layer None, policy warm-up, calibration, scoping, max_density): never
+# warned about
 _CHOSEN_DENSE = frozenset({"dense layer", "dense step", "calibration", "outside the chosen modules",
                            "cross-attention", TOO_DENSE})
-
-
-def too_dense(config, mask, causal) -> bool:
-    """True when ``config.max_density`` is set and the block ``mask``'s kept tiles take more than that share
-    of dense attention's work (other mask kinds: False)."""
-    limit = getattr(config, "max_density", None)
-    return limit is not None and isinstance(mask, BlockSparseMask) and mask.tile_share(causal=bool(causal)) > limit
 _DENSE_HINTS = {
     "short": "calls shorter than min_seq_len={min_seq_len} run dense (the LLM presets default to 1024): pass a "
              "smaller min_seq_len",
@@ -283,6 +277,13 @@ _DENSE_HINTS = {
                "sequence, e.g. the presets' window 1024 or vertical/slash 1000/6096 on a 1-2k-token prompt): "
                "use smaller windows or budgets for sequences of this length",
 }
+
+
+def too_dense(config, mask, causal) -> bool:
+    """True when ``config.max_density`` is set and the block ``mask``'s kept tiles take more than that share
+    of dense attention's work (other mask kinds: False)."""
+    limit = getattr(config, "max_density", None)
+    return limit is not None and isinstance(mask, BlockSparseMask) and mask.tile_share(causal=bool(causal)) > limit
 
 
 class _DenseWatch:
